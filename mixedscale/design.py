@@ -1,0 +1,154 @@
+"""From a DataFrame and a spec to numeric design matrices, shared by both engines.
+
+Columns are renamed to generated identifiers before patsy evaluates anything
+(see formula.py), rows with missing values in the used columns are dropped and
+counted, and term names are mapped back to the user's column names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import patsy
+
+from .formula import eval_namespace
+from .spec import ModelSpec
+
+__all__ = ["Design", "ModelFailure", "build_design"]
+
+
+class ModelFailure(Exception):
+    """A model-level failure: becomes an ``error`` row, never escapes ``fit``."""
+
+
+@dataclass
+class Design:
+    y: np.ndarray
+    X: np.ndarray
+    x_names: list[str]
+    Z: np.ndarray  # group-level random effects design, (n, q_re); q_re may be 0
+    z_names: list[str]
+    vc: list[tuple[str, np.ndarray]]  # (name, indicator-like matrix) per variance component
+    group_codes: np.ndarray  # int codes 0..G-1
+    group_labels: list[str]
+    n_dropped: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_labels)
+
+    def group_sizes(self) -> np.ndarray:
+        return np.bincount(self.group_codes, minlength=self.n_groups)
+
+
+_IDENT = re.compile(r"_ms(\d+)_")
+
+
+def _rename_back(name: str, names: list[str]) -> str:
+    return _IDENT.sub(lambda m: names[int(m.group(1))], name)
+
+
+def _matrix(formula: str, data: pd.DataFrame, env: patsy.EvalEnvironment, lhs: bool
+            ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    try:
+        if lhs:
+            yv, xm = patsy.dmatrices(formula, data, eval_env=env, NA_action="raise")
+            return np.asarray(xm, dtype=float), np.asarray(yv, dtype=float), list(
+                xm.design_info.column_names)
+        xm = patsy.dmatrix(formula, data, eval_env=env, NA_action="raise")
+        return np.asarray(xm, dtype=float), None, list(xm.design_info.column_names)
+    except patsy.PatsyError as exc:
+        raise ModelFailure(f"design matrix could not be built: {exc}") from None
+
+
+def build_design(data: pd.DataFrame, spec: ModelSpec) -> Design:
+    """Build every matrix the spec needs. Raises SpecError for missing columns."""
+    spec.check_columns(list(map(str, data.columns)))
+    cols = list(spec.columns)
+    sub = data.loc[:, cols]
+    n_in = len(sub)
+    for c in cols:
+        s = sub[c]
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            arr = s.to_numpy(dtype=float, na_value=np.nan)
+            if np.isinf(arr).any():
+                raise ModelFailure(
+                    f"column {c!r} holds infinite values; remove or recode them "
+                    f"(got {int(np.isinf(arr).sum())} rows with +/-inf)"
+                )
+    allnan = [c for c in cols if n_in and sub[c].isna().all()]
+    sub = sub.dropna()
+    n_dropped = n_in - len(sub)
+    if len(sub) == 0:
+        why = f"column {allnan[0]!r} is all missing" if allnan else "the data is empty"
+        raise ModelFailure(f"no rows to fit: {why} (n_obs=0, n_dropped={n_dropped})")
+    idents = {c: f"_ms{i}_" for i, c in enumerate(cols)}
+    frame = pd.DataFrame({idents[c]: sub[c].to_numpy() for c in cols})
+    env = patsy.EvalEnvironment([eval_namespace()])
+    p = spec.parsed
+    X, y, x_names = _matrix(p["formula"].render(idents), frame, env, lhs=True)
+    if y is None:
+        raise ModelFailure("the formula has no response")
+    y = y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
+    if y.ndim != 1:
+        raise ModelFailure("the response must be one numeric column; got a factor response")
+    if "re" in p:
+        Z, _, z_names = _matrix(p["re"].render(idents), frame, env, lhs=False)
+    else:
+        Z, z_names = np.zeros((len(sub), 0)), []
+    vc: list[tuple[str, np.ndarray]] = []
+    for key, pf in p.items():
+        if key.startswith("vc:"):
+            m, _, _ = _matrix(pf.render(idents), frame, env, lhs=False)
+            vc.append((key[3:], m))
+    if spec.groups is not None:
+        codes, uniques = pd.factorize(sub[spec.groups], sort=True)
+        labels = [str(u) for u in uniques]
+    else:
+        codes, labels = np.zeros(len(sub), dtype=np.intp), ["all"]
+    orig = cols
+    return Design(
+        y=np.ascontiguousarray(y, dtype=float),
+        X=np.ascontiguousarray(X),
+        x_names=[_rename_back(n, orig) for n in x_names],
+        Z=np.ascontiguousarray(Z),
+        z_names=[_rename_back(n, orig) for n in z_names],
+        vc=vc,
+        group_codes=np.asarray(codes, dtype=np.intp),
+        group_labels=labels,
+        n_dropped=n_dropped,
+    )
+
+
+def check_design(d: Design) -> None:
+    """Model-level sanity checks that make a fit meaningless; raise ModelFailure."""
+    if d.n_groups < 2 and d.Z.shape[1] > 0:
+        raise ModelFailure(
+            f"only one group; a random effect needs at least 2 groups (n_groups={d.n_groups})"
+        )
+    if np.ptp(d.y) == 0:
+        raise ModelFailure(f"the response is constant (all values = {d.y[0]:g})")
+    p = d.X.shape[1]
+    if p == 0:
+        pass
+    elif np.linalg.matrix_rank(d.X) < p:
+        # Name the columns that are linear combinations of earlier ones.
+        bad = []
+        for j in range(1, p + 1):
+            if np.linalg.matrix_rank(d.X[:, :j]) < j:
+                bad.append(d.x_names[j - 1])
+                break
+        raise ModelFailure(
+            "fixed-effects design is rank deficient; drop or recode "
+            f"{', '.join(repr(b) for b in bad)} (rank < p={p})"
+        )
+    if d.n <= p:
+        raise ModelFailure(f"too few observations for the fixed effects (n_obs={d.n}, p={p})")

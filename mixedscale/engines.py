@@ -1,0 +1,237 @@
+"""The two optimizers of the profiled deviance and the verification they share.
+
+- ``fast``: scipy's bounded optimizers directly on lme4's profiled deviance.
+- ``statsmodels``: MixedLM.fit on internally scaled arrays, each optimum then
+  re-evaluated and verified through the same deviance.
+
+An attempt counts as verified only when lme4's convergence checks pass on it:
+scaled gradient <= 2e-3 and a positive-definite Hessian unless singular.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import optimize
+
+from .design import Design
+from .lmm import Problem
+
+__all__ = ["GRAD_TOL", "Attempt", "check_optimum", "fit_fast", "fit_statsmodels"]
+
+GRAD_TOL = 2e-3  # lme4's check.conv.grad tolerance, on the deviance scale
+_FD_STEP = 1e-4  # lme4's deriv12 delta
+
+# statsmodels' optimizer names mapped to scipy's bounded methods for the fast engine.
+_SCIPY = {"lbfgs": "L-BFGS-B", "bfgs": "SLSQP", "powell": "Powell", "nm": "Nelder-Mead",
+          "cg": "TNC"}
+
+
+@dataclass
+class Attempt:
+    engine: str
+    method: str
+    theta: np.ndarray  # in the scaled parametrization of the engine's Problem
+    llf: float
+    converged: bool
+    grad_max: float
+    hessian_pd: bool
+    singular: bool
+    n_evals: int
+    seconds: float
+    message: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool:
+        return (self.converged and np.isfinite(self.llf) and self.grad_max <= GRAD_TOL
+                and (self.hessian_pd or self.singular))
+
+    def record(self) -> dict[str, Any]:
+        return {"engine": self.engine, "method": self.method, "llf": _f(self.llf),
+                "converged": bool(self.converged), "grad_max": _f(self.grad_max),
+                "hessian_pd": bool(self.hessian_pd), "n_evals": int(self.n_evals),
+                "seconds": float(self.seconds), "message": self.message[:200]}
+
+
+def _f(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def check_optimum(prob: Problem, theta: np.ndarray) -> tuple[float, bool]:
+    """lme4-style checks at theta: (max scaled gradient, Hessian positive definite).
+
+    Derivatives are central differences of the deviance with lme4's step. A
+    parameter sitting on its lower bound is a Karush-Kuhn-Tucker optimum when
+    the deviance rises into the feasible side, so it drops out of both checks.
+    """
+    f = prob.deviance
+    th = np.asarray(theta, dtype=float)
+    k = th.size
+    h = _FD_STEP
+    f0 = f(th)
+    if not np.isfinite(f0):
+        return np.inf, False
+    on_bound = np.isfinite(prob.lower) & (th - prob.lower < h)
+    grad = np.zeros(k)
+    for j in range(k):
+        e = np.zeros(k)
+        e[j] = h
+        if on_bound[j]:
+            g = (f(th + e) - f0) / h
+            grad[j] = min(g, 0.0) if g < 0 else 0.0
+        else:
+            grad[j] = (f(th + e) - f(th - e)) / (2 * h)
+    free = np.flatnonzero(~on_bound)
+    if free.size == 0:
+        return float(np.max(np.abs(grad), initial=0.0)), True
+    H = np.zeros((free.size, free.size))
+    for a, i in enumerate(free):
+        for b, j in enumerate(free[: a + 1]):
+            ei = np.zeros(k)
+            ej = np.zeros(k)
+            ei[i] = h
+            ej[j] = h
+            if i == j:
+                v = (f(th + ei) - 2 * f0 + f(th - ei)) / h**2
+            else:
+                v = (f(th + ei + ej) - f(th + ei - ej) - f(th - ei + ej) + f(th - ei - ej)) / (
+                    4 * h * h)
+            H[a, b] = H[b, a] = v
+    g_free = grad[free]
+    if not np.all(np.isfinite(H)):
+        return float(np.max(np.abs(grad))), False
+    eig = np.linalg.eigvalsh(H)
+    pd_ = bool(eig.min() > 1e-8 * max(1.0, abs(eig.max())))
+    try:
+        sc = np.linalg.solve(np.linalg.cholesky(H), g_free)
+        mingrad = np.minimum(np.abs(sc), np.abs(g_free))
+    except np.linalg.LinAlgError:
+        mingrad = np.abs(g_free)
+    gmax = max(float(mingrad.max(initial=0.0)), float(np.abs(grad[on_bound]).max(initial=0.0)))
+    return gmax, pd_
+
+
+class _Counter:
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.n = 0
+
+    def __call__(self, x: np.ndarray) -> float:
+        self.n += 1
+        return float(self.f(x))
+
+
+def _finish(prob: Problem, engine: str, method: str, theta: np.ndarray, converged: bool,
+            n_evals: int, t0: float, message: str, warns: list[str]) -> Attempt:
+    theta = np.maximum(np.asarray(theta, dtype=float), prob.lower)
+    llf = -0.5 * prob.deviance(theta)
+    gmax, pd_ = check_optimum(prob, theta) if np.isfinite(llf) else (np.inf, False)
+    return Attempt(engine=engine, method=method, theta=theta, llf=llf, converged=converged,
+                   grad_max=gmax, hessian_pd=pd_, singular=prob.is_singular(theta),
+                   n_evals=n_evals, seconds=time.perf_counter() - t0, message=message,
+                   warnings=warns)
+
+
+def fit_fast(prob: Problem, optimizers: tuple[str, ...], maxiter: int) -> list[Attempt]:
+    """Optimize lme4's profiled deviance; escalate through optimizers until one verifies.
+
+    Each escalation step restarts from the best point so far, so a later
+    optimizer polishes rather than repeats.
+    """
+    attempts: list[Attempt] = []
+    start = prob.theta0.copy()
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in prob.lower]
+    for method in optimizers:
+        t0 = time.perf_counter()
+        fun = _Counter(prob.deviance)
+        sp = _SCIPY[method]
+        opts: dict[str, Any] = {"maxiter": maxiter}
+        if sp == "Nelder-Mead":
+            opts.update(xatol=1e-8, fatol=1e-10)
+        elif sp == "Powell":
+            opts.update(xtol=1e-8, ftol=1e-12)
+        elif sp == "L-BFGS-B":
+            opts.update(ftol=1e-14, gtol=1e-8)
+        elif sp == "SLSQP":
+            opts.update(ftol=1e-14)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                res = optimize.minimize(fun, start, method=sp, bounds=bounds, options=opts)
+            att = _finish(prob, "fast", method, res.x, bool(res.success), fun.n, t0,
+                          str(res.message), [str(w.message) for w in caught])
+        except (ValueError, np.linalg.LinAlgError, FloatingPointError) as exc:
+            att = Attempt("fast", method, start, -np.inf, False, np.inf, False, False, fun.n,
+                          time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
+        attempts.append(att)
+        if att.verified:
+            break
+        best = max(attempts, key=lambda a: a.llf)
+        if np.isfinite(best.llf):
+            start = best.theta.copy()
+    return attempts
+
+
+def _sm_vc(d: Design, Zs: np.ndarray, diagonal: bool) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """statsmodels' exog_re / exog_vc. A diagonal covariance becomes one variance
+    component per random-effect column, since MixedLM's free mask fails there."""
+    codes = d.group_codes
+    rows = [np.flatnonzero(codes == g) for g in range(d.n_groups)]
+    vc: dict[str, dict[int, np.ndarray]] = {}
+    exog_re: np.ndarray | None = Zs if Zs.shape[1] else None
+    if diagonal and Zs.shape[1]:
+        exog_re = None
+        for j in range(Zs.shape[1]):
+            vc[f"re{j:03d}"] = {g: Zs[r][:, [j]] for g, r in enumerate(rows)}
+    for k, (_, M) in enumerate(d.vc):
+        parts = {}
+        for g, r in enumerate(rows):
+            block = M[r]
+            used = np.flatnonzero((block != 0).any(axis=0))
+            parts[g] = block[:, used] if used.size else np.zeros((len(r), 1))
+        vc[f"vc{k:03d}"] = parts
+    return exog_re, vc
+
+
+def fit_statsmodels(d: Design, prob: Problem, Xs: np.ndarray, Zs: np.ndarray, ys: np.ndarray,
+                    reml: bool, optimizers: tuple[str, ...], maxiter: int) -> list[Attempt]:
+    """statsmodels' MixedLM, escalating through its optimizers until one verifies."""
+    from statsmodels.regression.mixed_linear_model import MixedLM
+
+    exog_re, vc = _sm_vc(d, Zs, prob.diagonal)
+    attempts: list[Attempt] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = MixedLM(ys, Xs, groups=d.group_codes, exog_re=exog_re,
+                        exog_vc=vc or None, use_sqrt=True)
+    n_re = 0 if exog_re is None else exog_re.shape[1]
+    for method in optimizers:
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                res = model.fit(reml=reml, method=method, maxiter=maxiter)
+            scale = float(res.scale)
+            cov_rel = np.asarray(res.cov_re, dtype=float) / scale if n_re else np.zeros((0, 0))
+            vcomp = np.asarray(res.vcomp, dtype=float) / scale
+            if prob.diagonal and prob.q_re:
+                cov_rel = np.diag(vcomp[: prob.q_re])
+                vcomp = vcomp[prob.q_re:]
+            theta = prob.theta_from_cov(cov_rel, vcomp)
+            n_evals = int(getattr(res, "mle_retvals", {}).get("function_calls", 0) or 0) if \
+                isinstance(getattr(res, "mle_retvals", None), dict) else 0
+            att = _finish(prob, "statsmodels", method, theta, bool(res.converged), n_evals, t0,
+                          "", [str(w.message) for w in caught])
+        except (ValueError, np.linalg.LinAlgError, FloatingPointError, ZeroDivisionError) as exc:
+            att = Attempt("statsmodels", method, prob.theta0.copy(), -np.inf, False, np.inf,
+                          False, False, 0, time.perf_counter() - t0,
+                          f"{type(exc).__name__}: {exc}")
+        attempts.append(att)
+        if att.verified:
+            break
+    return attempts

@@ -1,0 +1,77 @@
+"""The one exception hierarchy of mixedscale.
+
+Input problems raise before any cluster work; model failures never raise but
+become result rows. Messages follow "rule; got (param=value)" and suggest a fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "DataError",
+    "MixedscaleError",
+    "RunIncomplete",
+    "SpecError",
+    "StoreError",
+    "suggest",
+]
+
+
+class MixedscaleError(Exception):
+    """Base class of every error mixedscale raises on purpose."""
+
+    exit_code = 1
+
+
+class SpecError(MixedscaleError, ValueError):
+    """A model spec, formula or job file is invalid."""
+
+    exit_code = 2
+
+
+class DataError(MixedscaleError, ValueError):
+    """The input data cannot be used: missing file, bad schema, corrupt file."""
+
+    exit_code = 2
+
+
+class StoreError(MixedscaleError):
+    """The results store cannot be read or written."""
+
+    exit_code = 3
+
+
+class RunIncomplete(MixedscaleError):
+    """A run stopped before every planned fit was committed (interrupted, lost cluster)."""
+
+    exit_code = 3
+
+
+def suggest(name: str, candidates: Iterable[str]) -> str:
+    """Return a "did you mean ...?" hint, case-insensitive first, then fuzzy."""
+    cands = [str(c) for c in candidates]
+    lower = {c.lower(): c for c in cands}
+    hits: list[str] = []
+    if name.lower() in lower:
+        hits.append(lower[name.lower()])
+    for c in difflib.get_close_matches(name, cands, n=3, cutoff=0.6):
+        if c not in hits:
+            hits.append(c)
+    if not hits:
+        folded = difflib.get_close_matches(name.lower(), list(lower), n=3, cutoff=0.6)
+        hits = [lower[f] for f in folded]
+    if not hits:
+        return ""
+    return "; did you mean " + " or ".join(repr(h) for h in hits[:3]) + "?"
+
+
+def missing_column_error(name: str, columns: Iterable[str], where: str = "") -> SpecError:
+    cols = list(columns)
+    hint = suggest(name, cols)
+    if not hint:
+        shown = ", ".join(repr(c) for c in cols[:12]) + (" ..." if len(cols) > 12 else "")
+        hint = f"; available columns: {shown}"
+    ctx = f" {where}" if where else ""
+    return SpecError(f"no column {name!r}{ctx}{hint}")

@@ -1,0 +1,256 @@
+"""Model specs: frozen, validated on construction, with a stable content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from .errors import SpecError
+from .formula import ParsedFormula, parse_formula
+
+__all__ = ["ENGINES", "OPTIMIZERS", "ModelSpec", "grid"]
+
+CovStructure = Literal["unstructured", "diagonal"]
+Engine = Literal["auto", "fast", "statsmodels"]
+ENGINES = ("auto", "fast", "statsmodels")
+# statsmodels' optimizers, tried in order when a verification check fails.
+OPTIMIZERS = ("lbfgs", "bfgs", "powell", "nm", "cg")
+DEFAULT_OPTIMIZERS = ("lbfgs", "bfgs", "powell", "nm")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One linear mixed model, as statsmodels' MixedLM would take it.
+
+    ``re_formula`` defaults to a random intercept per group, also when
+    ``vc_formula`` is given (statsmodels would silently drop it); ``"0"`` means
+    no group-level random effects, only variance components.
+    """
+
+    formula: str
+    groups: str | None = None
+    re_formula: str | None = None
+    vc_formula: Mapping[str, str] | None = None
+    reml: bool = True
+    cov_structure: CovStructure = "unstructured"
+    name: str | None = None
+    optimizers: tuple[str, ...] = DEFAULT_OPTIMIZERS
+    maxiter: int = 1000
+    engine: Engine = "auto"
+    _parsed: dict[str, ParsedFormula] = field(
+        init=False, repr=False, compare=False, hash=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        parsed: dict[str, ParsedFormula] = {}
+        parsed["formula"] = parse_formula(self.formula, role="formula")
+        if not parsed["formula"].has_lhs:
+            raise SpecError(
+                f"formula needs a response left of '~'; got (formula={self.formula!r})"
+            )
+        if self.groups is not None and (not isinstance(self.groups, str) or not self.groups):
+            raise SpecError(f"groups must be a column name or None; got (groups={self.groups!r})")
+        user_re = self.re_formula
+        re_text = "1" if user_re is None else str(user_re).strip()
+        if self.groups is None:
+            if user_re is not None and re_text not in {"0", "-1", "~0"}:
+                raise SpecError(
+                    "re_formula needs groups; for crossed designs use vc_formula; "
+                    f"got (re_formula={user_re!r}, groups=None)"
+                )
+            re_text = "0"
+        if re_text.startswith("~"):
+            re_text = re_text[1:].strip()
+        set_(self, "re_formula", re_text)
+        if re_text not in {"0", "-1"}:
+            parsed["re"] = parse_formula(re_text, role="re_formula")
+            if parsed["re"].has_lhs:
+                raise SpecError(f"re_formula takes no response; got (re_formula={re_text!r})")
+        vc: dict[str, str] = {}
+        if self.vc_formula is not None:
+            if not isinstance(self.vc_formula, Mapping):
+                raise SpecError(
+                    "vc_formula must map a name to a formula; "
+                    f"got (vc_formula={self.vc_formula!r})"
+                )
+            for k, v in sorted(self.vc_formula.items()):
+                text = str(v).strip().lstrip("~").strip()
+                pf = parse_formula(text, role=f"vc_formula[{k!r}]")
+                if pf.has_lhs:
+                    raise SpecError(f"vc_formula takes no response; got (vc_formula[{k!r}]={v!r})")
+                parsed[f"vc:{k}"] = pf
+                vc[str(k)] = text
+        set_(self, "vc_formula", vc or None)
+        if self.groups is None and not vc:
+            raise SpecError(
+                "a mixed model needs groups or variance components; "
+                "got (groups=None, vc_formula=None)"
+            )
+        if "re" not in parsed and not vc:
+            raise SpecError(
+                "re_formula='0' leaves no random effects; give vc_formula or a re_formula; "
+                f"got (re_formula={self.re_formula!r})"
+            )
+        if not isinstance(self.reml, bool):
+            raise SpecError(f"reml must be true or false; got (reml={self.reml!r})")
+        if self.cov_structure not in ("unstructured", "diagonal"):
+            raise SpecError(
+                "cov_structure must be 'unstructured' or 'diagonal'; "
+                f"got (cov_structure={self.cov_structure!r})"
+            )
+        opts = (self.optimizers,) if isinstance(self.optimizers, str) else self.optimizers
+        opts = tuple(opts)
+        bad = [o for o in opts if o not in OPTIMIZERS]
+        if not opts or bad:
+            raise SpecError(
+                f"optimizers must be a non-empty list from {list(OPTIMIZERS)}; "
+                f"got (optimizers={list(opts)!r})"
+            )
+        set_(self, "optimizers", opts)
+        if isinstance(self.maxiter, bool) or not isinstance(self.maxiter, int) or self.maxiter < 1:
+            raise SpecError(f"maxiter must be a positive integer; got (maxiter={self.maxiter!r})")
+        if self.engine not in ENGINES:
+            raise SpecError(f"engine must be one of {list(ENGINES)}; got (engine={self.engine!r})")
+        if self.name is not None and not isinstance(self.name, str):
+            raise SpecError(f"name must be a string; got (name={self.name!r})")
+        set_(self, "_parsed", parsed)
+
+    # -- identity
+    def canonical(self) -> dict[str, Any]:
+        """The fields that define the model and its fit, normalized; ``name`` is a label only."""
+        p = self._parsed
+
+        def norm(pf: ParsedFormula) -> str:
+            return pf.template.format(*pf.names)
+
+        return {
+            "formula": norm(p["formula"]),
+            "groups": self.groups,
+            "re_formula": norm(p["re"]) if "re" in p else "0",
+            "vc_formula": {k[3:]: norm(v) for k, v in sorted(p.items()) if k.startswith("vc:")},
+            "reml": self.reml,
+            "cov_structure": self.cov_structure,
+            "optimizers": list(self.optimizers),
+            "maxiter": self.maxiter,
+            "engine": self.engine,
+        }
+
+    @property
+    def spec_id(self) -> str:
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        return self.name or self.spec_id
+
+    # -- structure
+    @property
+    def parsed(self) -> Mapping[str, ParsedFormula]:
+        return self._parsed
+
+    @property
+    def response(self) -> str:
+        return self._parsed["formula"].names[0]
+
+    @property
+    def has_re(self) -> bool:
+        return "re" in self._parsed
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every data column the spec reads, in a stable order."""
+        cols: list[str] = []
+        for pf in self._parsed.values():
+            cols.extend(n for n in pf.names if n not in cols)
+        if self.groups is not None and self.groups not in cols:
+            cols.append(self.groups)
+        return tuple(cols)
+
+    def check_columns(self, columns: Sequence[str]) -> None:
+        """Raise SpecError naming the first referenced column the data lacks."""
+        cols = list(columns)
+        for key, pf in self._parsed.items():
+            role = "formula" if key == "formula" else ("re_formula" if key == "re" else key)
+            pf.resolve(cols, where=f"(from {role} {pf.text!r})")
+        if self.groups is not None and self.groups not in cols:
+            from .errors import missing_column_error
+
+            raise missing_column_error(self.groups, cols, f"(from groups={self.groups!r})")
+
+    def replace(self, **changes: Any) -> ModelSpec:
+        kw = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        kw.update(changes)
+        return ModelSpec(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        d["optimizers"] = list(self.optimizers)
+        d["vc_formula"] = dict(self.vc_formula) if self.vc_formula else None
+        return d
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{v}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "+".join(map(str, value))
+    return str(value).replace(" ", "")
+
+
+def grid(name: str | None = None, **axes: Any) -> list[ModelSpec]:
+    """Expand lists of values into specs (a cartesian product).
+
+    Scalars are held fixed; lists vary. Names read like ``"sleep[reml=False,re_formula=~Days]"``.
+    ``vc_formula`` and ``optimizers`` take a list of values to vary, or one value to fix.
+    """
+    valid = {f.name for f in fields(ModelSpec) if f.init} - {"name"}
+    unknown = sorted(set(axes) - valid)
+    if unknown:
+        raise SpecError(f"grid takes ModelSpec fields {sorted(valid)}; got ({unknown[0]}=...)")
+    fixed: dict[str, Any] = {}
+    varying: dict[str, list[Any]] = {}
+    for k, v in axes.items():
+        is_list = isinstance(v, list) or (isinstance(v, tuple) and k != "optimizers")
+        if k == "optimizers" and isinstance(v, list) and v and isinstance(v[0], str):
+            is_list = False  # one optimizer list, not a list of alternatives
+        if is_list:
+            if not v:
+                raise SpecError(f"grid axis is empty; got ({k}=[])")
+            varying[k] = list(v)
+        else:
+            fixed[k] = v
+    if "formula" not in axes:
+        raise SpecError("grid needs a formula; got (formula=None)")
+    specs: list[ModelSpec] = []
+    keys = list(varying)
+    for combo in itertools.product(*(varying[k] for k in keys)):
+        kw = dict(fixed)
+        kw.update(zip(keys, combo, strict=True))
+        tag = ",".join(f"{k}={_short(v)}" for k, v in zip(keys, combo, strict=True))
+        label = f"{name}[{tag}]" if name and tag else (name or tag or None)
+        specs.append(ModelSpec(name=label, **kw))
+    return specs
+
+
+def unique_specs(specs: Iterable[ModelSpec]) -> list[ModelSpec]:
+    """Reject two specs that are the same model, since their fit_ids would collide."""
+    seen: dict[str, ModelSpec] = {}
+    out: list[ModelSpec] = []
+    for s in specs:
+        if not isinstance(s, ModelSpec):
+            raise SpecError(f"specs must be ModelSpec objects; got (spec={s!r})")
+        prev = seen.get(s.spec_id)
+        if prev is not None:
+            raise SpecError(
+                f"specs {prev.label!r} and {s.label!r} define the same model; "
+                f"got (spec_id={s.spec_id})"
+            )
+        seen[s.spec_id] = s
+        out.append(s)
+    return out
