@@ -39,9 +39,9 @@ _TOKEN_RE = re.compile(
     (?P<ws>\s+)
   | (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
   | (?P<string>'[^'\\]*'|"[^"\\]*")
-  | (?P<name>[A-Za-z_\u00c0-\uffff][\w\u00c0-\uffff]*(?:(?:\.|\x20)[A-Za-z_\u00c0-\uffff][\w\u00c0-\uffff]*)*)
+  | (?P<name>{w}(?:(?:\.|\x20){w})*)
   | (?P<op>\*\*|[~+\-*/:(),=\[\]])
-    """,
+    """.replace("{w}", r"[A-Za-z_\u00c0-\uffff][\w\u00c0-\uffff]*"),
     re.VERBOSE,
 )
 

@@ -202,7 +202,7 @@ class Problem:
 
     def estimates(self, theta: np.ndarray) -> Estimates:
         theta = np.asarray(theta, dtype=float)
-        ld, ldx, RtR, beta, r2 = self._solve(theta)
+        _, _, RtR, beta, r2 = self._solve(theta)
         dof = self.n - self.p if self.reml else self.n
         sigma2 = r2 / dof
         cov_beta = sigma2 * np.linalg.inv(RtR) if self.p else np.zeros((0, 0))
