@@ -4,9 +4,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .api import RunResult, fit_many
 from .errors import DataError, MixedscaleError, RunIncomplete, SpecError, StoreError
 from .single import FitResult, fit
 from .spec import ModelSpec, grid
+from .store import Store, open_store
 
 __all__ = [
     "DataError",
@@ -14,9 +16,13 @@ __all__ = [
     "MixedscaleError",
     "ModelSpec",
     "RunIncomplete",
+    "RunResult",
     "SpecError",
+    "Store",
     "StoreError",
     "__version__",
     "fit",
+    "fit_many",
     "grid",
+    "open_store",
 ]

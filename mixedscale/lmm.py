@@ -59,6 +59,13 @@ def _affine(M: np.ndarray, center: bool) -> np.ndarray:
 
 def make_scaling(d: Design, diagonal: bool) -> Scaling:
     B = _affine(d.X, center=True)
+    if d.X.shape[1] and d.n > d.X.shape[1]:
+        # Orthonormalize the fixed effects (X_s' X_s = n I): with near-collinear
+        # columns, RX'RX is otherwise so ill-conditioned that the deviance is
+        # noisy at the scale of finite-difference steps and optimizers stop short.
+        R = np.linalg.qr(d.X @ B, mode="r")
+        if np.all(np.abs(np.diag(R)) > 0):
+            B = B @ np.linalg.inv(R) * np.sqrt(d.n)
     # Centering a random slope changes a diagonal covariance model; only scale then.
     A = _affine(d.Z, center=not diagonal)
     has_icpt = bool(np.any(np.all(d.X == 1.0, axis=0)))

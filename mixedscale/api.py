@@ -1,0 +1,174 @@
+"""The batch API: ``fit_many`` plans, executes and returns a RunResult."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from .errors import SpecError
+from .executor import RunOptions, RunSummary, execute, local_cluster, pending
+from .plan import Plan, make_plan
+from .source import Source, open_source
+from .spec import ENGINES, ModelSpec
+from .store import Store
+
+__all__ = ["RunResult", "fit_many", "prepare"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """Results of one run: tidy tables of every planned fit, and the run summary."""
+
+    fits: pd.DataFrame
+    params: pd.DataFrame
+    variance: pd.DataFrame
+    run: RunSummary
+    plan: Plan
+    store: Store | None = None
+
+    def summary(self) -> dict[str, Any]:
+        counts = self.fits["status"].value_counts().to_dict() if len(self.fits) else {}
+        r = self.run
+        return {
+            "run_id": r.run_id, "state": r.state, "n_planned": r.n_planned,
+            "n_fitted_this_run": r.n_run, "n_resumed": r.n_skipped,
+            "by_status": {str(k): int(v) for k, v in counts.items()},
+            "fits_per_second": round(r.fits_per_second, 2),
+            "wall_seconds": round(r.wall_seconds, 3), "plan_seconds": round(r.plan_seconds, 3),
+            "fit_seconds": round(r.fit_seconds, 3), "overhead": round(r.overhead, 4),
+            "bytes_read": r.bytes_read, "bytes_one_pass": r.bytes_one_pass,
+            "n_workers": r.n_workers, "n_tasks": r.n_tasks,
+            "store": self.store.url if self.store else None,
+        }
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return (f"RunResult(state={s['state']!r}, fits={s['n_planned']}, "
+                f"by_status={s['by_status']}, fits_per_second={s['fits_per_second']})")
+
+
+def _as_specs(specs: ModelSpec | Sequence[ModelSpec]) -> list[ModelSpec]:
+    if isinstance(specs, ModelSpec):
+        return [specs]
+    if isinstance(specs, (str, bytes)) or not isinstance(specs, Sequence):
+        raise SpecError(f"specs must be a ModelSpec or a list of them; got (specs={specs!r})")
+    return list(specs)
+
+
+def prepare(data: Any, specs: ModelSpec | Sequence[ModelSpec], split_by: Sequence[str] | str
+            | None = None, filter: Any = None) -> tuple[Source, Plan]:
+    """Every plan-time check, no cluster and no fitting: (source, plan)."""
+    spec_list = _as_specs(specs)
+    split = [split_by] if isinstance(split_by, str) else list(split_by or [])
+    hint: list[str] = list(split)
+    for s in spec_list:
+        if isinstance(s, ModelSpec):
+            hint.extend(s.columns)
+    src = open_source(data, filter=filter, columns_hint=hint)
+    return src, make_plan(src, spec_list, split)
+
+
+@contextlib.contextmanager
+def _client(client: Any, address: str | None, workers: int | None, security: Any = None,
+            memory_limit: str | None = None) -> Iterator[Any]:
+    from distributed import Client
+
+    if client is not None:
+        yield client
+        return
+    if address:
+        try:
+            c = Client(address, security=security, timeout=30)
+        except (OSError, TimeoutError) as exc:
+            from .errors import RunIncomplete
+
+            raise RunIncomplete(f"cannot reach the Dask scheduler at {address!r}: {exc}"
+                                ) from None
+        try:
+            yield c
+        finally:
+            c.close()
+        return
+    cluster = local_cluster(workers, memory_limit)
+    c = Client(cluster)
+    try:
+        yield c
+    finally:
+        c.close()
+        cluster.close()
+
+
+def _tables(summary: RunSummary, plan: Plan, store: Store | None
+            ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    ids = set(plan.fit_ids())
+    if store is not None:
+        return tuple(  # type: ignore[return-value]
+            _keep(getattr(store, t)(), ids) for t in ("fits", "params", "variance"))
+    out = []
+    for t in ("fits", "params", "variance"):
+        parts = summary.tables.get(t, [])
+        df = pa.concat_tables(parts).to_pandas() if parts else pd.DataFrame()
+        out.append(df.reset_index(drop=True))
+    return out[0], out[1], out[2]
+
+
+def _keep(df: pd.DataFrame, ids: set[str]) -> pd.DataFrame:
+    if df.empty:
+        return df
+    return df[df["fit_id"].isin(ids)].reset_index(drop=True)
+
+
+def fit_many(
+    data: Any,
+    specs: ModelSpec | Sequence[ModelSpec],
+    split_by: Sequence[str] | str | None = None,
+    store: str | None = None,
+    client: Any = None,
+    *,
+    filter: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    engine: str | None = None,
+    timeout: float | None = None,
+    progress: bool | None = None,
+    security: Any = None,
+    memory_limit: str | None = None,
+    options: RunOptions | None = None,
+) -> RunResult:
+    """Fit every spec on every slice of ``data`` on a Dask cluster.
+
+    ``data``: a DataFrame, or a Parquet file/folder/glob/hive tree/fsspec URL.
+    ``filter``: pyarrow-style ``[[column, op, value], ...]`` (AND-ed).
+    ``store``: a folder or URL for the results store; None keeps results in memory.
+    ``client``/``scheduler``: an existing cluster; otherwise an embedded LocalCluster.
+    Re-running with the same store resumes: only missing fits run.
+    """
+    if engine is not None and engine not in ENGINES:
+        raise SpecError(f"engine must be one of {list(ENGINES)}; got (engine={engine!r})")
+    if timeout is not None and not timeout > 0:
+        raise SpecError(f"timeout must be a positive number of seconds; got (timeout={timeout!r})")
+    src, plan = prepare(data, specs, split_by, filter)
+    st = Store(store) if store is not None else None
+    opts = options or RunOptions()
+    opts.timeout = timeout if timeout is not None else opts.timeout
+    opts.engine = engine or opts.engine
+    opts.progress = progress if progress is not None else opts.progress
+    log.info("planned %d fits in %d tasks (%.2f s)", plan.n_fits, len(plan.tasks),
+             plan.plan_seconds)
+    todo, _ = pending(plan, st)
+    if not todo:  # a complete job: nothing to fit, no cluster to start
+        summary = execute(plan, src, st, None, opts)
+    else:
+        with _client(client, scheduler, workers, security, memory_limit) as c:
+            summary = execute(plan, src, st, c, opts)
+    fits, params, variance = _tables(summary, plan, st)
+    return RunResult(fits=fits, params=params, variance=variance, run=summary, plan=plan,
+                     store=st)

@@ -1,0 +1,495 @@
+"""Cluster configs: a validated YAML file -> a Dask cluster (local, SLURM or PBS).
+
+A ``ClusterConfig`` is frozen and validated on construction; ``load_cluster_config``
+turns every validation failure into a ``SpecError`` that names the file and the
+bad key. ``make_security`` builds mutual-TLS settings, ``make_jobqueue_cluster``
+a dask-jobqueue cluster (imported lazily: ``pip install mixedscale[cluster]``),
+``job_script`` the batch script such a cluster submits, and ``make_cluster`` a
+started cluster of any kind, scaled to the configured size.
+
+Workers always pin BLAS to one thread (``BLAS_ENV``): each worker thread runs
+one fit, and a multi-threaded BLAS inside each would oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError, suggest
+
+if TYPE_CHECKING:
+    from distributed import SpecCluster
+    from distributed.security import Security
+
+__all__ = [
+    "BLAS_ENV",
+    "ClusterConfig",
+    "TLSConfig",
+    "job_script",
+    "load_cluster_config",
+    "make_cluster",
+    "make_jobqueue_cluster",
+    "make_security",
+    "parse_cluster_config",
+]
+
+ClusterKind = Literal["local", "slurm", "pbs"]
+JOBQUEUE_KINDS = ("slurm", "pbs")
+# Exported in every worker job before the worker starts (one BLAS thread per worker thread).
+BLAS_ENV: dict[str, str] = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+REQUIRE_ENCRYPTION_ENV = "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"
+JOB_NAME = "mixedscale-worker"
+_PLACEHOLDER_ADDRESS = "<scheduler-address>:8786"
+# SLURM: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS; PBS: HH:MM:SS.
+_WALLTIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+
+
+def _check_bytes(name: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from dask.utils import parse_bytes
+
+    try:
+        n = parse_bytes(value)
+    except (ValueError, TypeError):
+        n = -1
+    if n <= 0:
+        raise ValueError(
+            f"{name} must be a positive size such as '4GB' or '1.5GiB'; got ({name}={value!r})"
+        )
+    return value
+
+
+class TLSConfig(BaseModel):
+    """Mutual TLS: one CA plus one certificate/key pair used for every role.
+
+    The certificate must carry both the serverAuth and clientAuth extended key
+    usages (``deploy/tls/make_certs.py`` makes such certificates). ``key`` may be
+    omitted when ``cert`` holds the private key too. ``require`` refuses every
+    unencrypted connection (``distributed.comm.require-encryption``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ca_file: str
+    cert: str
+    key: str | None = None
+    require: bool = True
+
+
+class ClusterConfig(BaseModel):
+    """Where and how big: a local cluster or a SLURM/PBS cluster via dask-jobqueue.
+
+    ``workers``, ``threads_per_worker`` and ``memory_limit`` (per worker) size a
+    local cluster. For ``slurm``/``pbs`` one batch job gets ``cores`` and
+    ``memory`` and runs ``processes`` workers (default ``cores //
+    threads_per_worker``); ``jobs`` jobs are submitted (else enough jobs for
+    ``workers`` workers, else one). Jobqueue-only keys are ignored for ``local``
+    so that one file serves both ``--cluster local`` and ``--cluster slurm``.
+    ``job_extra_directives`` are scheduler directives without the ``#SBATCH``/
+    ``#PBS`` prefix, e.g. ``--exclusive`` or ``-l place=scatter``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ClusterKind = "local"
+    workers: int | None = Field(default=None, ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+    memory_limit: str | None = None
+    # dask-jobqueue
+    queue: str | None = None
+    account: str | None = None
+    cores: int | None = Field(default=None, ge=1)
+    processes: int | None = Field(default=None, ge=1)
+    memory: str | None = None
+    walltime: str | None = None
+    jobs: int | None = Field(default=None, ge=1)
+    job_extra_directives: tuple[str, ...] = ()
+    job_script_prologue: tuple[str, ...] = ()
+    interface: str | None = None
+    local_directory: str | None = None
+    tls: TLSConfig | None = None
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, v: str | None) -> str | None:
+        if v is not None and str(v).strip().lower() in {"auto", "0"}:
+            return v
+        return _check_bytes("memory_limit", v)
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str | None) -> str | None:
+        return _check_bytes("memory", v)
+
+    @field_validator("walltime", mode="before")
+    @classmethod
+    def _walltime_type(cls, v: Any) -> Any:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            raise ValueError(
+                "walltime must be a quoted string such as '12:00:00' (YAML reads an unquoted "
+                f"12:00:00 as a number of seconds); got (walltime={v!r})"
+            )
+        return v
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, v: str | None) -> str | None:
+        if v is not None and not _WALLTIME.match(v):
+            raise ValueError(
+                "walltime must look like 'HH:MM:SS' (SLURM also takes 'D-HH:MM:SS'); "
+                f"got (walltime={v!r})"
+            )
+        return v
+
+    @field_validator("job_extra_directives")
+    @classmethod
+    def _directives(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for d in v:
+            if d.lstrip().startswith("#"):
+                raise ValueError(
+                    "job_extra_directives take no '#SBATCH'/'#PBS' prefix, it is added; "
+                    f"got (job_extra_directives={d!r})"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _jobqueue(self) -> ClusterConfig:
+        if self.kind not in JOBQUEUE_KINDS:
+            return self
+        for name in ("cores", "memory"):
+            if getattr(self, name) is None:
+                raise ValueError(
+                    f"{name} is required for kind={self.kind!r} (per batch job); "
+                    f"got ({name}=None)"
+                )
+        assert self.cores is not None
+        if self.processes is not None:
+            if self.cores % self.processes:
+                raise ValueError(
+                    "cores must be a multiple of processes; "
+                    f"got (cores={self.cores}, processes={self.processes})"
+                )
+            if (
+                "threads_per_worker" in self.model_fields_set
+                and self.processes * self.threads_per_worker != self.cores
+            ):
+                raise ValueError(
+                    "processes * threads_per_worker must equal cores; got "
+                    f"(cores={self.cores}, processes={self.processes}, "
+                    f"threads_per_worker={self.threads_per_worker})"
+                )
+        elif self.cores % self.threads_per_worker:
+            raise ValueError(
+                "cores must be a multiple of threads_per_worker; "
+                f"got (cores={self.cores}, threads_per_worker={self.threads_per_worker})"
+            )
+        return self
+
+    @property
+    def worker_processes(self) -> int:
+        """Dask workers per batch job (jobqueue kinds)."""
+        if self.processes is not None:
+            return self.processes
+        return max(1, (self.cores or 1) // self.threads_per_worker)
+
+
+# -- loading
+
+
+def _fields(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """Field names valid at ``loc`` (the parent of the offending key)."""
+    current: type[BaseModel] = model
+    for part in loc:
+        field = current.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field is not None else None
+        sub = next(
+            (a for a in getattr(ann, "__args__", (ann,))
+             if isinstance(a, type) and issubclass(a, BaseModel)),
+            None,
+        )
+        if sub is None:
+            break
+        current = sub
+    return list(current.model_fields)
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    loc = tuple(err.get("loc", ()))
+    key = ".".join(str(p) for p in loc) or "config"
+    value = err.get("input")
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        hint = suggest(str(loc[-1]), _fields(ClusterConfig, loc[:-1]))
+        return f"unknown cluster config key; got ({key}={value!r}){hint}"
+    if kind == "value_error":
+        ctx_err = (err.get("ctx") or {}).get("error")
+        return str(ctx_err) if ctx_err is not None else str(err.get("msg", ""))
+    if kind == "missing":
+        return f"{key} is required; got ({key}=missing)"
+    msg = str(err.get("msg", "invalid value"))
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    hint = ""
+    if kind == "literal_error" and isinstance(value, str):
+        expected = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        hint = suggest(value, expected)
+    return f"{key}: {msg}; got ({key}={value!r}){hint}"
+
+
+def parse_cluster_config(
+    data: Mapping[str, Any] | None,
+    source: str = "cluster config",
+    base_dir: str | os.PathLike[str] | None = None,
+) -> ClusterConfig:
+    """Validate a mapping into a ``ClusterConfig``, raising ``SpecError`` on any problem.
+
+    ``source`` names the origin in messages. With ``base_dir``, relative TLS
+    file paths and ``local_directory`` are taken relative to it.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise SpecError(
+            f"{source}: a cluster config must be a mapping of keys to values; "
+            f"got (config={type(data).__name__})"
+        )
+    raw: dict[str, Any] = dict(data)
+    if base_dir is not None:
+        base = Path(base_dir)
+        tls = raw.get("tls")
+        if isinstance(tls, Mapping):
+            tls = dict(tls)
+            for k in ("ca_file", "cert", "key"):
+                if isinstance(tls.get(k), str) and not os.path.isabs(tls[k]):
+                    tls[k] = str(base / tls[k])
+            raw["tls"] = tls
+        ld = raw.get("local_directory")
+        if isinstance(ld, str) and not os.path.isabs(ld) and not ld.startswith("$"):
+            raw["local_directory"] = str(base / ld)
+    try:
+        return ClusterConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors(include_url=False)]
+    if len(problems) == 1:
+        raise SpecError(f"{source}: {problems[0]}") from None
+    lines = "\n".join(f"  - {p}" for p in problems)
+    raise SpecError(f"{source}: {len(problems)} problems:\n{lines}") from None
+
+
+def load_cluster_config(path: str) -> ClusterConfig:
+    """Read a YAML cluster config; relative paths inside are relative to the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"cluster config file not found; got (path={str(path)!r})")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{path}: not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cluster config cannot be read: {exc}; got (path={str(path)!r})") from None
+    return parse_cluster_config(data, source=str(path), base_dir=p.parent)
+
+
+# -- security
+
+
+def make_security(tls: TLSConfig | None) -> Security | None:
+    """Mutual-TLS ``Security`` for client, scheduler and worker, or None without TLS.
+
+    The files are checked now (exist, parse, key matches cert) so that a bad path
+    fails before any cluster work, with a ``SpecError`` naming the file.
+    """
+    if tls is None:
+        return None
+    from distributed.security import Security
+
+    files = {"ca_file": tls.ca_file, "cert": tls.cert}
+    if tls.key is not None:
+        files["key"] = tls.key
+    for name, path in files.items():
+        if not os.path.isfile(path):
+            raise SpecError(f"TLS {name} file not found; got (tls.{name}={path!r})")
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise SpecError(
+            f"TLS ca_file is not a PEM CA certificate ({exc}); got (tls.ca_file={tls.ca_file!r})"
+        ) from None
+    try:
+        ctx.load_cert_chain(tls.cert, tls.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise SpecError(
+            f"TLS cert and key must be a matching PEM certificate and private key ({exc}); "
+            f"got (tls.cert={tls.cert!r}, tls.key={tls.key!r})"
+        ) from None
+    return Security(
+        tls_ca_file=tls.ca_file,
+        tls_client_cert=tls.cert,
+        tls_client_key=tls.key,
+        tls_scheduler_cert=tls.cert,
+        tls_scheduler_key=tls.key,
+        tls_worker_cert=tls.cert,
+        tls_worker_key=tls.key,
+        require_encryption=tls.require,
+    )
+
+
+# -- dask-jobqueue
+
+
+def _jobqueue_module() -> Any:
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise SpecError(
+            "SLURM and PBS clusters need dask-jobqueue: pip install mixedscale[cluster]; "
+            "got (dask_jobqueue=not installed)"
+        ) from None
+    return dask_jobqueue
+
+
+def _require_jobqueue(cfg: ClusterConfig) -> None:
+    if cfg.kind not in JOBQUEUE_KINDS:
+        raise SpecError(
+            f"a batch-queue cluster needs kind 'slurm' or 'pbs'; got (kind={cfg.kind!r})"
+        )
+
+
+def _prologue(cfg: ClusterConfig, security: Security | None) -> list[str]:
+    lines = [f"export {k}={v}" for k, v in BLAS_ENV.items()]
+    if security is not None and security.require_encryption:
+        lines.append(f"export {REQUIRE_ENCRYPTION_ENV}=True")
+    return lines + list(cfg.job_script_prologue)
+
+
+def _job_kwargs(cfg: ClusterConfig, security: Security | None) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "cores": cfg.cores,
+        "processes": cfg.worker_processes,
+        "memory": cfg.memory,
+        "queue": cfg.queue,
+        "account": cfg.account,
+        "walltime": cfg.walltime,
+        "job_extra_directives": list(cfg.job_extra_directives),
+        "job_script_prologue": _prologue(cfg, security),
+        "local_directory": cfg.local_directory,
+        "job_name": JOB_NAME,
+    }
+    return kw
+
+
+def _security_for(cfg: ClusterConfig, security: Security | None) -> Security | None:
+    return security if security is not None else make_security(cfg.tls)
+
+
+def make_jobqueue_cluster(
+    cfg: ClusterConfig,
+    security: Security | None = None,
+    *,
+    scheduler_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """A ``SLURMCluster``/``PBSCluster`` from ``cfg``, with no jobs submitted yet.
+
+    Its scheduler starts in this process (on ``cfg.interface`` if given); pass
+    ``scheduler_options`` such as ``{"host": "127.0.0.1"}`` to override. Without
+    ``security``, ``cfg.tls`` is used. Scale with ``cluster.scale(jobs=N)`` or use
+    ``make_cluster``. The caller closes the cluster.
+    """
+    _require_jobqueue(cfg)
+    jq = _jobqueue_module()
+    security = _security_for(cfg, security)
+    cls = jq.SLURMCluster if cfg.kind == "slurm" else jq.PBSCluster
+    kwargs = _job_kwargs(cfg, security)
+    if cfg.interface is not None:
+        kwargs["interface"] = cfg.interface
+    if security is not None:
+        kwargs["security"] = security
+        kwargs["protocol"] = "tls://"
+    if scheduler_options is not None:
+        kwargs["scheduler_options"] = dict(scheduler_options)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"dask-jobqueue rejected the cluster config: {exc}; got (kind={cfg.kind!r})"
+                        ) from None
+
+
+def job_script(cfg: ClusterConfig, security: Security | None = None) -> str:
+    """The batch script one job of ``cfg`` would run; no scheduler is started.
+
+    The scheduler address in it is a placeholder: the real one is known only
+    once ``make_jobqueue_cluster`` has started the scheduler.
+    """
+    _require_jobqueue(cfg)
+    jq = _jobqueue_module()
+    security = _security_for(cfg, security)
+    job_cls = jq.SLURMCluster.job_cls if cfg.kind == "slurm" else jq.PBSCluster.job_cls
+    protocol = "tls://" if security is not None else None
+    kwargs = _job_kwargs(cfg, security)
+    kwargs.update(protocol=protocol, security=security, interface=cfg.interface)
+    try:
+        job = job_cls((protocol or "tcp://") + _PLACEHOLDER_ADDRESS, name="dummy-name", **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"dask-jobqueue rejected the cluster config: {exc}; got (kind={cfg.kind!r})"
+                        ) from None
+    return str(job.job_script())
+
+
+# -- any kind
+
+
+def make_cluster(
+    cfg: ClusterConfig,
+    security: Security | None = None,
+    *,
+    scheduler_options: Mapping[str, Any] | None = None,
+) -> SpecCluster:
+    """A started cluster of ``cfg.kind``, scaled to the configured size; the caller closes it.
+
+    ``local``: ``workers`` worker processes (default: one per ``threads_per_worker``
+    cores) of ``threads_per_worker`` threads. ``slurm``/``pbs``: ``jobs`` batch jobs,
+    else enough for ``workers`` workers, else one job.
+    """
+    security = _security_for(cfg, security)
+    if cfg.kind == "local":
+        from distributed import LocalCluster
+
+        n = cfg.workers or max(1, (os.cpu_count() or 1) // cfg.threads_per_worker)
+        opts: dict[str, Any] = dict(scheduler_options or {})
+        kwargs: dict[str, Any] = {
+            "n_workers": n,
+            "threads_per_worker": cfg.threads_per_worker,
+            "processes": True,
+            "memory_limit": cfg.memory_limit or "auto",
+            "local_directory": cfg.local_directory,
+            "host": opts.pop("host", "127.0.0.1"),
+            "dashboard_address": opts.pop("dashboard_address", ":0"),
+        }
+        if opts:
+            kwargs["scheduler_kwargs"] = opts
+        if security is not None:
+            kwargs.update(security=security, protocol="tls://")
+        return LocalCluster(**kwargs)
+    cluster = make_jobqueue_cluster(cfg, security, scheduler_options=scheduler_options)
+    if cfg.jobs is not None:
+        cluster.scale(jobs=cfg.jobs)
+    elif cfg.workers is not None:
+        cluster.scale(n=cfg.workers)
+    else:
+        cluster.scale(jobs=1)
+    return cluster  # type: ignore[no-any-return]

@@ -1,0 +1,375 @@
+"""Input datasets: a DataFrame, or Parquet (file, folder, glob, hive tree, fsspec URL).
+
+At plan time only Parquet footers and the split columns are read; every file's
+schema is checked against every spec, and corrupt files are named. Workers
+later read only the row groups and columns their slices need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+
+from .errors import DataError, SpecError, missing_column_error
+from .spec import ModelSpec
+
+__all__ = ["FILTER_OPS", "RowGroup", "Source", "open_source"]
+
+log = logging.getLogger(__name__)
+
+FILTER_OPS = ("==", "!=", "<", "<=", ">", ">=", "in", "not in")
+Filter = Sequence[Sequence[Any]]
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One readable unit of input: a Parquet row group (or the whole DataFrame)."""
+
+    file: str
+    index: int
+    num_rows: int
+    nbytes: int  # compressed bytes of the needed columns
+    fingerprint: str
+    partition: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass
+class Source:
+    """A resolved dataset. ``frame`` is set for in-memory input."""
+
+    path: str | None
+    frame: pd.DataFrame | None
+    fs: Any
+    files: list[str]
+    schema: pa.Schema
+    partition_cols: list[str]
+    filter: list[tuple[str, str, Any]] | None = None
+    row_groups: list[RowGroup] = field(default_factory=list)
+    bad_files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema.names)
+
+    # -- checks
+    def check_specs(self, specs: Sequence[ModelSpec], split_by: Sequence[str]) -> None:
+        """Every spec's columns exist and have usable types; raise SpecError/DataError."""
+        cols = self.columns
+        for s in split_by:
+            if s not in cols:
+                raise missing_column_error(s, cols, "(from split_by)")
+        for spec in specs:
+            try:
+                spec.check_columns(cols)
+            except SpecError as exc:
+                raise SpecError(f"model {spec.label!r}: {exc}") from None
+            resp = self.schema.field(spec.response).type
+            if not (pa.types.is_integer(resp) or pa.types.is_floating(resp)
+                    or pa.types.is_decimal(resp)):
+                raise DataError(
+                    f"model {spec.label!r}: the response must be numeric; "
+                    f"got ({spec.response}={resp})"
+                )
+        if self.filter:
+            for col, _, _ in self.filter:
+                if col not in cols:
+                    raise missing_column_error(col, cols, "(from filter)")
+
+    def needed_columns(self, specs: Sequence[ModelSpec], split_by: Sequence[str]) -> list[str]:
+        cols: list[str] = list(split_by)
+        for spec in specs:
+            cols.extend(c for c in spec.columns if c not in cols)
+        if self.filter:
+            cols.extend(c for c, _, _ in self.filter if c not in cols)
+        return cols
+
+    def expression(self) -> pds.Expression | None:
+        if not self.filter:
+            return None
+        return pq.filters_to_expression([list(f) for f in self.filter])
+
+    # -- reading
+    def read(self, columns: Sequence[str], row_groups: Sequence[RowGroup] | None = None
+             ) -> tuple[pd.DataFrame, int]:
+        """Read columns of the given row groups (all if None), filtered. Returns (frame, bytes)."""
+        if self.frame is not None:
+            df = self.frame.loc[:, list(dict.fromkeys(columns))]
+            return _apply_filter_frame(df, self.filter), 0
+        rgs = list(self.row_groups) if row_groups is None else list(row_groups)
+        by_file: dict[str, list[RowGroup]] = {}
+        for rg in rgs:
+            by_file.setdefault(rg.file, []).append(rg)
+        tables: list[pa.Table] = []
+        nbytes = 0
+        for f, groups in by_file.items():
+            tables.append(self._read_file(f, groups, columns))
+            nbytes += sum(g.nbytes for g in groups)
+        if not tables:
+            return pd.DataFrame(columns=list(columns)), 0
+        table = pa.concat_tables(tables, promote_options="permissive")
+        expr = self.expression()
+        if expr is not None:
+            table = table.filter(expr)
+        return table.to_pandas(), nbytes
+
+    def _read_file(self, f: str, groups: list[RowGroup], columns: Sequence[str]) -> pa.Table:
+        part = dict(groups[0].partition)
+        file_cols = [c for c in dict.fromkeys(columns) if c not in part]
+        try:
+            with self.fs.open(f, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                t = pf.read_row_groups([g.index for g in groups], columns=file_cols)
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            raise DataError(f"cannot read Parquet file {f!r}: {exc}") from None
+        for k, v in part.items():
+            if k in columns:
+                t = t.append_column(k, pa.array([v] * t.num_rows))
+        return t.select([c for c in dict.fromkeys(columns) if c in t.column_names])
+
+
+def _apply_filter_frame(df: pd.DataFrame, flt: list[tuple[str, str, Any]] | None
+                        ) -> pd.DataFrame:
+    if not flt:
+        return df
+    mask = np.ones(len(df), dtype=bool)
+    for col, op, val in flt:
+        s = df[col]
+        if op == "in":
+            m = s.isin(list(val))
+        elif op == "not in":
+            m = ~s.isin(list(val))
+        else:
+            m = {"==": s == val, "!=": s != val, "<": s < val, "<=": s <= val,
+                 ">": s > val, ">=": s >= val}[op]
+        mask &= np.asarray(m, dtype=bool)
+    return df.loc[mask]
+
+
+def normalize_filter(flt: Any) -> list[tuple[str, str, Any]] | None:
+    """Validate a filter in pyarrow's DNF-conjunction form: [[col, op, value], ...]."""
+    if flt is None or flt == []:
+        return None
+    if not isinstance(flt, (list, tuple)) or (flt and isinstance(flt[0], str)):
+        raise SpecError(
+            f"filter must be a list of [column, op, value] triples; got (filter={flt!r})"
+        )
+    out = []
+    for item in flt:
+        if not isinstance(item, (list, tuple)) or len(item) != 3:
+            raise SpecError(f"each filter must be [column, op, value]; got (filter={item!r})")
+        col, op, val = item
+        if op not in FILTER_OPS:
+            raise SpecError(f"filter op must be one of {list(FILTER_OPS)}; got (op={op!r})")
+        out.append((str(col), str(op), val))
+    return out
+
+
+def open_source(data: Any, *, filter: Any = None, columns_hint: Sequence[str] = ()) -> Source:
+    """Resolve ``data`` to a Source, reading only footers. Raises DataError naming the file."""
+    flt = normalize_filter(filter)
+    if isinstance(data, pd.DataFrame):
+        df = data.copy(deep=False)
+        df.columns = [str(c) for c in df.columns]
+        try:
+            schema = pa.Schema.from_pandas(df, preserve_index=False)
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise DataError(f"DataFrame columns cannot be typed: {exc}") from None
+        return Source(path=None, frame=df, fs=None, files=[], schema=schema, partition_cols=[],
+                      filter=flt)
+    if not isinstance(data, (str, bytes)) and not hasattr(data, "__fspath__"):
+        raise SpecError(
+            f"data must be a path, URL or DataFrame; got (data={type(data).__name__})"
+        )
+    path = str(data if not isinstance(data, bytes) else data.decode())
+    try:
+        fs, root = fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as exc:
+        raise DataError(f"cannot open {path!r}: {exc}; is its fsspec backend installed?"
+                        ) from None
+    files = _list_files(fs, root, path)
+    try:
+        dataset = pds.dataset(files, filesystem=fs, format="parquet",
+                              partitioning=pds.HivePartitioning.discover(infer_dictionary=False),
+                              partition_base_dir=_base_dir(fs, root))
+        part_schema = dataset.partitioning.schema if dataset.partitioning else pa.schema([])
+    except (pa.ArrowException, OSError, ValueError):
+        part_schema = pa.schema([])
+    part_cols = [f.name for f in part_schema]
+    src = Source(path=path, frame=None, fs=fs, files=files, schema=pa.schema([]),
+                 partition_cols=part_cols, filter=flt)
+    _scan_footers(src, fs, files, part_schema, root, set(columns_hint))
+    return src
+
+
+def _base_dir(fs: Any, root: str) -> str:
+    return root if fs.isdir(root) else root.rsplit("/", 1)[0]
+
+
+def _list_files(fs: Any, root: str, shown: str) -> list[str]:
+    if any(ch in root for ch in "*?["):
+        files = sorted(fs.glob(root))
+    elif fs.isdir(root):
+        files = sorted(p for p in fs.find(root) if not _hidden(p[len(root):]))
+    elif fs.exists(root):
+        files = [root]
+    else:
+        raise DataError(f"no such file or folder: {shown!r}; check the path or URL")
+    files = [f for f in files if f.endswith((".parquet", ".parq", ".pq")) or "." not in
+             f.rsplit("/", 1)[-1]]
+    if not files:
+        raise DataError(f"no Parquet files under {shown!r} (looked for *.parquet)")
+    return files
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.strip("/").split("/"))
+
+
+def _partition_values(f: str, part_schema: pa.Schema, root: str) -> tuple[tuple[str, Any], ...]:
+    vals: list[tuple[str, Any]] = []
+    names = set(part_schema.names)
+    for seg in f[len(root):].strip("/").split("/")[:-1]:
+        if "=" in seg:
+            k, v = seg.split("=", 1)
+            if k in names:
+                typ = part_schema.field(k).type
+                try:
+                    vals.append((k, pa.scalar(v).cast(typ).as_py()))
+                except (pa.ArrowException, ValueError):
+                    vals.append((k, v))
+    return tuple(vals)
+
+
+def _scan_footers(src: Source, fs: Any, files: list[str], part_schema: pa.Schema, root: str,
+                  needed: set[str]) -> None:
+    """Read every footer: a unified schema, per-row-group sizes and fingerprints.
+
+    A file whose footer cannot be read is recorded in ``bad_files`` and left out;
+    a column whose type differs between files rejects the dataset, naming both files.
+    """
+    unified: dict[str, tuple[pa.DataType, str]] = {}
+    base = _base_dir(fs, root)
+    for f in files:
+        try:
+            info = fs.info(f)
+            with fs.open(f, "rb") as fh:
+                md = pq.ParquetFile(fh).metadata
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            src.bad_files[f] = f"{type(exc).__name__}: {exc}"
+            log.warning("skipping unreadable Parquet file %s: %s", f, exc)
+            continue
+        schema = md.schema.to_arrow_schema()
+        for name in schema.names:
+            typ = schema.field(name).type
+            typ = pa.string() if pa.types.is_large_string(typ) else typ
+            if name in unified and unified[name][0] != typ and not _compatible(
+                    unified[name][0], typ):
+                raise DataError(
+                    f"column {name!r} has type {typ} in {f!r} but {unified[name][0]} in "
+                    f"{unified[name][1]!r}; rewrite the files with one schema"
+                )
+            unified.setdefault(name, (typ, f))
+        stamp = f"{f}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or ''}"
+        stamp += f"|{info.get('ETag') or info.get('etag') or ''}"
+        part = _partition_values(f, part_schema, base)
+        col_idx = {schema.names[i]: i for i in range(len(schema.names))}
+        for i in range(md.num_row_groups):
+            rg = md.row_group(i)
+            nbytes = 0
+            h = hashlib.sha256(stamp.encode())
+            for name, j in col_idx.items():
+                if name in needed or not needed:
+                    cc = rg.column(j)
+                    nbytes += cc.total_compressed_size
+                    h.update(f"{name}:{cc.total_compressed_size}:{cc.file_offset}".encode())
+            h.update(f"{i}:{rg.num_rows}".encode())
+            src.row_groups.append(RowGroup(f, i, rg.num_rows, nbytes, h.hexdigest()[:16], part))
+    if not unified:
+        bad = "; ".join(f"{k}: {v}" for k, v in list(src.bad_files.items())[:3])
+        raise DataError(f"no readable Parquet file in {src.path!r} ({bad})")
+    fields_ = [pa.field(n, t) for n, (t, _) in unified.items()]
+    fields_ += [part_schema.field(n) for n in part_schema.names if n not in unified]
+    src.schema = pa.schema(fields_)
+    # A column missing from some file cannot be read consistently.
+    if needed:
+        for f in files:
+            if f in src.bad_files:
+                continue
+            with fs.open(f, "rb") as fh:
+                names = set(pq.ParquetFile(fh).schema_arrow.names) | set(part_schema.names)
+            miss = sorted((needed & set(src.schema.names)) - names)
+            if miss:
+                raise DataError(f"column {miss[0]!r} is missing from {f!r} but present in "
+                                f"other files; rewrite the files with one schema")
+
+
+def _compatible(a: pa.DataType, b: pa.DataType) -> bool:
+    both_int = pa.types.is_integer(a) and pa.types.is_integer(b)
+    both_float = pa.types.is_floating(a) and pa.types.is_floating(b)
+    both_str = pa.types.is_string(a) and pa.types.is_string(b)
+    dict_ = pa.types.is_dictionary(a) or pa.types.is_dictionary(b)
+    return both_int or both_float or both_str or dict_
+
+
+def read_split_keys(src: Source, split_by: Sequence[str], extra: Sequence[str] = ()
+                    ) -> tuple[pd.DataFrame, int]:
+    """Per row group, the split keys it holds and their row counts (after the filter).
+
+    Returns a frame with columns: the split columns, ``_rg`` (row-group index in
+    ``src.row_groups``) and ``_rows``; and the bytes read to get it.
+    """
+    cols = list(dict.fromkeys([*split_by, *(c for c, _, _ in (src.filter or [])), *extra]))
+    if src.frame is not None:
+        df = _apply_filter_frame(src.frame.loc[:, cols], src.filter)
+        g = df.groupby(list(split_by), sort=True, dropna=False, observed=True).size() \
+            if split_by else pd.Series([len(df)])
+        out = g.rename("_rows").reset_index() if split_by else pd.DataFrame({"_rows": [len(df)]})
+        out["_rg"] = 0
+        return out, 0
+    frames = []
+    nbytes = 0
+    expr = src.expression()
+    for k, rg in enumerate(src.row_groups):
+        part = dict(rg.partition)
+        file_cols = [c for c in cols if c not in part]
+        try:
+            with src.fs.open(rg.file, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                t = pf.read_row_group(rg.index, columns=file_cols)
+                md = pf.metadata.row_group(rg.index)
+                names = pf.schema_arrow.names
+                nbytes += sum(md.column(names.index(c)).total_compressed_size
+                              for c in file_cols if c in names)
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            src.bad_files[rg.file] = f"{type(exc).__name__}: {exc}"
+            continue
+        for c, v in part.items():
+            if c in cols:
+                t = t.append_column(c, pa.array([v] * t.num_rows))
+        if expr is not None:
+            t = t.filter(expr)
+        if not split_by:
+            frames.append(pd.DataFrame({"_rows": [t.num_rows], "_rg": [k]}))
+            continue
+        keys = t.select(list(split_by))
+        agg = keys.group_by(list(split_by), use_threads=False).aggregate([([], "count_all")])
+        f = agg.to_pandas().rename(columns={"count_all": "_rows"})
+        f["_rg"] = k
+        frames.append(f)
+    if not frames:
+        return pd.DataFrame(columns=[*split_by, "_rows", "_rg"]), nbytes
+    return pd.concat(frames, ignore_index=True), nbytes
+
+
+
+

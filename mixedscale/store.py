@@ -1,0 +1,249 @@
+"""The Parquet results store.
+
+Layout::
+
+    STORE/fits/part-<task>.parquet      one row per fit (the commit marker)
+    STORE/params/part-<task>.parquet    fixed effects
+    STORE/variance/part-<task>.parquet  variance components
+    STORE/_runs/<run_id>.json           one manifest per run
+    STORE/_tmp/                         staging; ignored by readers
+
+A task's three part files share one deterministic name derived from the fit
+ids it holds. They are staged under ``_tmp`` and published without clobbering
+(``os.link`` on local disks, so a second writer of the same task loses
+cleanly); ``fits`` is published last, so a task counts as done exactly when
+its fits part exists, and readers only join params/variance rows whose fit_id
+is committed in ``fits``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import StoreError
+
+__all__ = ["FIT_SCHEMA", "Store", "open_store"]
+
+log = logging.getLogger(__name__)
+
+TABLES = ("fits", "params", "variance")
+
+_ATTEMPT = pa.struct([
+    ("engine", pa.string()), ("method", pa.string()), ("llf", pa.float64()),
+    ("converged", pa.bool_()), ("grad_max", pa.float64()), ("hessian_pd", pa.bool_()),
+    ("n_evals", pa.int64()), ("seconds", pa.float64()), ("message", pa.string()),
+])
+FIT_SCHEMA = pa.schema([
+    ("spec_name", pa.string()), ("status", pa.string()), ("converged", pa.bool_()),
+    ("singular", pa.bool_()), ("llf", pa.float64()), ("aic", pa.float64()),
+    ("bic", pa.float64()), ("scale", pa.float64()), ("n_obs", pa.int64()),
+    ("n_dropped", pa.int64()), ("n_groups", pa.int64()), ("group_size_min", pa.int64()),
+    ("group_size_mean", pa.float64()), ("group_size_max", pa.int64()), ("engine", pa.string()),
+    ("method", pa.string()), ("n_attempts", pa.int64()), ("attempts", pa.list_(_ATTEMPT)),
+    ("grad_max", pa.float64()), ("hessian_pd", pa.bool_()), ("theta", pa.list_(pa.float64())),
+    ("warnings", pa.list_(pa.string())), ("error_type", pa.string()),
+    ("error_message", pa.string()), ("fit_seconds", pa.float64()),
+    ("mixedscale_version", pa.string()), ("statsmodels_version", pa.string()),
+    ("numpy_version", pa.string()), ("scipy_version", pa.string()),
+])
+PARAM_SCHEMA = pa.schema([
+    ("term", pa.string()), ("estimate", pa.float64()), ("std_error", pa.float64()),
+    ("statistic", pa.float64()), ("p_value", pa.float64()), ("conf_low", pa.float64()),
+    ("conf_high", pa.float64()),
+])
+VARIANCE_SCHEMA = pa.schema([
+    ("group", pa.string()), ("term1", pa.string()), ("term2", pa.string()),
+    ("kind", pa.string()), ("estimate", pa.float64()),
+])
+BODY = {"fits": FIT_SCHEMA, "params": PARAM_SCHEMA, "variance": VARIANCE_SCHEMA}
+
+
+def table_schema(table: str, key_fields: Sequence[pa.Field]) -> pa.Schema:
+    """fit_id, the split columns and spec_id first, then the table's own columns."""
+    head = [pa.field("fit_id", pa.string()), *key_fields, pa.field("spec_id", pa.string())]
+    return pa.schema(head + list(BODY[table]))
+
+
+def to_table(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    cols = {}
+    for f in schema:
+        if f.name in df.columns:
+            cols[f.name] = pa.array(df[f.name].tolist(), type=f.type, from_pandas=True)
+        else:
+            cols[f.name] = pa.nulls(len(df), type=f.type)
+    return pa.table(cols, schema=schema)
+
+
+class Store:
+    """A results store at a local path or fsspec URL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = str(url).rstrip("/")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as exc:
+            raise StoreError(f"cannot open store {self.url!r}: {exc}") from None
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
+                                else (self.fs.protocol,))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"])  # type: ignore[misc]
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def init(self) -> None:
+        try:
+            for d in (*TABLES, "_runs", "_tmp"):
+                self.fs.makedirs(self.path(d), exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create store {self.url!r}: {exc}") from None
+
+    # -- commits
+    def committed_parts(self) -> set[str]:
+        """Names (without .parquet) of committed fits parts."""
+        try:
+            names = self.fs.ls(self.path("fits"), detail=False)
+        except FileNotFoundError:
+            return set()
+        out = set()
+        for n in names:
+            base = str(n).rsplit("/", 1)[-1]
+            if base.startswith("part-") and base.endswith(".parquet"):
+                out.add(base[5:-8])
+        return out
+
+    def publish(self, name: str, tables: dict[str, pa.Table]) -> bool:
+        """Stage and publish one task's parts; fits last. False if it was already committed."""
+        final_fits = self.path("fits", f"part-{name}.parquet")
+        if self.fs.exists(final_fits):
+            return False
+        for t in ("params", "variance", "fits"):
+            if self._publish_one(t, name, tables[t]) is False and t == "fits":
+                return False
+        return True
+
+    def _publish_one(self, table: str, name: str, data: pa.Table) -> bool:
+        final = self.path(table, f"part-{name}.parquet")
+        tmp = self.path("_tmp", f"{table}-{name}.{uuid.uuid4().hex}.parquet")
+        try:
+            if self.local:
+                with open(tmp, "wb") as fh:
+                    pq.write_table(data, fh, compression="zstd")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                try:
+                    os.link(tmp, final)  # atomic, and fails rather than clobber
+                except FileExistsError:
+                    return False
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                return True
+            # Object stores: no atomic no-clobber rename. Write the full object
+            # under a temporary key, then copy; readers dedupe by fit_id.
+            with self.fs.open(tmp, "wb") as fh:
+                pq.write_table(data, fh, compression="zstd")
+            if self.fs.exists(final):
+                self.fs.rm(tmp)
+                return False
+            self.fs.mv(tmp, final)
+            return True
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
+            raise StoreError(f"writing {final!r} failed: {exc}") from exc
+
+    # -- manifests
+    def write_manifest(self, run_id: str, manifest: dict[str, Any]) -> None:
+        final = self.path("_runs", f"{run_id}.json")
+        tmp = self.path("_tmp", f"run-{run_id}.{uuid.uuid4().hex}.json")
+        blob = json.dumps(manifest, indent=2, default=str, sort_keys=True)
+        try:
+            with self.fs.open(tmp, "w") as fh:
+                fh.write(blob)
+            if self.local:
+                os.replace(tmp, final)
+            else:
+                self.fs.mv(tmp, final)
+        except OSError as exc:
+            log.error("could not write run manifest %s: %s", final, exc)
+
+    # -- reading
+    def _read(self, table: str, fit_ids: set[str] | None = None) -> pd.DataFrame:
+        """All committed rows of a table, one copy per fit_id (from its first part)."""
+        try:
+            files = sorted(str(f) for f in self.fs.ls(self.path(table), detail=False)
+                           if str(f).endswith(".parquet"))
+        except FileNotFoundError:
+            files = []
+        frames = []
+        for i, f in enumerate(files):
+            try:
+                with self.fs.open(f, "rb") as fh:
+                    df = pq.read_table(fh).to_pandas()
+            except (OSError, pa.ArrowException) as exc:
+                raise StoreError(f"store part {f!r} is unreadable: {exc}") from None
+            frames.append(df.assign(_part=i))
+        if not frames:
+            return pd.DataFrame()
+        df = pd.concat(frames, ignore_index=True)
+        if fit_ids is not None:
+            df = df[df["fit_id"].isin(fit_ids)]
+        # The same fit in two parts (two jobs sharing a spec and slice, or an
+        # object store's race): keep the rows of its first part only.
+        first = df.groupby("fit_id")["_part"].transform("min")
+        return df[df["_part"] == first].drop(columns="_part").reset_index(drop=True)
+
+    def fits(self) -> pd.DataFrame:
+        return self._read("fits")
+
+    def _committed_rows(self, table: str) -> pd.DataFrame:
+        fits = self._read("fits")
+        if fits.empty:
+            return pd.DataFrame()
+        return self._read(table, set(fits["fit_id"]))
+
+    def params(self) -> pd.DataFrame:
+        return self._committed_rows("params")
+
+    def variance(self) -> pd.DataFrame:
+        return self._committed_rows("variance")
+
+    def runs(self) -> pd.DataFrame:
+        try:
+            files = sorted(self.fs.glob(self.path("_runs", "*.json")))
+        except FileNotFoundError:
+            files = []
+        rows = []
+        for f in files:
+            try:
+                with self.fs.open(f, "r") as fh:
+                    rows.append(json.load(fh))
+            except (OSError, ValueError) as exc:
+                log.warning("unreadable run manifest %s: %s", f, exc)
+        return pd.DataFrame(rows)
+
+
+def open_store(path: str) -> Store:
+    """Open an existing results store for reading."""
+    st = Store(str(path))
+    if not st.fs.exists(st.path("fits")):
+        raise StoreError(f"no results store at {path!r} (no fits/ folder); "
+                         "check the path or run a job with --store first")
+    return st

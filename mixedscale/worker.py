@@ -1,0 +1,338 @@
+"""What runs on a worker: load a unit of data, fit a task's items, commit its parts.
+
+Nothing here knows about Dask scheduling; the executor submits these functions.
+Per-fit timeouts run the fits on a helper thread that is abandoned when a fit
+overruns, so a hung fit becomes an error row instead of a hung run; the
+executor then restarts that worker to reclaim the thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .errors import DataError, MixedscaleError
+from .plan import FitItem, Task, _norm_key
+from .single import FitResult, fit
+from .source import RowGroup, Source
+from .spec import ModelSpec
+from .store import Store, table_schema, to_table
+
+__all__ = ["TaskOutcome", "TaskPayload", "load_unit", "partition", "piece", "run_task"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskPayload:
+    task: Task
+    keys: dict[int, tuple[Any, ...]]  # slice index -> split key
+    specs: dict[int, ModelSpec]
+    split_by: list[str]
+    key_fields: list[pa.Field]
+    run_id: str
+    timeout: float | None = None
+    engine: str | None = None  # run-wide engine override
+
+
+@dataclass
+class TaskOutcome:
+    key: str
+    n_fits: int
+    by_status: dict[str, int]
+    fit_seconds: float
+    wall_seconds: float
+    bytes_read: int
+    committed: bool
+    timed_out: int = 0
+    worker: str | None = None
+    tables: dict[str, pa.Table] | None = None  # only for in-memory runs
+    fit_ids: list[str] = field(default_factory=list)
+    loads: dict[str, int] = field(default_factory=dict)  # load token -> bytes read
+
+
+@dataclass
+class Loaded:
+    frame: pd.DataFrame
+    nbytes: int
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    parts: dict[str, int] | None = None  # tokens of the pieces a shuffled unit came from
+
+
+def load_unit(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
+              split_by: Sequence[str], keys: Sequence[tuple[Any, ...]]) -> Loaded:
+    """Read a unit's row groups (needed columns only) and keep the unit's slices."""
+    df, nbytes = src.read(columns, rgs)
+    return Loaded(_restrict(df, split_by, keys), nbytes)
+
+
+def _restrict(df: pd.DataFrame, split_by: Sequence[str], keys: Sequence[tuple[Any, ...]]
+              ) -> pd.DataFrame:
+    if not split_by or df.empty:
+        return df
+    idx = pd.MultiIndex.from_frame(df[list(split_by)]) if len(split_by) > 1 else \
+        pd.Index(df[split_by[0]])
+    wanted = pd.MultiIndex.from_tuples(list(keys)) if len(split_by) > 1 else \
+        pd.Index([k[0] for k in keys])
+    return df.loc[np.asarray(idx.isin(wanted))]
+
+
+def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
+              split_by: Sequence[str], key_unit: dict[tuple[Any, ...], int]) -> dict[int, Loaded]:
+    """Shuffle step for data not sorted by the split key: one read, rows bucketed by unit."""
+    df, nbytes = src.read(columns, rgs)
+    if df.empty:
+        return {}
+    groups = df.groupby(list(split_by), sort=False, dropna=False, observed=True).indices
+    by_unit: dict[int, list[np.ndarray]] = {}
+    for k, pos in groups.items():
+        u = key_unit.get(_norm_key(k if isinstance(k, tuple) else (k,)))
+        if u is not None:
+            by_unit.setdefault(u, []).append(pos)
+    out = {}
+    share = nbytes / max(len(df), 1)
+    for u, parts in by_unit.items():
+        pos = np.sort(np.concatenate(parts))
+        out[u] = Loaded(df.iloc[pos], int(share * len(pos)))
+    return out
+
+
+def piece(parts: dict[int, Loaded], unit: int) -> Loaded | None:
+    return parts.get(unit)
+
+
+def _merge(data: Loaded | pd.DataFrame | Sequence[Loaded | None]) -> Loaded:
+    if isinstance(data, Loaded):
+        return data
+    if isinstance(data, pd.DataFrame):
+        return Loaded(data, 0)
+    got = [d for d in data if d is not None]
+    if not got:
+        return Loaded(pd.DataFrame(), 0, "")
+    merged = Loaded(pd.concat([d.frame for d in got], ignore_index=True), 0)
+    merged.parts = {d.token: d.nbytes for d in got}
+    return merged
+
+
+def _run_with_timeout(n: int, fn: Callable[[int], FitResult], timeout: float | None,
+                      on_timeout: Callable[[int], FitResult]) -> tuple[list[FitResult], int]:
+    """Run fn(0..n-1) in order; a call that overruns ``timeout`` seconds is abandoned."""
+    if timeout is None:
+        return [fn(i) for i in range(n)], 0
+    results: list[FitResult | None] = [None] * n
+    state = {"gen": 0, "i": 0, "t": time.monotonic()}
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def loop(gen: int, start: int) -> None:
+        for i in range(start, n):
+            with lock:
+                if state["gen"] != gen:
+                    return
+                state["i"], state["t"] = i, time.monotonic()
+            r = fn(i)
+            with lock:
+                if state["gen"] != gen:
+                    return
+                results[i] = r
+        done.set()
+
+    threading.Thread(target=loop, args=(0, 0), daemon=True).start()
+    timed_out = 0
+    poll = min(0.5, max(timeout / 20, 0.01))
+    while not done.wait(poll):
+        with lock:
+            if time.monotonic() - state["t"] <= timeout:
+                continue
+            i = int(state["i"])
+            state["gen"] += 1
+            results[i] = on_timeout(i)
+            timed_out += 1
+            if i + 1 >= n:
+                done.set()
+                break
+            state["i"], state["t"] = i + 1, time.monotonic()
+            gen = int(state["gen"])
+        threading.Thread(target=loop, args=(gen, i + 1), daemon=True).start()
+    return [r for r in results if r is not None], timed_out
+
+
+def _error_result(spec: ModelSpec, etype: str, msg: str) -> FitResult:
+    from .single import PARAM_COLUMNS, VARIANCE_COLUMNS, _empty_record
+
+    rec = _empty_record(spec)
+    rec.update(status="error", error_type=etype, error_message=msg)
+    return FitResult(rec, pd.DataFrame(columns=PARAM_COLUMNS),
+                     pd.DataFrame(columns=VARIANCE_COLUMNS))
+
+
+def build_tables(payload: TaskPayload, items: Sequence[FitItem], results: Sequence[FitResult]
+                 ) -> dict[str, pa.Table]:
+    fits_rows, params, variance = [], [], []
+    for item, r in zip(items, results, strict=True):
+        key = payload.keys[item.slice]
+        head = {"fit_id": item.fit_id, **dict(zip(payload.split_by, key, strict=True))}
+        fits_rows.append({**head, **r.fit})
+        if len(r.params):
+            params.append(r.params.assign(**head, spec_id=r.fit["spec_id"]))
+        if len(r.variance):
+            variance.append(r.variance.assign(**head, spec_id=r.fit["spec_id"]))
+    kf = payload.key_fields
+    return {
+        "fits": to_table(pd.DataFrame(fits_rows), table_schema("fits", kf)),
+        "params": to_table(pd.concat(params, ignore_index=True) if params else pd.DataFrame(),
+                           table_schema("params", kf)),
+        "variance": to_table(pd.concat(variance, ignore_index=True) if variance else
+                             pd.DataFrame(), table_schema("variance", kf)),
+    }
+
+
+def failure_tables(payload: TaskPayload, etype: str, msg: str) -> dict[str, pa.Table]:
+    """Error rows for every item of a task that could not run (crash, memory, corrupt input)."""
+    items = payload.task.items
+    res = [_error_result(payload.specs[it.spec], etype, msg) for it in items]
+    return build_tables(payload, items, res)
+
+
+def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcome:
+    """Fit every item of a task and commit its parts (or return them for in-memory runs)."""
+    t0 = time.perf_counter()
+    task = payload.task
+    _maybe_inject(payload)
+    loaded = _merge(data)
+    df = loaded.frame
+    if payload.split_by and not df.empty:
+        index = df.groupby(payload.split_by, sort=False, dropna=False, observed=True).indices
+        pos = {_norm_key(k if isinstance(k, tuple) else (k,)): v for k, v in index.items()}
+    else:
+        pos = {(): np.arange(len(df))}
+    monitor = _MemoryMonitor(store, payload) if store is not None else None
+
+    def one(i: int) -> FitResult:
+        item = task.items[i]
+        spec = payload.specs[item.spec]
+        if payload.engine and spec.engine != payload.engine:
+            spec = spec.replace(engine=payload.engine)
+        rows = pos.get(payload.keys[item.slice])
+        sub = df.iloc[rows] if rows is not None else df.iloc[0:0]
+        _maybe_inject(payload, payload.keys[item.slice])
+        try:
+            return fit(sub, spec)
+        except MixedscaleError as exc:  # e.g. a column typed differently in this slice
+            return _error_result(spec, type(exc).__name__, str(exc))
+
+    def timed_out(i: int) -> FitResult:
+        spec = payload.specs[task.items[i].spec]
+        return _error_result(spec, "FitTimeout",
+                             f"fit exceeded the per-fit timeout of {payload.timeout:g} s")
+
+    try:
+        results, n_timeout = _run_with_timeout(len(task.items), one, payload.timeout, timed_out)
+    finally:
+        if monitor is not None:
+            monitor.stop()
+    tables = build_tables(payload, task.items, results)
+    by_status: dict[str, int] = {}
+    for r in results:
+        by_status[r.status] = by_status.get(r.status, 0) + 1
+    committed = False
+    if store is not None:
+        committed = store.publish(task.key, tables)
+    return TaskOutcome(
+        key=task.key, n_fits=len(results), by_status=by_status,
+        fit_seconds=float(sum(r.fit["fit_seconds"] or 0.0 for r in results)),
+        wall_seconds=time.perf_counter() - t0, bytes_read=0, committed=committed,
+        timed_out=n_timeout, worker=_worker_address(),
+        tables=None if store is not None else tables,
+        fit_ids=[it.fit_id for it in task.items],
+        loads=loaded.parts or {loaded.token: loaded.nbytes},
+    )
+
+
+def _worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return None
+
+
+class _MemoryMonitor:
+    """Leaves a marker in the store when the worker nears its memory limit, so a
+    task killed by the nanny can be reported as a memory failure, not a crash."""
+
+    def __init__(self, store: Store, payload: TaskPayload) -> None:
+        self._stop = threading.Event()
+        self.limit = 0
+        try:
+            from distributed import get_worker
+
+            self.limit = int(get_worker().memory_manager.memory_limit or 0)
+        except (ImportError, ValueError, AttributeError):
+            return
+        if not self.limit:
+            return
+        self.marker = store.path("_runs", f"{payload.run_id}.oom", payload.task.key)
+        self.store = store
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop.wait(0.05):
+            if proc.memory_info().rss > 0.8 * self.limit:
+                try:
+                    self.store.fs.makedirs(self.marker.rsplit("/", 1)[0], exist_ok=True)
+                    with self.store.fs.open(self.marker, "w") as fh:
+                        fh.write(str(proc.memory_info().rss))
+                except OSError:
+                    pass
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# -- fault injection for the test suite ------------------------------------------------
+# MIXEDSCALE_TEST_FAULTS holds JSON rules like {"key": ["g007"], "do": "kill"}; the
+# worker acts on them when it fits that slice. Unset in production: a dict lookup.
+_FAULTS_ENV = "MIXEDSCALE_TEST_FAULTS"
+
+
+def _maybe_inject(payload: TaskPayload, key: tuple[Any, ...] | None = None) -> None:
+    raw = os.environ.get(_FAULTS_ENV)
+    if not raw:
+        return
+    for rule in json.loads(raw):
+        if key is None:
+            if rule.get("at") == "task_start" and rule.get("do") == "sleep":
+                time.sleep(float(rule.get("seconds", 1)))
+            continue
+        if [str(k) for k in key] != [str(k) for k in rule.get("key", [])]:
+            continue
+        act = rule.get("do")
+        if act == "kill":
+            os._exit(17)
+        elif act == "hang":
+            time.sleep(float(rule.get("seconds", 3600)))
+        elif act == "oom":
+            hog = []
+            while True:
+                hog.append(np.ones(25_000_000))
+        elif act == "raise":
+            raise DataError(str(rule.get("message", "injected failure")))
+        elif act == "sleep":
+            time.sleep(float(rule.get("seconds", 1)))
