@@ -39,6 +39,7 @@ __all__ = [
     "make_jobqueue_cluster",
     "make_security",
     "parse_cluster_config",
+    "with_overrides",
 ]
 
 ClusterKind = Literal["local", "slurm", "pbs"]
@@ -288,6 +289,21 @@ def parse_cluster_config(
     raise SpecError(f"{source}: {len(problems)} problems:\n{lines}") from None
 
 
+def with_overrides(
+    cfg: ClusterConfig, source: str = "cluster config", **changes: Any
+) -> ClusterConfig:
+    """``cfg`` with ``changes`` (e.g. ``kind="slurm"`` from ``--cluster``), validated again.
+
+    Unlike ``model_copy(update=...)`` this re-checks the rules (a ``slurm`` config
+    needs ``cores`` and ``memory``) and raises ``SpecError`` naming ``source``.
+    ``None`` values are ignored, so CLI options left unset change nothing.
+    """
+    update = {k: v for k, v in changes.items() if v is not None}
+    if not update:
+        return cfg
+    return parse_cluster_config({**cfg.model_dump(exclude_unset=True), **update}, source=source)
+
+
 def load_cluster_config(path: str) -> ClusterConfig:
     """Read a YAML cluster config; relative paths inside are relative to the file."""
     p = Path(path)
@@ -484,7 +500,11 @@ def make_cluster(
             kwargs["scheduler_kwargs"] = opts
         if security is not None:
             kwargs.update(security=security, protocol="tls://")
-        return LocalCluster(**kwargs)
+        import dask
+
+        # Environment set before each worker process starts, so BLAS reads it at import.
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": BLAS_ENV}):
+            return LocalCluster(**kwargs)
     cluster = make_jobqueue_cluster(cfg, security, scheduler_options=scheduler_options)
     if cfg.jobs is not None:
         cluster.scale(jobs=cfg.jobs)

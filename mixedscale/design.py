@@ -134,6 +134,22 @@ def check_design(d: Design) -> None:
         raise ModelFailure(
             f"only one group; a random effect needs at least 2 groups (n_groups={d.n_groups})"
         )
+    # lme4's default identifiability checks (check.nobs.vs.nlev, check.nobs.vs.nRE):
+    # otherwise random effects can interpolate the data and the fit is meaningless.
+    terms = []
+    if d.Z.shape[1] > 0:
+        terms.append(("(" + " + ".join(d.z_names) + " | groups)", d.n_groups,
+                      d.n_groups * d.Z.shape[1]))
+    for name, M in d.vc:
+        used = pd.DataFrame(M != 0).groupby(d.group_codes).any().to_numpy()
+        terms.append((f"vc_formula[{name!r}]", int(used.sum()), int(used.sum())))
+    for name, nlev, n_re in terms:
+        if nlev >= d.n or n_re >= d.n:
+            raise ModelFailure(
+                f"random effects {name} are unidentifiable: they need fewer levels and "
+                f"random effects than observations (n_levels={nlev}, "
+                f"n_random_effects={n_re}, n_obs={d.n})"
+            )
     if np.ptp(d.y) == 0:
         raise ModelFailure(f"the response is constant (all values = {d.y[0]:g})")
     p = d.X.shape[1]

@@ -25,6 +25,7 @@ __all__ = ["GRAD_TOL", "Attempt", "check_optimum", "fit_fast", "fit_statsmodels"
 
 GRAD_TOL = 2e-3  # lme4's check.conv.grad tolerance, on the deviance scale
 _FD_STEP = 1e-4  # lme4's deriv12 delta
+_BOUND_PROBE = 1e-2  # step into the interior from a parameter on its bound
 
 # statsmodels' optimizer names mapped to scipy's bounded methods for the fast engine.
 _SCIPY = {"lbfgs": "L-BFGS-B", "bfgs": "SLSQP", "powell": "Powell", "nm": "Nelder-Mead",
@@ -83,7 +84,11 @@ def check_optimum(prob: Problem, theta: np.ndarray) -> tuple[float, bool]:
         e[j] = h
         if on_bound[j]:
             g = (f(th + e) - f0) / h
-            grad[j] = min(g, 0.0) if g < 0 else 0.0
+            # A relative SD of 0 is a stationary point by symmetry (the deviance is even in
+            # it), also when the deviance falls into the interior; so probe further in too.
+            e[j] = _BOUND_PROBE
+            g_far = (f(th + e) - f0) / _BOUND_PROBE
+            grad[j] = min(g, g_far, 0.0)
         else:
             grad[j] = (f(th + e) - f(th - e)) / (2 * h)
     free = np.flatnonzero(~on_bound)

@@ -39,8 +39,6 @@ __all__ = ["RunOptions", "RunSummary", "execute", "local_cluster", "pending"]
 
 log = logging.getLogger(__name__)
 
-BLAS_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "VECLIB_MAXIMUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
 _STORE_RETRIES = 2
 _PARTITION_BYTES = 128 * 2**20
 
@@ -91,18 +89,10 @@ class RunSummary:
 
 
 def local_cluster(workers: int | None = None, memory_limit: str | None = None) -> Any:
-    """An embedded LocalCluster: one single-threaded process per core, BLAS pinned."""
-    import dask
-    from distributed import LocalCluster
+    """The embedded default: one single-threaded worker process per core, BLAS pinned."""
+    from .cluster import ClusterConfig, make_cluster
 
-    n = workers or os.cpu_count() or 1
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": BLAS_ENV,
-                          "distributed.worker.daemon": False}):
-        kw: dict[str, Any] = {"n_workers": n, "threads_per_worker": 1, "processes": True,
-                              "dashboard_address": None, "host": "127.0.0.1"}
-        if memory_limit:
-            kw["memory_limit"] = memory_limit
-        return LocalCluster(**kw)
+    return make_cluster(ClusterConfig(kind="local", workers=workers, memory_limit=memory_limit))
 
 
 def _now() -> str:
@@ -114,8 +104,14 @@ class _Progress:
         self.bar: Any = None
         if not enabled or total == 0:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(TextColumn("fitting"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -302,7 +298,8 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
                 task = queue.pop()
                 fut = run.submit(task)
                 inflight[fut] = task
-                ac.add(fut)
+                if ac is not None:
+                    ac.add(fut)
             batch = ac.next_batch(block=False) if ac is not None else []
             if not batch:
                 if client.status not in ("running", "connecting"):

@@ -264,8 +264,8 @@ def parse_formula(text: str, *, role: str = "formula") -> ParsedFormula:
     """Parse and allow-list one formula; raise SpecError naming the bad token."""
     if not isinstance(text, str):
         raise SpecError(f"{role} must be a string; got ({role}={text!r})")
-    p = _Parser(text)
     try:
+        p = _Parser(text)  # tokenizes: a bad character raises here
         p.parse()
     except SpecError as exc:
         raise SpecError(f"invalid {role}: {exc}") from None

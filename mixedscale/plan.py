@@ -127,7 +127,7 @@ def _frame_fingerprints(src: Source, split_by: Sequence[str], columns: Sequence[
     """Content hash per slice of an in-memory DataFrame (order-insensitive within a slice)."""
     from .source import _apply_filter_frame
 
-    assert src.frame is not None  # noqa: S101 - internal invariant, not user input
+    assert src.frame is not None
     df = _apply_filter_frame(src.frame.loc[:, list(columns)], src.filter)
     rowh = pd.util.hash_pandas_object(df, index=False).to_numpy()
     if not split_by:
@@ -139,8 +139,8 @@ def _frame_fingerprints(src: Source, split_by: Sequence[str], columns: Sequence[
     first_codes = codes.loc[first.index].to_numpy()
     out: dict[tuple[Any, ...], str] = {}
     for code, row in zip(first_codes, first.itertuples(index=False, name=None), strict=True):
-        s = sums.loc[code]
-        out[_norm_key(row)] = f"{int(s['sum'])}:{int(s['size'])}"
+        total, size = sums.at[code, "sum"], sums.at[code, "size"]
+        out[_norm_key(row)] = f"{total!s}:{size!s}"
     return out
 
 

@@ -163,7 +163,7 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
         converged=bool(best.converged), singular=singular, llf=est.llf,
         aic=-2 * est.llf + 2 * n_par, bic=-2 * est.llf + np.log(d.n) * n_par,
         scale=est.sigma2, engine=best.engine, method=best.method,
-        n_attempts=len(all_attempts), attempts=[a.record() for a in all_attempts],
+        n_attempts=len(all_attempts), attempts=_records(all_attempts, est.llf - best.llf),
         grad_max=float(best.grad_max), hessian_pd=bool(best.hessian_pd),
         theta=[float(t) for t in theta], warnings=warns, fit_seconds=time.perf_counter() - t0,
     )
@@ -177,6 +177,19 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
             why.append("Hessian is not positive definite")
         rec["error_message"] = "not verified: " + "; ".join(why)
     return FitResult(rec, _params_table(d, est), _variance_table(d, spec, orig, est))
+
+
+def _records(attempts: list[Attempt], offset: float) -> list[dict[str, Any]]:
+    """Attempt records with llf moved from the engines' scaled problem to the data's scale.
+
+    Every engine optimizes the same internally scaled problem, whose log-likelihood
+    differs from the reported one by a constant (the Jacobian of the scaling).
+    """
+    recs = [a.record() for a in attempts]
+    for r in recs:
+        if r["llf"] is not None:
+            r["llf"] = float(r["llf"] + offset)
+    return recs
 
 
 def _params_table(d: Design, est: Estimates) -> pd.DataFrame:

@@ -197,21 +197,42 @@ def open_source(data: Any, *, filter: Any = None, columns_hint: Sequence[str] = 
         raise DataError(f"cannot open {path!r}: {exc}; is its fsspec backend installed?"
                         ) from None
     files = _list_files(fs, root, path)
-    try:
-        dataset = pds.dataset(files, filesystem=fs, format="parquet",
-                              partitioning=pds.HivePartitioning.discover(infer_dictionary=False),
-                              partition_base_dir=_base_dir(fs, root))
-        part_schema = dataset.partitioning.schema if dataset.partitioning else pa.schema([])
-    except (pa.ArrowException, OSError, ValueError):
-        part_schema = pa.schema([])
+    part_schema = _discover_partitions(files, _base_dir(fs, root))
     part_cols = [f.name for f in part_schema]
     src = Source(path=path, frame=None, fs=fs, files=files, schema=pa.schema([]),
                  partition_cols=part_cols, filter=flt)
-    _scan_footers(src, fs, files, part_schema, root, set(columns_hint))
+    _scan_footers(src, fs, files, part_schema, _base_dir(fs, root), set(columns_hint))
     return src
 
 
+def _discover_partitions(files: list[str], base: str) -> pa.Schema:
+    """Hive ``key=value`` folders below ``base``; ints, then floats, else strings."""
+    values: dict[str, list[str]] = {}
+    for f in files:
+        for seg in f[len(base):].strip("/").split("/")[:-1]:
+            if "=" in seg:
+                k, v = seg.split("=", 1)
+                values.setdefault(k, []).append(v)
+    fields_ = []
+    for k, vs in values.items():
+        typ = pa.string()
+        for cand, conv in ((pa.int64(), int), (pa.float64(), float)):
+            try:
+                [conv(v) for v in vs]
+            except ValueError:
+                continue
+            typ = cand
+            break
+        fields_.append(pa.field(k, typ))
+    return pa.schema(fields_)
+
+
 def _base_dir(fs: Any, root: str) -> str:
+    """The folder hive partitions are relative to: the root, or the part before a glob."""
+    if any(ch in root for ch in "*?["):
+        parts = root.split("/")
+        k = next(i for i, p in enumerate(parts) if any(ch in p for ch in "*?["))
+        return "/".join(parts[:k])
     return root if fs.isdir(root) else root.rsplit("/", 1)[0]
 
 
@@ -258,7 +279,7 @@ def _scan_footers(src: Source, fs: Any, files: list[str], part_schema: pa.Schema
     a column whose type differs between files rejects the dataset, naming both files.
     """
     unified: dict[str, tuple[pa.DataType, str]] = {}
-    base = _base_dir(fs, root)
+    base = root
     for f in files:
         try:
             info = fs.info(f)

@@ -120,6 +120,10 @@ class ModelSpec:
             raise SpecError(f"name must be a string; got (name={self.name!r})")
         set_(self, "_parsed", parsed)
 
+    def __hash__(self) -> int:
+        # The generated hash would fail on the vc_formula dict; equal specs share a spec_id.
+        return hash((self.spec_id, self.name))
+
     # -- identity
     def canonical(self) -> dict[str, Any]:
         """The fields that define the model and its fit, normalized; ``name`` is a label only."""

@@ -99,7 +99,7 @@ def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
     for k, pos in groups.items():
         u = key_unit.get(_norm_key(k if isinstance(k, tuple) else (k,)))
         if u is not None:
-            by_unit.setdefault(u, []).append(pos)
+            by_unit.setdefault(u, []).append(np.asarray(pos))
     out = {}
     share = nbytes / max(len(df), 1)
     for u, parts in by_unit.items():

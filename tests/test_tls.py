@@ -32,6 +32,7 @@ pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE_CERTS = ROOT / "deploy" / "tls" / "make_certs.py"
+DASK_TLS = ROOT / "deploy" / "tls" / "dask-tls.yaml"
 START_TIMEOUT = 30.0
 REFUSE_TIMEOUT = "3s"
 
@@ -88,12 +89,12 @@ def tls_cluster(
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
 
-    def spawn(name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(name: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
         log = d / f"{name}.log"
         logs.append(log)
         with open(log, "wb") as fh:
             p = subprocess.Popen(
-                [sys.executable, "-m", *args], env=_tls_env(), cwd=d,
+                [sys.executable, "-m", *args], env={**_tls_env(), **env}, cwd=d,
                 stdout=fh, stderr=subprocess.STDOUT,
             )
         procs.append(p)
@@ -119,13 +120,15 @@ def tls_cluster(
                 time.sleep(0.1)
         assert address.startswith("tls://127.0.0.1:"), address
 
+        # The worker takes its certificates from the shipped deploy/tls/dask-tls.yaml
+        # (paths moved to the test's certs) instead of --tls-* flags.
+        config = d / "dask-tls.yaml"
+        config.write_text(DASK_TLS.read_text().replace("/etc/dask/tls", str(certs["ca"].parent)))
         spawn("worker", [
             "distributed.cli.dask_worker", address, "--host", "127.0.0.1",
             "--nworkers", "1", "--nthreads", "1", "--no-nanny", "--no-dashboard",
             "--memory-limit", "0", "--death-timeout", "30",
-            "--tls-ca-file", str(certs["ca"]),
-            "--tls-cert", str(certs["worker"]), "--tls-key", str(certs["worker-key"]),
-        ])
+        ], DASK_CONFIG=str(config))
         with Client(address, security=good_security(certs), timeout="20s") as c:
             c.wait_for_workers(1, timeout=START_TIMEOUT)
         yield address
@@ -149,6 +152,29 @@ def _scheduler_clients(address: str, certs: dict[str, Path]) -> int:
     with Client(address, security=good_security(certs), timeout="20s") as c:
         n = c.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.clients))
     return int(n)
+
+
+def _raw_tls_refused(port: int, ca: Path, cert: Path | None = None,
+                     key: Path | None = None) -> bool:
+    """True if the server aborts this TLS session (bad or no client certificate).
+
+    It aborts during the handshake (TLS 1.2) or right after it, with an alert on
+    the first read (TLS 1.3); a server that accepted sends its Dask handshake
+    (or waits), so the first read returns data (or times out).
+    """
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.check_hostname = False
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), None if key is None else str(key))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.settimeout(2)
+                return tls.recv(1) == b""
+        except TimeoutError:
+            return False
+        except (ssl.SSLError, ConnectionError):
+            return True
 
 
 def test_tls_client_with_certs_runs_a_task(
@@ -182,16 +208,12 @@ def test_plain_tcp_client_is_refused(
 def test_tls_client_without_client_cert_is_refused(
     tls_cluster: str, certs: dict[str, Path], tmp_path: Path
 ) -> None:
-    host, port = "127.0.0.1", _port(tls_cluster)
-    # A TLS client that trusts the CA but presents no certificate: the server
-    # demands one and aborts (during the handshake, or on first read in TLS 1.3).
-    ctx = ssl.create_default_context(cafile=str(certs["ca"]))
-    ctx.check_hostname = False
-    with socket.create_connection((host, port), timeout=5) as raw:
-        with pytest.raises((ssl.SSLError, ConnectionError, AssertionError)):
-            with ctx.wrap_socket(raw, server_hostname=host) as tls:
-                tls.sendall(b"\x00" * 8)
-                assert tls.recv(1) != b"", "server closed without an alert"
+    # A TLS client that trusts the CA but presents no certificate is cut off at
+    # the TLS layer; the same client with the cluster's client cert is not.
+    port = _port(tls_cluster)
+    assert _raw_tls_refused(port, certs["ca"])
+    assert _raw_tls_refused(port, certs["ca"], certs["rogue"], certs["rogue-key"])
+    assert not _raw_tls_refused(port, certs["ca"], certs["client"], certs["client-key"])
 
     # A dask client without a cert cannot even be configured for tls://.
     with pytest.raises((TypeError, OSError, TimeoutError)):
@@ -222,7 +244,7 @@ def test_make_security_checks_files(certs: dict[str, Path], tmp_path: Path) -> N
     assert make_security(None) is None
 
     missing = tmp_path / "nope.pem"
-    with pytest.raises(SpecError, match="nope.pem"):
+    with pytest.raises(SpecError, match=r"nope\.pem"):
         make_security(TLSConfig(ca_file=str(missing), cert=str(certs["client"]),
                                 key=str(certs["client-key"])))
     with pytest.raises(SpecError, match=r"tls\.key"):

@@ -1,0 +1,346 @@
+"""The ``mixedscale`` command line.
+
+Exit codes: 0 the run is complete (whatever the models' statuses); 1 ``--fail-on``
+matched; 2 the job or the data is invalid; 3 the run is incomplete
+(infrastructure failure, lost scheduler, or interrupted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import MixedscaleError, RunIncomplete, SpecError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fit linear mixed models by the thousand on Dask, into a Parquet store.")
+
+EXIT_OK, EXIT_FAIL_ON, EXIT_INVALID, EXIT_INCOMPLETE = 0, 1, 2, 3
+
+
+class FailOn(StrEnum):
+    not_converged = "not_converged"
+    error = "error"
+
+
+class Table(StrEnum):
+    fits = "fits"
+    params = "params"
+    variance = "variance"
+
+
+class Fmt(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+class ClusterKind(StrEnum):
+    local = "local"
+    slurm = "slurm"
+    pbs = "pbs"
+
+
+def _err(msg: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {msg}", err=True)
+    return typer.Exit(code)
+
+
+def _exit_for(exc: MixedscaleError) -> typer.Exit:
+    return _err(str(exc), EXIT_INCOMPLETE if isinstance(exc, RunIncomplete) else exc.exit_code)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    import distributed  # noqa: F401 - it configures its loggers on import; quiet them after
+
+    for noisy in ("distributed", "tornado", "asyncio", "bokeh"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _print_summary(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table as RTable
+
+    s = result.summary()
+    t = RTable(title=f"mixedscale run {s['run_id']} ({s['state']})", show_header=False)
+    for k in ("n_planned", "n_fitted_this_run", "n_resumed", "by_status", "fits_per_second",
+              "wall_seconds", "plan_seconds", "overhead", "bytes_read", "bytes_one_pass",
+              "n_workers", "store"):
+        t.add_row(k, str(s[k]))
+    Console().print(t)
+
+
+def _fail_on(result: Any, fail_on: FailOn | None) -> int:
+    if fail_on is None or result.fits.empty:
+        return EXIT_OK
+    st = result.fits["status"]
+    bad = (st == "error") if fail_on is FailOn.error else (st != "ok")
+    if bad.any():
+        typer.echo(f"--fail-on {fail_on.value}: {int(bad.sum())} fits matched", err=True)
+        return EXIT_FAIL_ON
+    return EXIT_OK
+
+
+def _security(ca: Path | None, cert: Path | None, key: Path | None, config: Any) -> Any:
+    if ca or cert or key:
+        if not (ca and cert and key):
+            raise SpecError("TLS needs --tls-ca-file, --tls-cert and --tls-key together; "
+                            f"got (tls-ca-file={ca}, tls-cert={cert}, tls-key={key})")
+        from .cluster import TLSConfig, make_security
+
+        return make_security(TLSConfig(ca_file=str(ca), cert=str(cert), key=str(key)))
+    if config is not None and getattr(config, "tls", None) is not None:
+        from .cluster import make_security
+
+        return make_security(config.tls)
+    return None
+
+
+def _install_sigterm(stop: Any) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        logging.getLogger("mixedscale").warning("SIGTERM: stopping; rerun the job to resume")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@app.command()
+def run(
+    job_file: Annotated[Path, typer.Argument(metavar="JOB.yaml", help="the job file")],
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help="Dask scheduler "
+                                                  "address; default: an embedded cluster")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1,
+                                                help="embedded cluster size")] = None,
+    store: Annotated[str | None, typer.Option("--store", help="results store (overrides "
+                                              "the job's)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar, no "
+                                        "summary")] = False,
+    fail_on: Annotated[FailOn | None, typer.Option("--fail-on", help="exit 1 if any fit "
+                                                   "has this status or worse")] = None,
+    cluster: Annotated[ClusterKind | None, typer.Option("--cluster", help="local, or a "
+                                                        "batch system via dask-jobqueue")] = None,
+    cluster_config: Annotated[Path | None, typer.Option("--cluster-config",
+                                                        help="cluster YAML")] = None,
+    tls_ca_file: Annotated[Path | None, typer.Option("--tls-ca-file")] = None,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key")] = None,
+    engine: Annotated[str | None, typer.Option("--engine", help="auto, fast or "
+                                               "statsmodels, for every model")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="per-fit timeout, "
+                                                  "seconds")] = None,
+) -> None:
+    """Run a job file: plan, fit on Dask, stream results into the store."""
+    _setup_logging(quiet)
+    from .api import fit_many
+    from .executor import RunOptions
+    from .job import load_job
+
+    opts = RunOptions()
+    _install_sigterm(opts.stop)
+    try:
+        job = load_job(job_file, {"store": store})
+        kind = (cluster.value if cluster else job.cluster.kind)
+        cfg_path = cluster_config or (Path(job.cluster.config) if job.cluster.config else None)
+        ccfg = None
+        if cfg_path is not None:
+            from .cluster import load_cluster_config
+
+            ccfg = load_cluster_config(str(cfg_path))
+            kind = cluster.value if cluster else ccfg.kind
+        security = _security(tls_ca_file, tls_cert, tls_key, ccfg)
+        opts.job = job.model_dump(mode="json")
+        opts.progress = False if quiet else None
+        client = None
+        jq = None
+        if kind in ("slurm", "pbs") and not (scheduler or job.cluster.address):
+            from distributed import Client
+
+            from .cluster import make_cluster, parse_cluster_config, with_overrides
+
+            ccfg = ccfg or parse_cluster_config({"kind": kind}, "--cluster")
+            ccfg = with_overrides(ccfg, "--cluster", kind=kind)
+            jq = make_cluster(ccfg, security)
+            client = Client(jq, security=security)
+        try:
+            result = fit_many(
+                job.data.path, job.specs(), split_by=job.data.split_by, store=job.store,
+                client=client, filter=job.data.filter,
+                scheduler=scheduler or job.cluster.address,
+                workers=workers or job.cluster.workers, engine=engine or job.fit.engine,
+                timeout=timeout or job.fit.timeout, security=security,
+                memory_limit=job.cluster.memory_limit, options=opts)
+        finally:
+            if client is not None:
+                client.close()
+            if jq is not None:
+                jq.close()
+    except MixedscaleError as exc:
+        raise _exit_for(exc) from None
+    if not quiet:
+        _print_summary(result)
+    raise typer.Exit(_fail_on(result, fail_on))
+
+
+@app.command()
+def validate(job_file: Annotated[Path, typer.Argument(metavar="JOB.yaml")]) -> None:
+    """Every plan-time check of a job (files, schema, formulas, columns); no fitting."""
+    _setup_logging(True)
+    from .api import prepare
+    from .job import load_job
+
+    try:
+        job = load_job(job_file)
+        src, plan = prepare(job.data.path, job.specs(), job.data.split_by, job.data.filter)
+    except MixedscaleError as exc:
+        raise _exit_for(exc) from None
+    d = plan.describe()
+    typer.echo(f"ok: {d['n_fits']} fits ({d['n_slices']} slices x {d['n_specs']} specs) in "
+               f"{d['n_tasks']} tasks; columns {', '.join(d['columns'])}")
+    if src.bad_files:
+        for f, why in src.bad_files.items():
+            typer.echo(f"warning: unreadable file left out: {f}: {why}", err=True)
+
+
+@app.command("fit")
+def fit_cmd(
+    data: Annotated[str, typer.Argument(help="Parquet file, folder, glob or URL")],
+    formula: Annotated[str, typer.Option("--formula", help="e.g. 'y ~ x'")],
+    groups: Annotated[str | None, typer.Option("--groups")] = None,
+    re_formula: Annotated[str | None, typer.Option("--re-formula")] = None,
+    split_by: Annotated[list[str] | None, typer.Option("--split-by")] = None,
+    store: Annotated[str | None, typer.Option("--store")] = None,
+    ml: Annotated[bool, typer.Option("--ml", help="maximum likelihood instead of "
+                                     "REML")] = False,
+    cov_structure: Annotated[str, typer.Option("--cov-structure")] = "unstructured",
+    scheduler: Annotated[str | None, typer.Option("--scheduler")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    output: Annotated[Fmt, typer.Option("--format")] = Fmt.table,
+) -> None:
+    """Fit one model, optionally per slice, without a job file."""
+    _setup_logging(quiet)
+    from .api import fit_many
+    from .spec import ModelSpec
+
+    try:
+        spec = ModelSpec(formula=formula, groups=groups, re_formula=re_formula, reml=not ml,
+                         cov_structure=cov_structure, name="cli")  # type: ignore[arg-type]
+        result = fit_many(data, [spec], split_by=split_by or None, store=store,
+                          scheduler=scheduler, workers=workers,
+                          progress=False if quiet else None)
+    except MixedscaleError as exc:
+        raise _exit_for(exc) from None
+    if not quiet:
+        _emit(result.params, output)
+        _print_summary(result)
+
+
+def _emit(df: Any, fmt: Fmt, limit: int | None = None) -> None:
+    if limit is not None:
+        df = df.head(limit)
+    if fmt is Fmt.csv:
+        typer.echo(df.to_csv(index=False), nl=False)
+    elif fmt is Fmt.json:
+        typer.echo(df.to_json(orient="records", default_handler=str))
+    else:
+        from rich.console import Console
+        from rich.table import Table as RTable
+
+        t = RTable()
+        for c in df.columns:
+            t.add_column(str(c))
+        for row in df.itertuples(index=False):
+            t.add_row(*(_cell(v) for v in row))
+        Console(width=200).print(t)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float) and v != v:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)) or (hasattr(v, "__len__") and not isinstance(v, str)):
+        return f"[{len(v)} items]"
+    return "" if v is None else str(v)
+
+
+@app.command()
+def show(
+    store: Annotated[str, typer.Argument(metavar="STORE")],
+    table: Annotated[Table | None, typer.Option("--table")] = None,
+    output: Annotated[Fmt, typer.Option("--format")] = Fmt.table,
+    limit: Annotated[int | None, typer.Option("--limit", min=1)] = None,
+) -> None:
+    """Summarize a results store, or print one of its tables."""
+    from .store import open_store
+
+    try:
+        st = open_store(store)
+        if table is not None:
+            df = getattr(st, table.value)()
+            if output is Fmt.table:
+                keep = [c for c in df.columns if c not in ("attempts", "theta", "warnings",
+                                                           "mixedscale_version",
+                                                           "statsmodels_version",
+                                                           "numpy_version", "scipy_version")]
+                df = df[keep]
+            _emit(df, output, limit)
+            return
+        fits = st.fits()
+    except MixedscaleError as exc:
+        raise _exit_for(exc) from None
+    _store_summary(st, fits, output)
+
+
+def _store_summary(st: Any, fits: Any, fmt: Fmt) -> None:
+    counts = fits["status"].value_counts().to_dict() if len(fits) else {}
+    runs = st.runs()
+    info: dict[str, Any] = {
+        "store": st.url, "n_fits": len(fits), "by_status": {str(k): int(v) for k, v in
+                                                            counts.items()},
+        "n_runs": len(runs),
+        "last_run_state": str(runs.sort_values("started")["state"].iloc[-1]) if len(runs)
+        else None,
+    }
+    if fmt is Fmt.json:
+        typer.echo(json.dumps(info))
+        return
+    typer.echo(f"store {info['store']}: {info['n_fits']} fits, by status "
+               f"{info['by_status']}; {info['n_runs']} runs (last: {info['last_run_state']})")
+    if len(fits):
+        cols = [c for c in ("fit_id", "spec_name", "status", "fit_seconds") if c in fits]
+        typer.echo("slowest fits:")
+        _emit(fits.sort_values("fit_seconds", ascending=False)[cols], Fmt.table, 5)
+        worst = fits.assign(_g=fits["grad_max"].fillna(float("inf")))
+        worst = worst[worst["status"] != "ok"] if (worst["status"] != "ok").any() else worst
+        cols = [c for c in ("fit_id", "spec_name", "status", "grad_max", "hessian_pd",
+                            "singular", "error_message") if c in fits]
+        typer.echo("worst diagnostics:")
+        _emit(worst.sort_values("_g", ascending=False)[cols], Fmt.table, 5)
+
+
+@app.command()
+def schema() -> None:
+    """Print the job file's JSON Schema."""
+    from .job import job_schema
+
+    typer.echo(json.dumps(job_schema(), indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The planner and the source, tested without fitting anything and without a cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import mixedscale as ms
+from mixedscale.api import prepare
+from mixedscale.executor import pending
+from mixedscale.plan import spec_cost_ms
+from mixedscale.store import Store
+
+from .conftest import make_genes
+
+RI = ms.ModelSpec("y ~ time", groups="subject", name="ri")
+RS = ms.ModelSpec("y ~ time", groups="subject", re_formula="~time", name="rs")
+
+
+def test_plan_is_deterministic_and_complete(genes_parquet: Path) -> None:
+    _, p1 = prepare(str(genes_parquet), [RI, RS], "gene")
+    _, p2 = prepare(str(genes_parquet), [RI, RS], "gene")
+    assert [t.key for t in p1.tasks] == [t.key for t in p2.tasks]
+    assert p1.n_fits == 20 * 2
+    ids = p1.fit_ids()
+    assert len(ids) == len(set(ids))
+    assert {s.key for s in p1.slices} == {(f"g{i:03d}",) for i in range(20)}
+    assert all(s.rows == 48 for s in p1.slices)
+
+
+def test_fit_ids_change_with_data_and_spec(tmp_path: Path) -> None:
+    df = make_genes(n_genes=3)
+    f = tmp_path / "d.parquet"
+    df.to_parquet(f, index=False)
+    _, p1 = prepare(str(f), [RI], "gene")
+    _, p_spec = prepare(str(f), [RI.replace(reml=False)], "gene")
+    assert not set(p1.fit_ids()) & set(p_spec.fit_ids())
+    df.loc[0, "y"] += 1.0
+    df.to_parquet(f, index=False)
+    _, p2 = prepare(str(f), [RI], "gene")
+    assert not set(p1.fit_ids()) & set(p2.fit_ids())
+    # A renamed spec is the same model: the same fits.
+    _, p3 = prepare(str(f), [RI.replace(name="renamed")], "gene")
+    assert p3.fit_ids() == p2.fit_ids()
+
+
+def test_frame_fit_ids_follow_content() -> None:
+    df = make_genes(n_genes=3)
+    _, p1 = prepare(df, [RI], "gene")
+    _, p2 = prepare(df.sample(frac=1.0, random_state=3), [RI], "gene")
+    assert p1.fit_ids() == p2.fit_ids()  # row order within a slice does not matter
+    df2 = df.copy()
+    df2.loc[df2["gene"] == "g001", "y"] += 1
+    _, p3 = prepare(df2, [RI], "gene")
+    changed = set(p3.fit_ids()) - set(p1.fit_ids())
+    assert len(changed) == 1
+
+
+def test_cost_model_packs_small_and_isolates_big() -> None:
+    small = make_genes(n_genes=200, n_subjects=6, n_times=2)
+    _, plan = prepare(small, [RI], "gene")
+    assert 1 < len(plan.tasks) < 200  # packed: neither one task per fit nor one task
+    big = make_genes(n_genes=2, n_subjects=2000, n_times=10)
+    big["gene"] = ["big" if g == "g000" else "small" for g in big["gene"]]
+    big = pd.concat([big[big.gene == "big"], make_genes(n_genes=30)], ignore_index=True)
+    _, plan = prepare(big, [RS], "gene")
+    assert spec_cost_ms(RS, 20000) > 20 * spec_cost_ms(RS, 48)
+    big_tasks = [t for t in plan.tasks if any(plan.slices[i.slice].key == ("big",)
+                                              for i in t.items)]
+    assert len(big_tasks) == 1 and len(big_tasks[0].items) == 1
+
+
+def test_multiverse_slice_loaded_once_per_unit() -> None:
+    df = make_genes(n_genes=1, n_subjects=40)
+    specs = ms.grid(formula="y ~ time", groups="subject", re_formula=["1", "~time"],
+                    reml=[True, False], cov_structure=["unstructured", "diagonal"])
+    _, plan = prepare(df, specs)
+    assert len(plan.units) == 1 and plan.n_fits == 8
+    assert {t.unit for t in plan.tasks} == {0}
+
+
+def test_schema_errors_name_column_and_suggest(tmp_path: Path) -> None:
+    df = make_genes(n_genes=2)
+    f = tmp_path / "d.parquet"
+    df.to_parquet(f, index=False)
+    with pytest.raises(ms.SpecError, match=r"no column 'Time'.*did you mean 'time'"):
+        prepare(str(f), [ms.ModelSpec("y ~ Time", groups="subject")], "gene")
+    with pytest.raises(ms.SpecError, match=r"no column 'genes'.*'gene'"):
+        prepare(str(f), [RI], "genes")
+    with pytest.raises(ms.DataError, match="response must be numeric"):
+        prepare(str(f), [ms.ModelSpec("gene ~ time", groups="subject")])
+    with pytest.raises(ms.SpecError, match="same model"):
+        prepare(str(f), [RI, RI.replace(name="again")])
+
+
+def test_missing_path_and_empty_filter(tmp_path: Path) -> None:
+    with pytest.raises(ms.DataError, match="no such file"):
+        prepare(str(tmp_path / "nope.parquet"), [RI])
+    df = make_genes(n_genes=2)
+    f = tmp_path / "d.parquet"
+    df.to_parquet(f, index=False)
+    with pytest.raises(ms.DataError, match="no rows"):
+        prepare(str(f), [RI], "gene", filter=[["time", ">", 100]])
+    with pytest.raises(ms.SpecError, match="filter op"):
+        prepare(str(f), [RI], "gene", filter=[["time", "~=", 1]])
+    _, plan = prepare(str(f), [RI], "gene", filter=[["time", "<", 2]])
+    assert all(s.rows == 24 for s in plan.slices)
+
+
+def test_schema_mismatch_across_files_is_named(tmp_path: Path) -> None:
+    df = make_genes(n_genes=2)
+    df.iloc[:48].to_parquet(tmp_path / "a.parquet", index=False)
+    other = df.iloc[48:].assign(time=df.iloc[48:]["time"].astype(str))
+    other.to_parquet(tmp_path / "b.parquet", index=False)
+    with pytest.raises(ms.DataError, match=r"column 'time'.*b\.parquet"):
+        prepare(str(tmp_path), [RI], "gene")
+    (tmp_path / "b.parquet").unlink()
+    df.iloc[48:].drop(columns="time").to_parquet(tmp_path / "c.parquet", index=False)
+    with pytest.raises(ms.DataError, match=r"'time' is missing from .*c\.parquet"):
+        prepare(str(tmp_path), [RI], "gene")
+
+
+def test_hive_partitions_and_globs(tmp_path: Path) -> None:
+    df = make_genes(n_genes=4)
+    for g, part in df.groupby("gene"):
+        d = tmp_path / "hive" / f"gene={g}"
+        d.mkdir(parents=True)
+        part.drop(columns="gene").to_parquet(d / "data.parquet", index=False)
+    src, plan = prepare(str(tmp_path / "hive"), [RI], "gene")
+    assert "gene" in src.partition_cols
+    assert sorted(s.key for s in plan.slices) == [(f"g{i:03d}",) for i in range(4)]
+    src, plan = prepare(str(tmp_path / "hive" / "*" / "*.parquet"), [RI], "gene")
+    assert len(plan.slices) == 4
+
+
+def test_unsorted_input_reads_one_pass(tmp_path: Path) -> None:
+    df = make_genes(n_genes=50, shuffle=True)
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), f, row_group_size=200)
+    _, plan = prepare(str(f), [RI], "gene")
+    assert plan.bytes_planned <= 1.5 * plan.bytes_one_pass
+    assert plan.bytes_scan < plan.bytes_one_pass
+
+
+def test_resume_skips_committed_tasks(tmp_path: Path) -> None:
+    df = make_genes(n_genes=30)
+    _, plan = prepare(df, [RI, RS], "gene")
+    store = Store(str(tmp_path / "store"))
+    store.init()
+    todo, skipped = pending(plan, store)
+    assert len(todo) == len(plan.tasks) and skipped == 0
+    (tmp_path / "store" / "fits" / f"part-{plan.tasks[0].key}.parquet").write_bytes(b"")
+    todo, skipped = pending(plan, store)
+    assert skipped == len(plan.tasks[0].items)
+    assert plan.tasks[0].key not in {t.key for t in todo}
