@@ -240,3 +240,27 @@ def fit_statsmodels(d: Design, prob: Problem, Xs: np.ndarray, Zs: np.ndarray, ys
         if att.verified:
             break
     return attempts
+
+
+def lme4_verdict(grad: np.ndarray, H: np.ndarray, on_bound: np.ndarray) -> tuple[float, bool]:
+    """lme4's convergence verdict from derivatives at an optimum: (max scaled gradient, PD).
+
+    ``grad`` has one-sided entries for parameters on their bound, which drop out of the
+    Hessian; ``H`` is the full central-difference Hessian.
+    """
+    free = np.flatnonzero(~on_bound)
+    if free.size == 0:
+        return float(np.max(np.abs(grad), initial=0.0)), True
+    Hf = H[np.ix_(free, free)]
+    g_free = grad[free]
+    if not np.all(np.isfinite(Hf)):
+        return float(np.max(np.abs(grad))), False
+    eig = np.linalg.eigvalsh(Hf)
+    pd_ = bool(eig.min() > 1e-8 * max(1.0, abs(eig.max())))
+    try:
+        sc = np.linalg.solve(np.linalg.cholesky(Hf), g_free)
+        mingrad = np.minimum(np.abs(sc), np.abs(g_free))
+    except np.linalg.LinAlgError:
+        mingrad = np.abs(g_free)
+    gmax = max(float(mingrad.max(initial=0.0)), float(np.abs(grad[on_bound]).max(initial=0.0)))
+    return gmax, pd_

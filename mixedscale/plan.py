@@ -29,8 +29,9 @@ __all__ = ["FitItem", "LoadUnit", "Plan", "Task", "make_plan"]
 _COST_FIXED_MS = 1.5
 _COST_PER_ROW_MS = 0.0015
 _SM_FACTOR = 12.0  # the statsmodels engine is roughly this much slower
-TASK_TARGET_MS = 400.0  # big enough to amortize scheduling, small enough to balance
-TASK_MIN_TASKS = 64  # split small jobs finely enough for parallelism
+_BATCH_FACTOR = 0.15  # the batched fast engine is roughly this much faster
+TASK_TARGET_MS = 2000.0  # big enough to amortize scheduling and batching, small to balance
+TASK_MIN_TASKS = 16  # split small jobs finely enough for parallelism
 UNIT_MAX_ROWS = 2_000_000  # rows loaded at once by one task (memory bound)
 SHUFFLE_RATIO = 1.3  # direct reads above this x one pass switch to a shuffle
 
@@ -119,7 +120,12 @@ def spec_cost_ms(spec: ModelSpec, rows: int) -> float:
         q = 1 + len(pf.names) + pf.template.count("*")
     q += len(spec.vc_formula or {})
     cost = _COST_FIXED_MS + rows * _COST_PER_ROW_MS * (1 + q * q)
-    return cost * (_SM_FACTOR if spec.engine == "statsmodels" else 1.0)
+    if spec.engine == "statsmodels":
+        return cost * _SM_FACTOR
+    from .batch import batchable
+
+    # Batched slices cost a fraction of a per-fit optimization.
+    return cost * _BATCH_FACTOR if batchable(spec) else cost
 
 
 def _frame_fingerprints(src: Source, split_by: Sequence[str], columns: Sequence[str]

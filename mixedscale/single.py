@@ -19,7 +19,7 @@ from scipy import stats
 from .design import Design, ModelFailure, build_design, check_design
 from .engines import Attempt, fit_fast, fit_statsmodels
 from .errors import MixedscaleError
-from .lmm import Estimates, Problem, make_scaling, transform_theta
+from .lmm import Estimates, Problem, Scaling, make_scaling, transform_theta
 from .spec import ModelSpec
 
 __all__ = ["FIT_COLUMNS", "PARAM_COLUMNS", "VARIANCE_COLUMNS", "FitResult", "fit"]
@@ -152,7 +152,7 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
     prob_s, sc, best = max(verified or candidates, key=lambda c: c[2].llf)
     orig = Problem(d, reml=spec.reml, diagonal=prob_s.diagonal)
     theta = transform_theta(prob_s, orig, best.theta, sc.A)
-    est = orig.estimates(theta)
+    est = _data_scale_estimates(d, prob_s, sc, best.theta, theta)
     rec = _empty_record(spec)
     rec.update(_counts(d))
     n_par = orig.p + orig.n_theta + 1
@@ -177,6 +177,28 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
             why.append("Hessian is not positive definite")
         rec["error_message"] = "not verified: " + "; ".join(why)
     return FitResult(rec, _params_table(d, est), _variance_table(d, spec, orig, est))
+
+
+def _data_scale_estimates(d: Design, prob_s: Problem, sc: Scaling, theta_s: np.ndarray,
+                          theta: np.ndarray) -> Estimates:
+    """Estimates computed in the engines' well-conditioned scaled problem, mapped back exactly.
+
+    Recomputing them from the raw design instead loses about cond(X)^2 * eps to
+    rounding: with near-collinear fixed effects, enough to reorder two engines' llf.
+    """
+    es = prob_s.estimates(theta_s)
+    sy2 = sc.sy**2
+    beta = sc.sy * (sc.B @ es.beta)
+    icpt = np.all(d.X == 1.0, axis=0)
+    if icpt.any():
+        beta[int(np.argmax(icpt))] += sc.shift
+    dof = prob_s.n - prob_s.p if prob_s.reml else prob_s.n
+    llf = es.llf - dof * np.log(sc.sy)
+    if prob_s.reml and prob_s.p:
+        llf += np.linalg.slogdet(sc.B)[1]
+    return Estimates(theta=theta, llf=float(llf), beta=beta,
+                     cov_beta=sy2 * (sc.B @ es.cov_beta @ sc.B.T), sigma2=float(sy2 * es.sigma2),
+                     re_cov=sy2 * (sc.A @ es.re_cov @ sc.A.T), vc_var=sy2 * es.vc_var)
 
 
 def _records(attempts: list[Attempt], offset: float) -> list[dict[str, Any]]:
@@ -218,3 +240,11 @@ def _variance_table(d: Design, spec: ModelSpec, prob: Problem, est: Estimates) -
         rows.append((name, "Intercept", None, "vc", float(est.vc_var[k])))
     rows.append(("Residual", None, None, "residual", est.sigma2))
     return pd.DataFrame(rows, columns=VARIANCE_COLUMNS)
+
+
+def wald(beta: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, ...]:
+    """z statistic, two-sided p-value and 95% interval, as statsmodels' MixedLM reports them."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = beta / se
+    crit = stats.norm.ppf(0.975)
+    return z, 2 * stats.norm.sf(np.abs(z)), beta - crit * se, beta + crit * se

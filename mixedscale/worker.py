@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from .batch import MIN_BATCH, batchable, fit_slices
 from .errors import DataError, MixedscaleError
 from .plan import FitItem, Task, _norm_key
 from .single import FitResult, fit
@@ -68,6 +69,20 @@ class Loaded:
     nbytes: int
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     parts: dict[str, int] | None = None  # tokens of the pieces a shuffled unit came from
+    _positions: dict[tuple[Any, ...], np.ndarray] | None = None
+
+    def positions(self, split_by: Sequence[str]) -> dict[tuple[Any, ...], np.ndarray]:
+        """Row positions per split key, computed once per loaded unit and worker."""
+        if self._positions is None:
+            df = self.frame
+            if split_by and not df.empty:
+                index = df.groupby(list(split_by), sort=False, dropna=False,
+                                   observed=True).indices
+                self._positions = {_norm_key(k if isinstance(k, tuple) else (k,)): np.asarray(v)
+                                   for k, v in index.items()}
+            else:
+                self._positions = {(): np.arange(len(df))}
+        return self._positions
 
 
 def load_unit(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
@@ -125,12 +140,12 @@ def _merge(data: Loaded | pd.DataFrame | Sequence[Loaded | None]) -> Loaded:
     return merged
 
 
-def _run_with_timeout(n: int, fn: Callable[[int], FitResult], timeout: float | None,
-                      on_timeout: Callable[[int], FitResult]) -> tuple[list[FitResult], int]:
-    """Run fn(0..n-1) in order; a call that overruns ``timeout`` seconds is abandoned."""
-    if timeout is None:
+def _run_with_timeout(n: int, fn: Callable[[int], Any], budgets: Sequence[float] | None,
+                      on_timeout: Callable[[int], Any]) -> tuple[list[Any], int]:
+    """Run fn(0..n-1) in order; a call that overruns its budget (seconds) is abandoned."""
+    if budgets is None:
         return [fn(i) for i in range(n)], 0
-    results: list[FitResult | None] = [None] * n
+    results: list[Any] = [None] * n
     state = {"gen": 0, "i": 0, "t": time.monotonic()}
     lock = threading.Lock()
     done = threading.Event()
@@ -150,12 +165,12 @@ def _run_with_timeout(n: int, fn: Callable[[int], FitResult], timeout: float | N
 
     threading.Thread(target=loop, args=(0, 0), daemon=True).start()
     timed_out = 0
-    poll = min(0.5, max(timeout / 20, 0.01))
+    poll = min(0.5, max(min(budgets, default=1.0) / 20, 0.01))
     while not done.wait(poll):
         with lock:
-            if time.monotonic() - state["t"] <= timeout:
-                continue
             i = int(state["i"])
+            if time.monotonic() - state["t"] <= budgets[i]:
+                continue
             state["gen"] += 1
             results[i] = on_timeout(i)
             timed_out += 1
@@ -177,9 +192,42 @@ def _error_result(spec: ModelSpec, etype: str, msg: str) -> FitResult:
                      pd.DataFrame(columns=VARIANCE_COLUMNS))
 
 
-def build_tables(payload: TaskPayload, items: Sequence[FitItem], results: Sequence[FitResult]
-                 ) -> dict[str, pa.Table]:
-    fits_rows, params, variance = [], [], []
+_NO_ROWS = pd.DataFrame()
+_NO_POS = np.zeros(0, dtype=np.intp)
+
+
+def _work_units(task: Task, specs: dict[int, ModelSpec]) -> list[tuple[str, list[int]]]:
+    """Items grouped into batches (many slices of one spec) and single fits."""
+    by_spec: dict[int, list[int]] = {}
+    for i, it in enumerate(task.items):
+        by_spec.setdefault(it.spec, []).append(i)
+    units: list[tuple[str, list[int]]] = []
+    for spec_idx, idxs in by_spec.items():
+        if len(idxs) >= MIN_BATCH and batchable(specs[spec_idx]):
+            units.append(("batch", idxs))
+        else:
+            units.extend(("one", [i]) for i in idxs)
+    return units
+
+
+def _keyed(frame: pd.DataFrame, payload: TaskPayload, items: Sequence[FitItem],
+           spec: ModelSpec) -> pd.DataFrame:
+    """Batch output rows (by ``_slice`` position) with fit_id, split columns and spec_id."""
+    pos = frame["_slice"].to_numpy()
+    cols: dict[str, Any] = {"fit_id": np.array([it.fit_id for it in items], dtype=object)[pos]}
+    for j, name in enumerate(payload.split_by):
+        vals = np.array([payload.keys[it.slice][j] for it in items], dtype=object)
+        cols[name] = vals[pos]
+    cols["spec_id"] = spec.spec_id
+    return frame.drop(columns="_slice").assign(**cols)
+
+
+def build_tables(payload: TaskPayload, items: Sequence[FitItem], results: Sequence[FitResult],
+                 extra: dict[str, list[pd.DataFrame]] | None = None) -> dict[str, pa.Table]:
+    """The task's three tables; ``extra`` holds params/variance already keyed by fit_id."""
+    fits_rows: list[dict[str, Any]] = []
+    params = list((extra or {}).get("params", []))
+    variance = list((extra or {}).get("variance", []))
     for item, r in zip(items, results, strict=True):
         key = payload.keys[item.slice]
         head = {"fit_id": item.fit_id, **dict(zip(payload.split_by, key, strict=True))}
@@ -212,18 +260,14 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
     _maybe_inject(payload)
     loaded = _merge(data)
     df = loaded.frame
-    if payload.split_by and not df.empty:
-        index = df.groupby(payload.split_by, sort=False, dropna=False, observed=True).indices
-        pos = {_norm_key(k if isinstance(k, tuple) else (k,)): v for k, v in index.items()}
-    else:
-        pos = {(): np.arange(len(df))}
+    pos = loaded.positions(payload.split_by)
     monitor = _MemoryMonitor(store, payload) if store is not None else None
+    specs = {k: (v.replace(engine=payload.engine) if payload.engine and v.engine != payload.engine
+                 else v) for k, v in payload.specs.items()}
 
     def one(i: int) -> FitResult:
         item = task.items[i]
-        spec = payload.specs[item.spec]
-        if payload.engine and spec.engine != payload.engine:
-            spec = spec.replace(engine=payload.engine)
+        spec = specs[item.spec]
         rows = pos.get(payload.keys[item.slice])
         sub = df.iloc[rows] if rows is not None else df.iloc[0:0]
         _maybe_inject(payload, payload.keys[item.slice])
@@ -232,17 +276,52 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
         except MixedscaleError as exc:  # e.g. a column typed differently in this slice
             return _error_result(spec, type(exc).__name__, str(exc))
 
-    def timed_out(i: int) -> FitResult:
-        spec = payload.specs[task.items[i].spec]
-        return _error_result(spec, "FitTimeout",
-                             f"fit exceeded the per-fit timeout of {payload.timeout:g} s")
+    extra: dict[str, list[pd.DataFrame]] = {"params": [], "variance": []}
 
+    def batch(idxs: list[int]) -> list[tuple[int, FitResult]]:
+        """Slices of one spec fitted together; the ones not verified there go to fit()."""
+        spec = specs[task.items[idxs[0]].spec]
+        keys = [payload.keys[task.items[i].slice] for i in idxs]
+        for k in keys:
+            _maybe_inject(payload, k)
+        rows = [pos.get(k, _NO_POS) for k in keys]
+        sl = np.repeat(np.arange(len(keys)), [len(r) for r in rows])
+        try:
+            out = fit_slices(df.iloc[np.concatenate(rows)], sl, spec, len(keys))
+        except MixedscaleError:
+            out = None
+        if out is None:
+            return [(i, one(i)) for i in idxs]
+        done = []
+        for rec in out.records:
+            done.append((idxs[rec.pop("_slice")], FitResult(rec, _NO_ROWS, _NO_ROWS)))
+        for name in ("params", "variance"):
+            frame = getattr(out, name)
+            if len(frame):
+                extra[name].append(_keyed(frame, payload, [task.items[i] for i in idxs], spec))
+        done += [(idxs[j], one(idxs[j])) for j in out.fallback]
+        return done
+
+    units = _work_units(task, specs)
+
+    def run_unit(u: int) -> list[tuple[int, FitResult]]:
+        kind, idxs = units[u]
+        return batch(idxs) if kind == "batch" else [(idxs[0], one(idxs[0]))]
+
+    def timed_out(u: int) -> list[tuple[int, FitResult]]:
+        return [(i, _error_result(specs[task.items[i].spec], "FitTimeout",
+                                  f"fit exceeded the per-fit timeout of {payload.timeout:g} s"))
+                for i in units[u][1]]
+
+    budgets = None if payload.timeout is None else [payload.timeout * len(i) for _, i in units]
     try:
-        results, n_timeout = _run_with_timeout(len(task.items), one, payload.timeout, timed_out)
+        unit_results, n_timeout = _run_with_timeout(len(units), run_unit, budgets, timed_out)
     finally:
         if monitor is not None:
             monitor.stop()
-    tables = build_tables(payload, task.items, results)
+    by_item: dict[int, FitResult] = {i: r for chunk in unit_results for i, r in chunk}
+    results = [by_item[i] for i in range(len(task.items))]
+    tables = build_tables(payload, task.items, results, extra)
     by_status: dict[str, int] = {}
     for r in results:
         by_status[r.status] = by_status.get(r.status, 0) + 1
