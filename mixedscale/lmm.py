@@ -15,6 +15,7 @@ Hessians, singularity, standard errors and llf mean the same on either path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -102,30 +103,37 @@ class Problem:
         self.n, self.p = X.shape
         self.q_re = Z.shape[1]
         self.vc_names = [name for name, _ in d.vc]
-        order = np.argsort(d.group_codes, kind="stable")
-        codes = d.group_codes[order]
         G = d.n_groups
-        starts = np.searchsorted(codes, np.arange(G))
-        blocks = [Z[order]]
         self.vc_width: list[int] = []
-        for _, M in d.vc:
-            padded = _pad_vc(M[order], codes, starts, G)
-            blocks.append(padded)
-            self.vc_width.append(padded.shape[1])
-        Zf = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
-        Xo, yo = X[order], y[order]
-        self.q = Zf.shape[1]
-        q = self.q
-        nonempty = np.bincount(codes, minlength=G) > 0
-        starts = starts[nonempty]
-        if G == 1:
-            self.ZtZ = (Zf.T @ Zf)[None]
-            self.ZtX = (Zf.T @ Xo)[None]
-            self.Zty = (Zf.T @ yo)[None]
+        if not d.vc:
+            # No variance components: weighted bincounts per group need no sorting.
+            Xo, yo, Zf = X, y, Z
+            self.q = q = Z.shape[1]
+            codes = d.group_codes
+            self.ZtZ = _group_sums(codes, Zf[:, :, None] * Zf[:, None, :], G)
+            self.ZtX = _group_sums(codes, Zf[:, :, None] * Xo[:, None, :], G)
+            self.Zty = _group_sums(codes, Zf * yo[:, None], G)
         else:
-            self.ZtZ = np.add.reduceat(Zf[:, :, None] * Zf[:, None, :], starts, axis=0)
-            self.ZtX = np.add.reduceat(Zf[:, :, None] * Xo[:, None, :], starts, axis=0)
-            self.Zty = np.add.reduceat(Zf * yo[:, None], starts, axis=0)
+            order = np.argsort(d.group_codes, kind="stable")
+            codes = d.group_codes[order]
+            starts = np.searchsorted(codes, np.arange(G))
+            blocks = [Z[order]]
+            for _, M in d.vc:
+                padded = _pad_vc(M[order], codes, starts, G)
+                blocks.append(padded)
+                self.vc_width.append(padded.shape[1])
+            Zf = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+            Xo, yo = X[order], y[order]
+            self.q = q = Zf.shape[1]
+            if G == 1:
+                self.ZtZ = (Zf.T @ Zf)[None]
+                self.ZtX = (Zf.T @ Xo)[None]
+                self.Zty = (Zf.T @ yo)[None]
+            else:
+                starts = starts[np.bincount(codes, minlength=G) > 0]
+                self.ZtZ = np.add.reduceat(Zf[:, :, None] * Zf[:, None, :], starts, axis=0)
+                self.ZtX = np.add.reduceat(Zf[:, :, None] * Xo[:, None, :], starts, axis=0)
+                self.Zty = np.add.reduceat(Zf * yo[:, None], starts, axis=0)
         self.XtX = Xo.T @ Xo
         self.Xty = Xo.T @ yo
         self.yty = float(yo @ yo)
@@ -144,6 +152,15 @@ class Problem:
         self.n_theta = n_re + len(self.vc_width)
         self._n_re = n_re
         self.theta0 = np.where(np.isfinite(self.lower), 1.0, 0.0)
+        self._closed: Any = None
+        if not self.vc_width and self.q in (1, 2) and self.p:
+            # Closed-form 2x2 algebra of the batched engine: ~10x faster than
+            # numpy's stacked Cholesky at q <= 2 (a fit of one slice is a batch of one).
+            from .batch import BatchProblem
+
+            self._closed = BatchProblem(self.ZtZ[None], self.ZtX[None], self.Zty[None],
+                                        self.XtX[None], self.Xty[None], np.array([self.yty]),
+                                        np.array([self.n]), reml, diagonal)
 
     # -- parametrization
     def lam(self, theta: np.ndarray) -> np.ndarray:
@@ -196,6 +213,8 @@ class Problem:
         return ld, ldx, RtR, beta, r2
 
     def deviance(self, theta: np.ndarray) -> float:
+        if self._closed is not None:
+            return float(self._closed.deviance(np.asarray(theta, dtype=float)[None])[0])
         try:
             ld, ldx, _, _, r2 = self._solve(np.asarray(theta, dtype=float))
         except np.linalg.LinAlgError:
@@ -235,6 +254,15 @@ class Problem:
     def is_singular(self, theta: np.ndarray, tol: float = 1e-4) -> bool:
         bounded = np.isfinite(self.lower)
         return bool(np.any(theta[bounded] < tol))
+
+
+def _group_sums(codes: np.ndarray, values: np.ndarray, G: int) -> np.ndarray:
+    """Sum rows of ``values`` (n, ...) per group code, via one bincount per entry."""
+    flat = values.reshape(len(values), -1)
+    out = np.empty((G, flat.shape[1]))
+    for j in range(flat.shape[1]):
+        out[:, j] = np.bincount(codes, weights=flat[:, j], minlength=G)
+    return out.reshape((G, *values.shape[1:]))
 
 
 def _psd_factor(S: np.ndarray) -> np.ndarray:

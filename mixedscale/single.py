@@ -150,7 +150,7 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
                                                      a.message)), t0, d, all_attempts)
     verified = [c for c in candidates if c[2].verified]
     prob_s, sc, best = max(verified or candidates, key=lambda c: c[2].llf)
-    orig = Problem(d, reml=spec.reml, diagonal=prob_s.diagonal)
+    orig = prob_s  # same structure; only its theta layout is used for the original scale
     theta = transform_theta(prob_s, orig, best.theta, sc.A)
     est = _data_scale_estimates(d, prob_s, sc, best.theta, theta)
     rec = _empty_record(spec)
