@@ -181,10 +181,14 @@ def _canonical(prob: BatchProblem, th: np.ndarray) -> np.ndarray:
     return L[:, prob.rows, prob.cols]
 
 
-def newton(prob: BatchProblem, maxiter: int = 50) -> tuple[np.ndarray, np.ndarray, int]:
-    """Vectorized damped Newton on all fits: (theta, converged, evaluations per fit)."""
+def newton(prob: BatchProblem, maxiter: int = 50, start: float = 1.0
+           ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Vectorized damped Newton on all fits: (theta, converged, evaluations per fit).
+
+    It starts where lme4 does (identity factor), times ``start``.
+    """
     F, k = prob.F, prob.k
-    th = np.tile(np.where(np.isfinite(prob.lower), 1.0, 0.0), (F, 1))
+    th = np.tile(np.where(np.isfinite(prob.lower), start, 0.0), (F, 1))
     done = np.zeros(F, dtype=bool)
     evals = 0
     per_iter = 1 + 2 * k + 2 * k * (k - 1)
@@ -335,7 +339,10 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
     XtX = np.add.reduceat(Xs[:, :, None] * Xs[:, None, :], s_start, axis=0)
     eig = np.linalg.eigvalsh(XtX)
     full_rank = eig[:, 0] > 1e-11 * np.maximum(eig[:, -1], 1e-300)
-    good = (n_groups >= 2) & (ptp > 0) & (n_rows > p) & full_rank
+    # design.check_design's rules, per slice (lme4's nobs-vs-levels checks included);
+    # a slice failing one goes to fit(), which words the error.
+    good = ((n_groups >= 2) & (ptp > 0) & (n_rows > p) & full_rank & (n_groups < n_rows)
+            & (n_groups * q < n_rows))
     Gm = int(n_groups.max())
     ZtZ = np.zeros((F, Gm, q, q))
     ZtX = np.zeros((F, Gm, q, p))
@@ -359,6 +366,21 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
         th, conv, n_evals = newton(prob, maxiter=min(spec.maxiter, 50))
         dev, gmax, hpd = verify(prob, th)
         singular_s = (th[:, np.isfinite(prob.lower)] < 1e-4).any(axis=1)
+        # A boundary optimum may be one of several KKT points: restart those fits from
+        # other starting points and keep the lowest verified deviance.
+        sing = np.flatnonzero(singular_s & conv)
+        for start in (0.25, 4.0):
+            if not sing.size:
+                break
+            p2 = problem(idx[sing])
+            th2, conv2, n2 = newton(p2, maxiter=min(spec.maxiter, 50), start=start)
+            dev2, g2, h2 = verify(p2, th2)
+            n_evals += n2
+            s2 = (th2[:, np.isfinite(p2.lower)] < 1e-4).any(axis=1)
+            better = conv2 & (dev2 < dev[sing] - 1e-9) & (g2 <= GRAD_TOL) & (h2 | s2)
+            j = sing[better]
+            th[j], dev[j], gmax[j], hpd[j], singular_s[j] = (th2[better], dev2[better],
+                                                               g2[better], h2[better], s2[better])
         verified = conv & np.isfinite(dev) & (gmax <= GRAD_TOL) & (hpd | singular_s)
         elapsed = (time.perf_counter() - t0) / max(len(idx), 1)
         ok = np.flatnonzero(verified)

@@ -175,11 +175,29 @@ def fit_fast(prob: Problem, optimizers: tuple[str, ...], maxiter: int) -> list[A
                           time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
         attempts.append(att)
         if att.verified:
+            if att.singular:
+                attempts.append(_second_opinion(prob, maxiter))
             break
         best = max(attempts, key=lambda a: a.llf)
         if np.isfinite(best.llf):
             start = best.theta.copy()
     return attempts
+
+
+def _second_opinion(prob: Problem, maxiter: int) -> Attempt:
+    """A boundary optimum can be one of several KKT points: search again from lme4's
+    start with another algorithm; the caller keeps the higher verified likelihood."""
+    t0 = time.perf_counter()
+    if prob._closed is not None:
+        from .batch import newton
+
+        th, conv, n = newton(prob._closed, maxiter=min(maxiter, 50))
+        return _finish(prob, "fast", "newton", th[0], bool(conv[0]), n, t0, "", [])
+    fun = _Counter(prob.deviance)
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in prob.lower]
+    res = optimize.minimize(fun, prob.theta0, method="Nelder-Mead", bounds=bounds,
+                            options={"maxiter": maxiter, "xatol": 1e-8, "fatol": 1e-10})
+    return _finish(prob, "fast", "nm", res.x, bool(res.success), fun.n, t0, str(res.message), [])
 
 
 def _sm_vc(d: Design, Zs: np.ndarray, diagonal: bool) -> tuple[np.ndarray | None, dict[str, Any]]:
