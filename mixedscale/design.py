@@ -150,6 +150,7 @@ def check_design(d: Design) -> None:
                 f"random effects than observations (n_levels={nlev}, "
                 f"n_random_effects={n_re}, n_obs={d.n})"
             )
+    _check_residual_df(d)
     if np.ptp(d.y) == 0:
         raise ModelFailure(f"the response is constant (all values = {d.y[0]:g})")
     p = d.X.shape[1]
@@ -168,3 +169,36 @@ def check_design(d: Design) -> None:
         )
     if d.n <= p:
         raise ModelFailure(f"too few observations for the fixed effects (n_obs={d.n}, p={p})")
+
+
+def _check_residual_df(d: Design, max_cells: int = 4_000_000) -> None:
+    """Fixed and random effects together must not interpolate the data.
+
+    If rank([X Z]) == n, the residual variance can shrink to 0 while the random
+    effects absorb the data: the likelihood is unbounded (ML) and any optimum is
+    arbitrary. The exact rank is computed only when a cheap bound cannot rule it out.
+    """
+    n, p = d.X.shape
+    q = d.Z.shape[1]
+    sizes = d.group_sizes()
+    bound = p + int(np.minimum(sizes, q).sum()) + sum(int((M != 0).any(axis=0).sum())
+                                                      * d.n_groups for _, M in d.vc)
+    if n > bound or n * (p + d.n_groups * (q + sum(M.shape[1] for _, M in d.vc))) > max_cells:
+        return
+    blocks = [d.X]
+    rows = np.arange(n)
+    if q:
+        Zf = np.zeros((n, d.n_groups * q))
+        Zf[rows[:, None], d.group_codes[:, None] * q + np.arange(q)] = d.Z
+        blocks.append(Zf)
+    for _, M in d.vc:
+        k = M.shape[1]
+        Mf = np.zeros((n, d.n_groups * k))
+        Mf[rows[:, None], d.group_codes[:, None] * k + np.arange(k)] = M
+        blocks.append(Mf[:, (Mf != 0).any(axis=0)])
+    rank = int(np.linalg.matrix_rank(np.concatenate(blocks, axis=1)))
+    if rank >= n:
+        raise ModelFailure(
+            "fixed and random effects together interpolate the data, leaving no residual "
+            f"degrees of freedom; the model is unidentifiable (rank of [X Z] = n_obs = {n})"
+        )

@@ -1,0 +1,367 @@
+"""mixedscale.fit on one DataFrame: the NBA example, forced non-convergence,
+pathological inputs (never raise, always say why), and the record's shape."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.formula.api as smf
+
+import mixedscale
+from mixedscale import ModelSpec, SpecError
+from mixedscale.single import FIT_COLUMNS, PARAM_COLUMNS, VARIANCE_COLUMNS
+
+ENGINES = ("auto", "fast", "statsmodels")
+SM_METHODS = ("lbfgs", "bfgs", "powell", "nm")
+
+
+@pytest.fixture
+def nba() -> pd.DataFrame:
+    return pd.DataFrame({
+        "Points": [10, 25, 35, 30, 22, 14, 24, 28, 32, 27],
+        "Minutes": [35, 40, 30, 38, 33, 32, 34, 39, 41, 36],
+        "Team": ["TeamG", "TeamG", "TeamR", "TeamR", "TeamG", "TeamG", "TeamR", "TeamR",
+                 "TeamG", "TeamR"],
+    })
+
+
+def _panel(seed: int = 0, n_groups: int = 12, size: int = 6) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(n_groups), size)
+    x = rng.normal(size=g.size)
+    u0 = rng.normal(size=n_groups)
+    u1 = 0.5 * rng.normal(size=n_groups)
+    y = 1.0 + 0.8 * x + u0[g] + u1[g] * x + rng.normal(scale=0.7, size=g.size)
+    return pd.DataFrame({"y": y, "x": x, "z": rng.normal(size=g.size),
+                         "g": [f"s{i:02d}" for i in g]})
+
+
+def _sm_reference(df: pd.DataFrame, formula: str, groups: str, reml: bool = True):
+    """statsmodels' own fit; if it does not converge, its best llf across methods."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = smf.mixedlm(formula, df, groups=groups)
+        res = model.fit(reml=reml)
+        if res.converged:
+            return res
+        fits = []
+        for m in SM_METHODS:
+            try:
+                fits.append(model.fit(reml=reml, method=m))
+            except (ValueError, np.linalg.LinAlgError):
+                continue
+        return max(fits, key=lambda r: r.llf)
+
+
+def _assert_record_shape(res: mixedscale.FitResult) -> None:
+    assert list(res.fit) == FIT_COLUMNS
+    assert list(res.params.columns) == PARAM_COLUMNS
+    assert list(res.variance.columns) == VARIANCE_COLUMNS
+    assert res.fit["n_attempts"] == len(res.fit["attempts"])
+
+
+# -- the NBA example -------------------------------------------------------------------
+
+
+def test_nba_wrong_case_column_names_raise_with_suggestion(nba: pd.DataFrame) -> None:
+    spec = ModelSpec("points ~ minutes", groups="team")
+    with pytest.raises(SpecError) as exc:
+        mixedscale.fit(nba, spec)
+    msg = str(exc.value)
+    assert "no column 'points'" in msg
+    assert "did you mean 'Points'" in msg
+
+
+def test_nba_wrong_case_groups_raise_with_suggestion(nba: pd.DataFrame) -> None:
+    with pytest.raises(SpecError, match=r"no column 'team'.*did you mean 'Team'"):
+        mixedscale.fit(nba, ModelSpec("Points ~ Minutes", groups="team"))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_nba_matches_statsmodels(nba: pd.DataFrame, engine: str) -> None:
+    res = mixedscale.fit(nba, ModelSpec("Points ~ Minutes", groups="Team", engine=engine))
+    assert res.status == "ok", res.fit["error_message"]
+    _assert_record_shape(res)
+    ref = _sm_reference(nba, "Points ~ Minutes", "Team")
+    ours = dict(zip(res.params["term"], res.params["estimate"], strict=True))
+    assert set(ours) == set(ref.fe_params.index)
+    for term, value in ref.fe_params.items():
+        assert ours[term] == pytest.approx(value, rel=1e-4), term
+    assert res.fit["llf"] >= ref.llf - 1e-4
+    assert res.fit["llf"] == pytest.approx(ref.llf, abs=1e-4)
+    re_var = res.variance.query("kind == 're'")["estimate"].iloc[0]
+    assert re_var == pytest.approx(float(ref.cov_re.iloc[0, 0]), rel=1e-3)
+    assert res.fit["scale"] == pytest.approx(ref.scale, rel=1e-3)
+    assert res.fit["n_obs"] == 10 and res.fit["n_groups"] == 2 and res.fit["n_dropped"] == 0
+
+
+def test_nba_ml_matches_statsmodels(nba: pd.DataFrame) -> None:
+    res = mixedscale.fit(nba, ModelSpec("Points ~ Minutes", groups="Team", reml=False))
+    ref = _sm_reference(nba, "Points ~ Minutes", "Team", reml=False)
+    assert res.status == "ok"
+    assert res.fit["llf"] >= ref.llf - 1e-4
+    ours = dict(zip(res.params["term"], res.params["estimate"], strict=True))
+    for term, value in ref.fe_params.items():
+        assert ours[term] == pytest.approx(value, rel=1e-4), term
+
+
+# -- forced non-convergence ------------------------------------------------------------
+
+
+def _assert_not_converged(res: mixedscale.FitResult, engines: set[str]) -> None:
+    _assert_record_shape(res)
+    assert res.status == "not_converged", res
+    assert res.fit["converged"] is False
+    assert res.fit["n_attempts"] >= 1
+    assert {a["engine"] for a in res.fit["attempts"]} <= engines
+    firsts = {}
+    for a in res.fit["attempts"]:
+        firsts.setdefault(a["engine"], a["method"])
+    assert set(firsts.values()) == {"lbfgs"}  # each engine starts with the one optimizer
+    assert res.fit["error_message"].startswith("not verified")
+    assert np.isfinite(res.fit["llf"])
+    assert len(res.params) > 0  # a not_converged fit still reports where it stopped
+
+
+def test_forced_non_convergence_auto(nba: pd.DataFrame) -> None:
+    spec = ModelSpec("Points ~ Minutes", groups="Team", maxiter=1, optimizers=("lbfgs",))
+    res = mixedscale.fit(nba, spec)
+    _assert_not_converged(res, {"fast", "statsmodels"})
+    # auto escalates to statsmodels when the fast engine cannot verify.
+    assert res.fit["attempts"][0]["engine"] == "fast"
+    assert res.fit["attempts"][-1]["engine"] == "statsmodels"
+
+
+def test_forced_non_convergence_fast(nba: pd.DataFrame) -> None:
+    spec = ModelSpec("Points ~ Minutes", groups="Team", maxiter=1, optimizers=("lbfgs",),
+                     engine="fast")
+    res = mixedscale.fit(nba, spec)
+    _assert_not_converged(res, {"fast"})
+    assert "did not report convergence" in res.fit["error_message"]
+
+
+def test_forced_non_convergence_statsmodels() -> None:
+    spec = ModelSpec("y ~ x", groups="g", re_formula="x", maxiter=1, optimizers=("lbfgs",),
+                     engine="statsmodels")
+    res = mixedscale.fit(_panel(), spec)
+    _assert_not_converged(res, {"statsmodels"})
+
+
+def test_forced_non_convergence_statsmodels_nba(nba: pd.DataFrame) -> None:
+    spec = ModelSpec("Points ~ Minutes", groups="Team", maxiter=1, optimizers=("bfgs",),
+                     engine="statsmodels")
+    res = mixedscale.fit(nba, spec)
+    assert res.status == "not_converged", res
+    assert res.fit["attempts"][0]["engine"] == "statsmodels"
+
+
+def test_statsmodels_lbfgs_crash_is_recorded_not_raised(nba: pd.DataFrame) -> None:
+    # statsmodels' lbfgs steps to cov_re == 0 on this data and raises LinAlgError in its
+    # score; the engine records the failed attempt instead of raising.
+    spec = ModelSpec("Points ~ Minutes", groups="Team", maxiter=1, optimizers=("lbfgs",),
+                     engine="statsmodels")
+    res = mixedscale.fit(nba, spec)
+    _assert_record_shape(res)
+    assert res.status in {"not_converged", "error"}
+    assert res.fit["n_attempts"] == 1
+    if res.status == "error":
+        assert res.fit["error_message"]
+        assert res.fit["attempts"][0]["message"]
+
+
+def test_attempt_llfs_are_on_the_reported_scale(nba: pd.DataFrame) -> None:
+    res = mixedscale.fit(nba, ModelSpec("Points ~ Minutes", groups="Team", engine="statsmodels"))
+    assert res.status == "ok"
+    best = [a for a in res.fit["attempts"] if a["method"] == res.fit["method"]][-1]
+    assert best["llf"] == pytest.approx(res.fit["llf"], abs=1e-8)
+
+
+# -- pathological inputs: an error record that says why, never an exception -----------
+
+
+def _fit_error(df: pd.DataFrame, spec: ModelSpec) -> mixedscale.FitResult:
+    res = mixedscale.fit(df, spec)  # must not raise
+    _assert_record_shape(res)
+    assert res.status in {"error", "not_converged"}, res
+    assert res.fit["error_message"]
+    assert res.fit["error_type"] or res.status == "not_converged"
+    return res
+
+
+def test_collinear_fixed_effects() -> None:
+    df = _panel()
+    df["x2"] = 2 * df["x"] - 1
+    res = _fit_error(df, ModelSpec("y ~ x + x2", groups="g"))
+    assert res.status == "error"
+    assert "rank deficient" in res.fit["error_message"]
+    assert "'x2'" in res.fit["error_message"]
+    assert res.params.empty and res.variance.empty
+
+
+def test_single_group() -> None:
+    df = _panel().assign(g="only")
+    res = _fit_error(df, ModelSpec("y ~ x", groups="g"))
+    assert "only one group" in res.fit["error_message"]
+    assert res.fit["n_groups"] == 1
+
+
+def test_constant_response() -> None:
+    df = _panel().assign(y=3.5)
+    res = _fit_error(df, ModelSpec("y ~ x", groups="g"))
+    assert "constant" in res.fit["error_message"]
+
+
+def test_all_nan_column() -> None:
+    df = _panel().assign(z=np.nan)
+    res = _fit_error(df, ModelSpec("y ~ x + z", groups="g"))
+    assert "'z'" in res.fit["error_message"] and "missing" in res.fit["error_message"]
+    assert res.fit["n_obs"] == 0
+
+
+def test_empty_dataframe() -> None:
+    df = _panel().iloc[:0]
+    res = _fit_error(df, ModelSpec("y ~ x", groups="g"))
+    assert "no rows" in res.fit["error_message"]
+    assert res.fit["n_obs"] == 0
+
+
+def test_empty_dataframe_without_columns_is_an_input_error() -> None:
+    with pytest.raises(SpecError, match="no column 'y'"):
+        mixedscale.fit(pd.DataFrame(), ModelSpec("y ~ x", groups="g"))
+
+
+@pytest.mark.parametrize("column", ["y", "x", "z"])
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_infinite_values(column: str, value: float) -> None:
+    df = _panel()
+    df.loc[3, column] = value
+    res = _fit_error(df, ModelSpec("y ~ x + z", groups="g"))
+    assert res.status == "error"
+    assert f"column {column!r}" in res.fit["error_message"]
+    assert "infinite" in res.fit["error_message"]
+
+
+def test_factor_response() -> None:
+    df = _panel()
+    df["y"] = np.where(df["y"] > 1, "hi", "lo")
+    res = _fit_error(df, ModelSpec("y ~ x", groups="g"))
+    assert "response" in res.fit["error_message"]
+
+
+@pytest.mark.parametrize("re_formula", [None, "x"])
+def test_unidentifiable_random_effects(re_formula: str | None) -> None:
+    # One observation per group: the random effects interpolate the data (lme4 refuses).
+    df = _panel(n_groups=12, size=1)
+    res = _fit_error(df, ModelSpec("y ~ x", groups="g", re_formula=re_formula))
+    assert "unidentifiable" in res.fit["error_message"]
+
+
+def test_more_random_effects_than_observations() -> None:
+    df = _panel(n_groups=5, size=2)  # 10 rows, 5 groups x 2 random effects
+    res = _fit_error(df, ModelSpec("y ~ x", groups="g", re_formula="x"))
+    assert "n_random_effects=10" in res.fit["error_message"]
+
+
+def test_random_effects_interpolating_the_data() -> None:
+    # 4 rows, 3 groups: intercept, slope and 3 random intercepts span the data, so the
+    # residual variance can shrink to 0 (an unbounded ML likelihood).
+    df = pd.DataFrame({"y": [1.0, 2.5, 2.0, 4.0], "x": [0.1, 0.7, 0.3, 0.9],
+                       "g": ["a", "b", "b", "c"]})
+    for reml in (True, False):
+        res = _fit_error(df, ModelSpec("y ~ x", groups="g", reml=reml))
+        assert "no residual degrees of freedom" in res.fit["error_message"]
+    ok = mixedscale.fit(pd.concat([df, df.assign(y=df["y"] + 0.3)]), ModelSpec("y ~ x",
+                                                                               groups="g"))
+    assert ok.status == "ok", ok
+
+
+def test_too_few_rows_for_fixed_effects() -> None:
+    df = _panel(n_groups=3, size=2)
+    df["c"] = [f"c{i}" for i in range(len(df))]
+    res = _fit_error(df, ModelSpec("y ~ C(c)", groups="g"))
+    assert res.status == "error"
+
+
+def test_missing_rows_are_dropped_and_counted() -> None:
+    df = _panel()
+    n = len(df)
+    df.loc[[1, 7, 30], "x"] = np.nan
+    df.loc[11, "y"] = np.nan
+    df.loc[[7, 40], "g"] = None  # row 7 already counted
+    df.loc[[2, 5], "unused"] = np.nan  # a column the model does not use drops nothing
+    res = mixedscale.fit(df, ModelSpec("y ~ x", groups="g"))
+    assert res.status == "ok", res
+    assert res.fit["n_dropped"] == 5
+    assert res.fit["n_obs"] == n - 5
+    clean = mixedscale.fit(df.dropna(subset=["y", "x", "g"]), ModelSpec("y ~ x", groups="g"))
+    assert clean.fit["n_dropped"] == 0
+    assert clean.fit["llf"] == pytest.approx(res.fit["llf"], abs=1e-9)
+
+
+def test_nullable_dtypes_with_missing_values() -> None:
+    df = _panel()
+    df["x"] = pd.array(np.round(df["x"].to_numpy() * 10), dtype="Int64")
+    df.loc[4, "x"] = pd.NA
+    df["y"] = pd.array(df["y"].to_numpy(), dtype="Float64")
+    df.loc[9, "y"] = pd.NA
+    res = mixedscale.fit(df, ModelSpec("y ~ x", groups="g"))
+    assert res.status == "ok", res
+    assert res.fit["n_dropped"] == 2
+
+
+# -- the record ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_record_and_tables(engine: str) -> None:
+    spec = ModelSpec("y ~ x + z", groups="g", re_formula="x", engine=engine, name="panel")
+    res = mixedscale.fit(_panel(), spec)
+    assert res.status == "ok", res
+    _assert_record_shape(res)
+    f = res.fit
+    assert f["spec_id"] == spec.spec_id and f["spec_name"] == "panel"
+    assert f["converged"] is True and f["hessian_pd"] is True
+    assert f["grad_max"] <= 2e-3
+    assert f["n_obs"] == 72 and f["n_groups"] == 12
+    assert f["group_size_min"] == f["group_size_max"] == 6 and f["group_size_mean"] == 6.0
+    assert len(f["theta"]) == 3
+    n_par = 3 + 3 + 1
+    assert f["aic"] == pytest.approx(-2 * f["llf"] + 2 * n_par)
+    assert f["bic"] == pytest.approx(-2 * f["llf"] + np.log(72) * n_par)
+    for key in ("mixedscale_version", "statsmodels_version", "numpy_version", "scipy_version"):
+        assert isinstance(f[key], str) and f[key]
+    p = res.params
+    assert list(p["term"]) == ["Intercept", "x", "z"]
+    assert np.allclose(p["statistic"], p["estimate"] / p["std_error"])
+    assert ((p["p_value"] >= 0) & (p["p_value"] <= 1)).all()
+    assert (p["conf_low"] < p["estimate"]).all() and (p["estimate"] < p["conf_high"]).all()
+    v = res.variance
+    assert list(v["kind"]) == ["re", "re", "re", "residual"]
+    assert list(v["group"]) == ["g", "g", "g", "Residual"]
+    assert list(v["term1"][:3]) == ["Intercept", "x", "Intercept"]
+    assert v["term2"].iloc[2] == "x"
+
+
+def test_error_record_has_every_column() -> None:
+    res = mixedscale.fit(_panel().assign(y=1.0), ModelSpec("y ~ x", groups="g"))
+    _assert_record_shape(res)
+    assert res.fit["status"] == "error"
+    assert res.fit["llf"] is None and res.fit["converged"] is False
+    assert res.fit["error_type"] == "ModelFailure"
+    assert repr(res).startswith("FitResult(")
+
+
+def test_vc_without_groups_crossed() -> None:
+    rng = np.random.default_rng(3)
+    a = np.repeat(np.arange(8), 6)
+    b = np.tile(np.arange(6), 8)
+    y = rng.normal(size=8)[a] + 0.7 * rng.normal(size=6)[b] + rng.normal(scale=0.5, size=48)
+    df = pd.DataFrame({"y": y, "a": a.astype(str), "b": b.astype(str)})
+    spec = ModelSpec("y ~ 1", vc_formula={"a": "0 + C(a)", "b": "0 + C(b)"})
+    res = mixedscale.fit(df, spec)
+    assert res.status == "ok", res
+    assert sorted(res.variance["group"]) == ["Residual", "a", "b"]
+    assert set(res.variance["kind"]) == {"vc", "residual"}
