@@ -12,12 +12,8 @@ Two properties:
 - strict agreement where both are ``ok``: llf within 1e-6, fixed effects within
   1e-5 of max(|estimate|, standard error), variance components within 1e-4
   relative (floored at 1e-2 of the residual variance, or of sqrt(var_i var_j) for
-  a covariance). The statsmodels engine accepts MixedLM's optimum as soon as lme4's
-  gradient check (2e-3) passes, so it often stops measurably short of the optimum
-  the fast engine reaches. Every example is compared and the disagreements are
-  counted; if in all of them the statsmodels engine has the lower llf the test
-  reports xfail with the details (the tolerances are not loosened), otherwise it
-  fails.
+  a covariance). Both engines polish a verified interior optimum with Newton steps,
+  since lme4's gradient tolerance (2e-3) alone leaves a llf a few 1e-6 short.
 """
 
 from __future__ import annotations
@@ -210,9 +206,6 @@ def test_examples_cover_the_design_space() -> None:
     assert any(1 in c.sizes for c in explored)
 
 
-# Known: the statsmodels engine stops short (see the module docstring). Set to False to
-# make a strict disagreement fail the suite instead of reporting it as xfail.
-STATSMODELS_STOPS_SHORT = True
 
 
 def test_engines_agree_strictly() -> None:
@@ -232,8 +225,6 @@ def test_engines_agree_strictly() -> None:
         msg = (f"{len(bad)} of {compared} examples disagree beyond the strict tolerances; in "
                f"{short} the fast engine has the higher llf (the statsmodels engine stopped "
                "short). First:\n" + bad[0][1])
-        if STATSMODELS_STOPS_SHORT and short == len(bad):
-            pytest.xfail(msg)
         pytest.fail(msg)
 
 
