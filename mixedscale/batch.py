@@ -386,7 +386,7 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
         prob = problem(idx)
         th, conv, n_evals = newton(prob, maxiter=min(spec.maxiter, 50))
         dev, gmax, hpd = verify(prob, th)
-        singular_s = (th[:, np.isfinite(prob.lower)] < 1e-4).any(axis=1)
+        singular_s: np.ndarray = np.asarray((th[:, np.isfinite(prob.lower)] < 1e-4).any(axis=1))
         # A boundary optimum may be one of several KKT points: restart those fits from
         # other starting points and keep the lowest verified deviance.
         sing = np.flatnonzero(singular_s & conv)
@@ -397,7 +397,7 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
             th2, conv2, n2 = newton(p2, maxiter=min(spec.maxiter, 50), start=start)
             dev2, g2, h2 = verify(p2, th2)
             n_evals += n2
-            s2 = (th2[:, np.isfinite(p2.lower)] < 1e-4).any(axis=1)
+            s2: np.ndarray = np.asarray((th2[:, np.isfinite(p2.lower)] < 1e-4).any(axis=1))
             better = conv2 & (dev2 < dev[sing] - 1e-9) & (g2 <= GRAD_TOL) & (h2 | s2)
             j = sing[better]
             th[j], dev[j], gmax[j], hpd[j], singular_s[j] = (th2[better], dev2[better],

@@ -25,6 +25,7 @@ __all__ = ["GRAD_TOL", "Attempt", "check_optimum", "fit_fast", "fit_statsmodels"
 
 GRAD_TOL = 2e-3  # lme4's check.conv.grad tolerance, on the deviance scale
 _FD_STEP = 1e-4  # lme4's deriv12 delta
+_POLISH_BELOW = 1e-5  # scaled gradient under which Newton polishing gains nothing measurable
 _BOUND_PROBE = 1e-2  # step into the interior from a parameter on its bound
 
 # statsmodels' optimizer names mapped to scipy's bounded methods for the fast engine.
@@ -203,6 +204,8 @@ def polish(prob: Problem, att: Attempt, max_steps: int = 6) -> Attempt | None:
     """Newton steps from a verified interior optimum: lme4's gradient tolerance (2e-3)
     still allows a llf a few 1e-6 short; this closes the gap. None if nothing improved."""
     t0 = time.perf_counter()
+    if att.grad_max < _POLISH_BELOW:
+        return None
     th = att.theta.copy()
     free = np.flatnonzero(~(th - prob.lower < 1e-6))  # parameters on a bound stay there
     if free.size == 0:
