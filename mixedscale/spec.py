@@ -44,6 +44,7 @@ class ModelSpec:
     _parsed: dict[str, ParsedFormula] = field(
         init=False, repr=False, compare=False, hash=False, default_factory=dict
     )
+    _id: str = field(init=False, repr=False, compare=False, hash=False, default="")
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -119,6 +120,8 @@ class ModelSpec:
         if self.name is not None and not isinstance(self.name, str):
             raise SpecError(f"name must be a string; got (name={self.name!r})")
         set_(self, "_parsed", parsed)
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        set_(self, "_id", hashlib.sha256(blob.encode()).hexdigest()[:16])
 
     def __hash__(self) -> int:
         # The generated hash would fail on the vc_formula dict; equal specs share a spec_id.
@@ -146,8 +149,8 @@ class ModelSpec:
 
     @property
     def spec_id(self) -> str:
-        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """Content hash of ``canonical()``, computed once on construction."""
+        return self._id
 
     @property
     def label(self) -> str:
