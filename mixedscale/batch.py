@@ -430,6 +430,11 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
                            shift, sy, n_rows, dropped, n_groups, starts, sizes, seg_slice,
                            gmax[ok], hpd[ok], n_evals, elapsed)
             records, params, variance = out
+            # Seconds per fit, tidy rows included (as fit() counts them).
+            per_fit = (time.perf_counter() - t0) / max(len(idx), 1)
+            for rec in records:
+                rec["fit_seconds"] = per_fit
+                rec["attempts"][0]["seconds"] = per_fit
     return BatchOutput(records=records,
                        params=pd.concat(params, ignore_index=True) if params else pd.DataFrame(),
                        variance=pd.concat(variance, ignore_index=True) if variance
