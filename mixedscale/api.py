@@ -85,8 +85,12 @@ def _client(client: Any, address: str | None, workers: int | None, security: Any
         yield client
         return
     if address:
+        import dask
+
+        # distributed.comm.timeouts.connect (default 30 s) bounds the wait for a scheduler.
+        timeout = dask.config.get("distributed.comm.timeouts.connect", "30s")
         try:
-            c = Client(address, security=security, timeout=30)
+            c = Client(address, security=security, timeout=timeout)
         except (OSError, TimeoutError) as exc:
             from .errors import RunIncomplete
 

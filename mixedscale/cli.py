@@ -66,6 +66,9 @@ def _setup_logging(quiet: bool) -> None:
 
     for noisy in ("distributed", "tornado", "asyncio", "bokeh"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # A lost scheduler makes the client log reconnect tracebacks; the run ends with
+    # its own one-line error (exit 3) instead.
+    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
 
 
 def _print_summary(result: Any) -> None:
@@ -289,18 +292,30 @@ def show(
         st = open_store(store)
         if table is not None:
             df = getattr(st, table.value)()
-            if output is Fmt.table:
-                keep = [c for c in df.columns if c not in ("attempts", "theta", "warnings",
-                                                           "mixedscale_version",
-                                                           "statsmodels_version",
-                                                           "numpy_version", "scipy_version")]
-                df = df[keep]
+            if output is Fmt.table and len(df.columns):
+                df = df[_table_columns(df, table)]
             _emit(df, output, limit)
             return
         fits = st.fits()
     except MixedscaleError as exc:
         raise _exit_for(exc) from None
     _store_summary(st, fits, output)
+
+
+# What fits a terminal: the key columns (fit_id, split columns, spec_id) and, for fits,
+# the headline diagnostics; csv and json give every column.
+_FITS_TABLE = ("spec_name", "status", "llf", "aic", "singular", "n_obs", "n_groups",
+               "grad_max", "engine", "error_type", "fit_seconds")
+_DROP_TABLE = ("attempts", "theta", "warnings", "mixedscale_version", "statsmodels_version",
+               "numpy_version", "scipy_version")
+
+
+def _table_columns(df: Any, table: Table) -> list[str]:
+    cols = [str(c) for c in df.columns]
+    if table is not Table.fits or "spec_id" not in cols:
+        return [c for c in cols if c not in _DROP_TABLE]
+    head = cols[: cols.index("spec_id")]  # fit_id and the split columns
+    return head + [c for c in _FITS_TABLE if c in cols]
 
 
 def _store_summary(st: Any, fits: Any, fmt: Fmt) -> None:

@@ -5,8 +5,15 @@ Statistics never happen here. Failure handling:
 - ``KilledWorker`` on a multi-fit task: the task is split into single fits and
   resubmitted, so innocent fits that shared a worker with a poison slice succeed.
   On a single fit, it is committed as an ``error`` row (``WorkerCrash``, or
-  ``MemoryLimit`` when the worker left a memory marker).
-- A corrupt input file fails its tasks' fits as ``DataError`` rows naming the file.
+  ``MemoryLimit`` when the worker left a memory marker or its nanny reported a
+  memory restart) once the fit itself was running on at least two of the workers
+  that died; a fit that was only queued behind a poison one (Dask counts those
+  too) is resubmitted instead, a bounded number of times.
+- A future whose result was lost with its worker is recomputed by Dask; the
+  executor waits for it again rather than reading a half-known state.
+- A corrupt input file fails, as ``DataError`` rows naming the file, only the
+  fits whose slices have rows in it; other tasks of the same load unit are
+  resubmitted with that file left out.
 - A store write failure is retried, then fails the run (exit 3); nothing
   partial is visible because parts are staged and published atomically.
 - Losing the scheduler, or a stop request (SIGTERM), ends the run as
@@ -31,7 +38,7 @@ import pyarrow as pa
 from .errors import DataError, RunIncomplete, StoreError
 from .plan import Plan, Task
 from .single import versions
-from .source import Source
+from .source import CorruptFile, Source
 from .store import Store
 from .worker import TaskOutcome, TaskPayload, failure_tables, load_unit, partition, piece, run_task
 
@@ -40,6 +47,7 @@ __all__ = ["RunOptions", "RunSummary", "execute", "local_cluster", "pending"]
 log = logging.getLogger(__name__)
 
 _STORE_RETRIES = 2
+_BYSTANDER_RETRIES = 3  # resubmissions of a task that a worker death hit while queued
 _PARTITION_BYTES = 128 * 2**20
 
 
@@ -141,10 +149,16 @@ class _Run:
         self.tables: dict[str, list[pa.Table]] = {"fits": [], "params": [], "variance": []}
         self.unit_refs: dict[int, int] = {}  # tasks of a unit not finished yet
         self.loads_seen: set[str] = set()
-        self.unit_futures: dict[int, Any] = {}
+        self.unit_futures: dict[tuple[int, frozenset[str]], Any] = {}
         self.key_fields = [src.schema.field(c) for c in plan.split_by]
         self.store_failures: dict[str, int] = {}
+        self.bad_files: dict[str, str] = {}  # input files found corrupt at fit time
+        self.resubmits: dict[str, int] = {}  # task key -> resubmissions after KilledWorker
+        self.n_loads = 0
+        self.partitions: list[Any] = []
+        self.partitions_bad: frozenset[str] = frozenset()
         self.t0 = time.perf_counter()
+        self.wall0 = time.time()
         self.started = _now()
 
     # -- payloads and submission
@@ -157,8 +171,10 @@ class _Run:
             timeout=self.opts.timeout, engine=self.opts.engine)
 
     def unit_data(self, unit: int) -> Any:
-        if unit in self.unit_futures:
-            return self.unit_futures[unit]
+        # Cached per unit and per set of corrupt files left out of the reads.
+        cache = (unit, frozenset(self.bad_files))
+        if cache in self.unit_futures:
+            return self.unit_futures[cache]
         u = self.plan.units[unit]
         keys = [self.plan.slices[i].key for i in u.slices]
         if self.src.frame is not None:
@@ -168,19 +184,38 @@ class _Run:
             data = Loaded(_restrict(df, self.plan.split_by, keys), 0)
             fut = self.client.scatter(data, hash=False)
         elif self.plan.shuffle:
+            if self.partitions_bad != frozenset(self.bad_files):
+                self.start_shuffle()
             fut = [self.client.submit(piece, p, unit, pure=False) for p in self.partitions]
         else:
-            rgs = [self.src.row_groups[i] for i in u.row_groups]
+            rgs = [self.src.row_groups[i] for i in u.row_groups
+                   if self.src.row_groups[i].file not in self.bad_files]
+            self.n_loads += 1
             fut = self.client.submit(load_unit, self.src, rgs, self.plan.columns,
                                      self.plan.split_by, keys, pure=False,
-                                     key=f"mixedscale-load-{self.run_id}-{unit}")
-        self.unit_futures[unit] = fut
+                                     key=f"mixedscale-load-{self.run_id}-{unit}-{self.n_loads}")
+        self.unit_futures[cache] = fut
         return fut
 
     def submit(self, task: Task) -> Any:
         data = self.unit_data(task.unit)
-        return self.client.submit(run_task, self.payload(task), data, self.store, pure=False,
+        fn = run_task if self.store is None else run_marked
+        return self.client.submit(fn, self.payload(task), data, self.store, pure=False,
                                   key=f"mixedscale-fit-{task.key}-{uuid.uuid4().hex[:6]}")
+
+    def starts(self, task: Task) -> int:
+        """How many times ``task`` started running in this run (see ``run_marked``)."""
+        if self.store is None:
+            return 0
+        try:
+            return len(self.store.fs.ls(_start_dir(self.store, self.run_id, task.key),
+                                        detail=False))
+        except (FileNotFoundError, OSError):
+            return 0
+
+    def slice_files(self, slice_index: int) -> set[str]:
+        rgs = self.src.row_groups
+        return {rgs[j].file for j in self.plan.slices[slice_index].row_groups if j < len(rgs)}
 
     def expect(self, tasks: list[Task]) -> None:
         for t in tasks:
@@ -190,13 +225,17 @@ class _Run:
         """Drop a unit's loaded data once its last task is done, so workers free it."""
         self.unit_refs[task.unit] -= 1
         if self.unit_refs[task.unit] == 0:
-            self.unit_futures.pop(task.unit, None)
+            for k in [k for k in self.unit_futures if k[0] == task.unit]:
+                self.unit_futures.pop(k, None)
 
     def start_shuffle(self) -> None:
         key_unit = {self.plan.slices[i].key: u.index for u in self.plan.units for i in u.slices}
         batches: list[list[Any]] = [[]]
         size = 0
+        self.partitions_bad = frozenset(self.bad_files)
         for rg in self.src.row_groups:
+            if rg.file in self.bad_files:
+                continue
             if batches[-1] and size + rg.nbytes > _PARTITION_BYTES:
                 batches.append([])
                 size = 0
@@ -221,11 +260,32 @@ class _Run:
             self.by_status[k] = self.by_status.get(k, 0) + v
         self.n_run += n
 
-    def oom_marker(self, task: Task) -> bool:
-        if self.store is None:
+    def oom_marker(self, task: Task, worker: str | None = None) -> bool:
+        """Did ``task`` die of memory? The worker's own marker, else its nanny's report."""
+        if self.store is not None and self.store.fs.exists(
+                self.store.path("_runs", f"{self.run_id}.oom", task.key)):
+            return True
+        if worker is None or self.client is None:
             return False
-        return bool(self.store.fs.exists(self.store.path("_runs", f"{self.run_id}.oom",
-                                                         task.key)))
+        try:  # the nanny logs this event just before it terminates the worker
+            events = self.client.get_events("worker-restart-memory")
+        except (OSError, TimeoutError, ValueError):
+            return False
+        # Only this run's events: a restarted worker may reuse a fixed address.
+        return any(isinstance(e, dict) and e.get("worker") == worker
+                   and float(ts) >= self.wall0 - 5 for ts, e in events)
+
+    def cleanup(self) -> None:
+        """Remove this run's per-task markers (start and memory) from the store."""
+        if self.store is None:
+            return
+        for d in (_start_root(self.store, self.run_id),
+                  self.store.path("_runs", f"{self.run_id}.oom")):
+            try:
+                if self.store.fs.exists(d):
+                    self.store.fs.rm(d, recursive=True)
+            except OSError as exc:
+                log.debug("could not remove %s: %s", d, exc)
 
     def manifest(self, state: str, plan_info: dict[str, Any], message: str = "",
                  n_skipped: int = 0) -> None:
@@ -303,13 +363,17 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
             batch = ac.next_batch(block=False) if ac is not None else []
             if not batch:
                 if client.status not in ("running", "connecting"):
-                    raise RunIncomplete(f"lost the Dask scheduler (client {client.status}); "
-                                        "rerun the job against a live scheduler to resume")
+                    raise RunIncomplete(_lost_scheduler(client, f"client {client.status}"))
                 time.sleep(0.01)
                 continue
             for fut in batch:
-                task = inflight.pop(fut)
-                _handle(run, fut, task, queue, bar, FutureCancelledError)
+                task = inflight[fut]
+                if not _handle(run, fut, task, queue, bar, FutureCancelledError):
+                    # Its result was lost with a worker and Dask is recomputing it.
+                    assert ac is not None
+                    ac.add(fut)
+                    continue
+                del inflight[fut]
                 run.release(task)
                 del fut
     except RunIncomplete as exc:
@@ -319,13 +383,17 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
         raise
     except (OSError, TimeoutError) as exc:
         state = "failed"
-        message = f"infrastructure failure: {type(exc).__name__}: {exc}"
+        if (client is not None and client.status != "running") or _is_comm_error(exc):
+            message = _lost_scheduler(client, f"{type(exc).__name__}: {exc}")
+        else:
+            message = f"infrastructure failure: {type(exc).__name__}: {exc}"
         raise RunIncomplete(message) from exc
     except KeyboardInterrupt:
         state, message = "interrupted", "interrupted by the user"
         raise RunIncomplete(message) from None
     finally:
         bar.close()
+        run.cleanup()
         run.manifest(state, info, message, n_skipped=n_skipped)
     return RunSummary(
         run_id=run.run_id, state=state, n_planned=plan.n_fits, n_skipped=n_skipped,
@@ -336,52 +404,74 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
         n_split=run.n_split, message=message, tables=run.tables)
 
 
+def _is_comm_error(exc: BaseException) -> bool:
+    try:
+        from distributed.comm.core import CommClosedError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, CommClosedError)
+
+
+def _lost_scheduler(client: Any, why: str) -> str:
+    try:
+        where = f" at {client.scheduler.address}"
+    except AttributeError:
+        where = ""
+    return (f"lost the Dask scheduler{where} ({why}); rerun the job against a live "
+            "scheduler to resume: committed fits are kept")
+
+
 def _handle(run: _Run, fut: Any, task: Task, queue: list[Task], bar: _Progress,
-            cancelled: type[BaseException]) -> None:
+            cancelled: type[BaseException]) -> bool:
+    """Account for one finished future. False: it is being recomputed, wait for it again."""
     from distributed import KilledWorker
 
     if fut.status == "finished":
-        out: TaskOutcome = fut.result()
-        run.account_status(out.by_status, out.n_fits)
-        run.fit_seconds += out.fit_seconds
-        for token, nb in out.loads.items():
-            if token not in run.loads_seen:
-                run.loads_seen.add(token)
-                run.bytes_read += nb
-        if out.tables is not None:
-            for k, t in out.tables.items():
-                run.tables[k].append(t)
-        if out.timed_out and out.worker:
-            _restart(run.client, out.worker)
-        bar.advance(out.n_fits)
-        return
+        try:
+            out: TaskOutcome | None = fut.result()
+        except cancelled:
+            raise RunIncomplete(_lost_scheduler(run.client, "a result was cancelled")) from None
+        except (OSError, TimeoutError):
+            raise
+        except Exception as err:  # its worker died after finishing and the recompute failed
+            out = None
+            if fut.status == "finished":  # the result itself is unreadable: a bug
+                log.error("task %s: unreadable result: %s: %s", task.key,
+                          type(err).__name__, err)
+                run.commit_failure(task, f"InternalError.{type(err).__name__}", str(err))
+                bar.advance(len(task.items))
+                return True
+        if out is not None:
+            run.account_status(out.by_status, out.n_fits)
+            run.fit_seconds += out.fit_seconds
+            for token, nb in out.loads.items():
+                if token not in run.loads_seen:
+                    run.loads_seen.add(token)
+                    run.bytes_read += nb
+            if out.tables is not None:
+                for k, t in out.tables.items():
+                    run.tables[k].append(t)
+            if out.timed_out and out.worker:
+                _restart(run.client, out.worker)
+            bar.advance(out.n_fits)
+            return True
     if fut.status == "cancelled":
-        raise RunIncomplete("tasks were cancelled: the Dask scheduler was lost or restarted; "
-                            "rerun the job to resume")
+        raise RunIncomplete(_lost_scheduler(run.client, "its tasks were cancelled"))
+    if fut.status != "error":  # lost with its worker, rescheduled: not done yet
+        return False
     exc = fut.exception()
     if isinstance(exc, cancelled):
-        raise RunIncomplete(f"tasks were cancelled ({exc}); rerun the job to resume")
+        raise RunIncomplete(_lost_scheduler(run.client, f"tasks were cancelled: {exc}"))
     if isinstance(exc, KilledWorker):
-        if len(task.items) > 1:
-            log.warning("task %s lost its worker repeatedly; retrying its %d fits one by one",
-                        task.key, len(task.items))
-            run.n_split += 1
-            singles = [task.single(it) for it in task.items]
-            run.expect(singles)
-            queue.extend(singles)
-            return
-        if run.oom_marker(task):
-            run.commit_failure(task, "MemoryLimit", "the fit exceeded the worker's memory "
-                               "limit and the worker was restarted")
-        else:
-            run.commit_failure(task, "WorkerCrash", "the worker died on every attempt at "
-                               f"this fit ({exc})")
-        bar.advance(len(task.items))
-        return
+        _killed(run, task, exc, queue, bar)
+        return True
+    if isinstance(exc, CorruptFile):
+        _corrupt(run, task, exc, queue, bar)
+        return True
     if isinstance(exc, DataError):
         run.commit_failure(task, "DataError", str(exc))
         bar.advance(len(task.items))
-        return
+        return True
     if isinstance(exc, (StoreError, OSError)):
         n = run.store_failures.get(task.key, 0) + 1
         run.store_failures[task.key] = n
@@ -389,7 +479,7 @@ def _handle(run: _Run, fut: Any, task: Task, queue: list[Task], bar: _Progress,
             log.warning("store write for task %s failed (%s); retrying", task.key, exc)
             run.expect([task])
             queue.append(task)
-            return
+            return True
         raise RunIncomplete(f"store writes keep failing: {exc}")
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         raise RunIncomplete(f"worker interrupted: {exc}")
@@ -397,6 +487,99 @@ def _handle(run: _Run, fut: Any, task: Task, queue: list[Task], bar: _Progress,
     log.error("task %s raised %s: %s", task.key, type(exc).__name__, exc)
     run.commit_failure(task, f"InternalError.{type(exc).__name__}", str(exc))
     bar.advance(len(task.items))
+    return True
+
+
+def _killed(run: _Run, task: Task, exc: Any, queue: list[Task], bar: _Progress) -> None:
+    """KilledWorker: every worker that held ``task`` died. Was the task the cause?
+
+    Dask counts a death against every task assigned to the worker, including
+    ones queued behind the task that killed it, so a task that never (or only
+    once) started running on a dying worker is resubmitted as it is.
+    """
+    starts = run.starts(task)
+    n = run.resubmits.get(task.key, 0)
+    if run.store is not None and starts < (1 if len(task.items) > 1 else 2) \
+            and n < _BYSTANDER_RETRIES:
+        log.info("task %s was queued on workers that died; resubmitting it", task.key)
+        run.resubmits[task.key] = n + 1
+        run.expect([task])
+        queue.append(task)
+        return
+    if len(task.items) > 1:
+        log.warning("task %s lost its worker repeatedly; retrying its %d fits one by one",
+                    task.key, len(task.items))
+        run.n_split += 1
+        singles = [task.single(it) for it in task.items]
+        run.expect(singles)
+        queue.extend(singles)
+        return
+    last = getattr(getattr(exc, "last_worker", None), "address", None)
+    if run.oom_marker(task, last):
+        run.commit_failure(task, "MemoryLimit", "the fit exceeded the worker's memory "
+                           "limit and the worker was restarted")
+    else:
+        run.commit_failure(task, "WorkerCrash", "the worker died on every attempt at "
+                           f"this fit ({exc})")
+    bar.advance(len(task.items))
+
+
+def _corrupt(run: _Run, task: Task, exc: CorruptFile, queue: list[Task], bar: _Progress
+             ) -> None:
+    """A load failed on a corrupt file: fail the fits that need it, rerun the others."""
+    if exc.file not in run.bad_files:
+        log.warning("input file %s is unreadable (%s); its slices fail, others proceed",
+                    exc.file, exc)
+        run.bad_files[exc.file] = str(exc)
+    bad = set(run.bad_files)
+    hit = [it for it in task.items if run.slice_files(it.slice) & bad]
+    if not hit:  # another file of the unit was bad: reload without it
+        run.expect([task])
+        queue.append(task)
+        return
+    if len(hit) == len(task.items):
+        run.commit_failure(task, "DataError", _bad_files_message(run, hit[0]))
+        bar.advance(len(task.items))
+        return
+    run.n_split += 1
+    for it in task.items:
+        single = task.single(it)
+        if it in hit:
+            run.commit_failure(single, "DataError", _bad_files_message(run, it))
+            bar.advance(1)
+        else:
+            run.expect([single])
+            queue.append(single)
+
+
+def _bad_files_message(run: _Run, item: Any) -> str:
+    files = sorted(run.slice_files(item.slice) & set(run.bad_files))
+    return "; ".join(run.bad_files[f] for f in files)
+
+
+def _start_root(store: Store, run_id: str) -> str:
+    return store.path("_runs", f"{run_id}.started")
+
+
+def _start_dir(store: Store, run_id: str, task_key: str) -> str:
+    return "/".join([_start_root(store, run_id), task_key])
+
+
+def run_marked(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcome:
+    """``run_task``, after leaving a marker that this attempt started running.
+
+    The executor counts the markers when Dask reports KilledWorker, to tell a task
+    that was running when its workers died from one that was only queued there.
+    """
+    if store is not None:
+        d = _start_dir(store, payload.run_id, payload.task.key)
+        try:
+            store.fs.makedirs(d, exist_ok=True)
+            with store.fs.open(f"{d}/{uuid.uuid4().hex}", "wb") as fh:
+                fh.write(str(os.getpid()).encode())
+        except OSError as exc:  # only a diagnosis aid: never fail the task for it
+            log.debug("could not write start marker in %s: %s", d, exc)
+    return run_task(payload, data, store)
 
 
 def _restart(client: Any, worker: str) -> None:

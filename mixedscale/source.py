@@ -23,12 +23,27 @@ import pyarrow.parquet as pq
 from .errors import DataError, SpecError, missing_column_error
 from .spec import ModelSpec
 
-__all__ = ["FILTER_OPS", "RowGroup", "Source", "open_source"]
+__all__ = ["FILTER_OPS", "CorruptFile", "RowGroup", "Source", "open_source"]
 
 log = logging.getLogger(__name__)
 
 FILTER_OPS = ("==", "!=", "<", "<=", ">", ">=", "in", "not in")
 Filter = Sequence[Sequence[Any]]
+
+
+class CorruptFile(DataError):
+    """An input file that cannot be read at fit time; ``file`` names it.
+
+    It crosses process boundaries (Dask pickles a task's exception), so the file
+    travels in the pickle too: the executor fails only the fits that need it.
+    """
+
+    def __init__(self, file: str, message: str) -> None:
+        super().__init__(message)
+        self.file = file
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CorruptFile, (self.file, str(self)))
 
 
 @dataclass(frozen=True)
@@ -130,7 +145,7 @@ class Source:
                 pf = pq.ParquetFile(fh)
                 t = pf.read_row_groups([g.index for g in groups], columns=file_cols)
         except (OSError, pa.ArrowException, ValueError) as exc:
-            raise DataError(f"cannot read Parquet file {f!r}: {exc}") from None
+            raise CorruptFile(f, f"cannot read Parquet file {f!r}: {exc}") from None
         for k, v in part.items():
             if k in columns:
                 t = t.append_column(k, pa.array([v] * t.num_rows))

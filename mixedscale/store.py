@@ -19,9 +19,11 @@ is committed in ``fits``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -67,6 +69,74 @@ VARIANCE_SCHEMA = pa.schema([
     ("kind", pa.string()), ("estimate", pa.float64()),
 ])
 BODY = {"fits": FIT_SCHEMA, "params": PARAM_SCHEMA, "variance": VARIANCE_SCHEMA}
+
+
+# -- fault injection for the test suite (see worker._maybe_inject) ---------------------
+FAULTS_ENV = "MIXEDSCALE_TEST_FAULTS"
+
+
+def fault_rules(at: str) -> list[dict[str, Any]]:
+    """The injected-fault rules for one point ("fit", "task_start", "publish")."""
+    raw = os.environ.get(FAULTS_ENV)
+    if not raw:
+        return []
+    return [r for r in json.loads(raw) if r.get("at", "fit") == at]
+
+
+def claim_fault(rule: dict[str, Any]) -> bool:
+    """Should this rule fire now? Not if its ``while`` file is absent, nor if it is
+    ``once`` and another process (or attempt) fired it already."""
+    if rule.get("while") and not os.path.exists(str(rule["while"])):
+        return False
+    path = rule.get("once")
+    if not path:
+        return True
+    try:
+        fd = os.open(str(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(str(os.getpid()))
+    return True
+
+
+class _FailingWriter:
+    """A file wrapper that fails like a full disk after ``limit`` bytes."""
+
+    def __init__(self, fh: Any, limit: int) -> None:
+        self.fh, self.limit, self.n = fh, limit, 0
+        self.closed = False
+
+    def write(self, b: Any) -> int:
+        room = self.limit - self.n
+        if len(b) > room:
+            self.fh.write(bytes(memoryview(b)[:max(room, 0)]))
+            self.n = self.limit
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        self.n += len(b)
+        return int(self.fh.write(b))
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def tell(self) -> int:
+        return self.n
+
+
+def _publish_faults(table: str, name: str) -> dict[str, Any] | None:
+    for rule in fault_rules("publish"):
+        if rule.get("table", table) != table or not name.startswith(rule.get("task", "")):
+            continue
+        if claim_fault(rule):
+            if rule.get("do") == "kill":  # die between two parts of one commit
+                os._exit(17)
+            if rule.get("do") == "wait":  # hold this commit until the test opens a gate
+                deadline = time.monotonic() + float(rule.get("seconds", 60))
+                while not os.path.exists(str(rule["path"])) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                continue
+            return rule
+    return None
 
 
 def table_schema(table: str, key_fields: Sequence[pa.Field]) -> pa.Schema:
@@ -132,6 +202,11 @@ class Store:
         final_fits = self.path("fits", f"part-{name}.parquet")
         if self.fs.exists(final_fits):
             return False
+        parent, sep, _ = name.partition("-f")
+        if sep and self.fs.exists(self.path("fits", f"part-{parent}.parquet")):
+            # A fit split out of a task that another writer (a zombie of a killed
+            # driver) has committed whole in the meantime: already there.
+            return False
         for t in ("params", "variance", "fits"):
             if self._publish_one(t, name, tables[t]) is False and t == "fits":
                 return False
@@ -140,10 +215,13 @@ class Store:
     def _publish_one(self, table: str, name: str, data: pa.Table) -> bool:
         final = self.path(table, f"part-{name}.parquet")
         tmp = self.path("_tmp", f"{table}-{name}.{uuid.uuid4().hex}.parquet")
+        fault = _publish_faults(table, name) if os.environ.get(FAULTS_ENV) else None
         try:
             if self.local:
                 with open(tmp, "wb") as fh:
-                    pq.write_table(data, fh, compression="zstd")
+                    sink: Any = fh if fault is None else \
+                        _FailingWriter(fh, int(fault.get("after_bytes", 64)))
+                    pq.write_table(data, sink, compression="zstd")
                     fh.flush()
                     os.fsync(fh.fileno())
                 try:
@@ -157,7 +235,9 @@ class Store:
             # Object stores: no atomic no-clobber rename. Write the full object
             # under a temporary key, then copy; readers dedupe by fit_id.
             with self.fs.open(tmp, "wb") as fh:
-                pq.write_table(data, fh, compression="zstd")
+                sink = fh if fault is None else \
+                    _FailingWriter(fh, int(fault.get("after_bytes", 64)))
+                pq.write_table(data, sink, compression="zstd")
             if self.fs.exists(final):
                 self.fs.rm(tmp)
                 return False

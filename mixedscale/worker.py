@@ -8,7 +8,6 @@ executor then restarts that worker to reclaim the thread.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -28,7 +27,7 @@ from .plan import FitItem, Task, _norm_key
 from .single import FitResult, fit
 from .source import RowGroup, Source
 from .spec import ModelSpec
-from .store import Store, table_schema, to_table
+from .store import FAULTS_ENV, Store, claim_fault, fault_rules, table_schema, to_table
 
 __all__ = ["TaskOutcome", "TaskPayload", "load_unit", "partition", "piece", "run_task"]
 
@@ -386,21 +385,23 @@ class _MemoryMonitor:
 
 
 # -- fault injection for the test suite ------------------------------------------------
-# MIXEDSCALE_TEST_FAULTS holds JSON rules like {"key": ["g007"], "do": "kill"}; the
-# worker acts on them when it fits that slice. Unset in production: a dict lookup.
-_FAULTS_ENV = "MIXEDSCALE_TEST_FAULTS"
+# MIXEDSCALE_TEST_FAULTS holds a JSON list of rules; unset in production: one lookup.
+#   {"key": ["g007"], "do": "kill"}          at the fit of slice g007 ("at": "fit")
+#   {"at": "task_start", "do": "sleep", "seconds": 0.2}   when any task starts
+#   {"at": "publish", "table": "fits", "do": "enospc"}    see Store._publish_one
+# "do": kill | hang | oom | raise | sleep (+ "seconds"); "once": PATH makes a rule fire
+# in the first process that creates PATH (its pid is written there), never again;
+# "while": PATH makes it fire only while PATH exists.
+_FAULTS_ENV = FAULTS_ENV
 
 
 def _maybe_inject(payload: TaskPayload, key: tuple[Any, ...] | None = None) -> None:
-    raw = os.environ.get(_FAULTS_ENV)
-    if not raw:
+    if not os.environ.get(_FAULTS_ENV):
         return
-    for rule in json.loads(raw):
-        if key is None:
-            if rule.get("at") == "task_start" and rule.get("do") == "sleep":
-                time.sleep(float(rule.get("seconds", 1)))
+    for rule in fault_rules("task_start" if key is None else "fit"):
+        if key is not None and [str(k) for k in key] != [str(k) for k in rule.get("key", [])]:
             continue
-        if [str(k) for k in key] != [str(k) for k in rule.get("key", [])]:
+        if not claim_fault(rule):
             continue
         act = rule.get("do")
         if act == "kill":
@@ -408,10 +409,17 @@ def _maybe_inject(payload: TaskPayload, key: tuple[Any, ...] | None = None) -> N
         elif act == "hang":
             time.sleep(float(rule.get("seconds", 3600)))
         elif act == "oom":
-            hog = []
-            while True:
-                hog.append(np.ones(25_000_000))
+            _hog_memory()
         elif act == "raise":
             raise DataError(str(rule.get("message", "injected failure")))
         elif act == "sleep":
             time.sleep(float(rule.get("seconds", 1)))
+
+
+def _hog_memory() -> None:
+    """Grow resident memory steadily (so memory monitors see it coming) until killed."""
+    hog = []
+    for _ in range(512):  # at most 8 GiB, then give up
+        hog.append(np.ones(2 * 2**20))  # 16 MiB, touched
+        time.sleep(0.002)
+    raise MemoryError("injected memory hog was not stopped")

@@ -1,0 +1,205 @@
+"""Batch runs end to end (issue "Batch runs", §9): ``fit_many`` on a real multi-process
+cluster, the store's guarantees, resume after a killed driver, DuckDB, unsorted input,
+and fsspec ``memory://`` URLs."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mixedscale as ms
+import mixedscale.plan as plan_mod
+from mixedscale.api import prepare
+
+from .clusterutil import (
+    check_invariant,
+    committed_parts,
+    dask_cluster,
+    faults_env,
+    manifests,
+    planned,
+    tail,
+    wait_for,
+    write_genes,
+    write_job,
+)
+from .conftest import make_genes
+
+pytestmark = pytest.mark.cluster
+
+RI = ms.ModelSpec("y ~ time", groups="subject", name="ri")
+RS = ms.ModelSpec("y ~ time", groups="subject", re_formula="~time", name="rs")
+UNREACHABLE = "tcp://127.0.0.1:1"
+FIT_COLS = ["fit_id", "gene", "spec_id", "status", "llf", "n_obs", "n_groups", "singular"]
+
+
+def _sorted(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    return df.sort_values(by).reset_index(drop=True)
+
+
+def _same_estimates(a: pd.DataFrame, b: pd.DataFrame, key: list[str], rtol: float = 1e-6
+                    ) -> None:
+    a, b = _sorted(a, key), _sorted(b, key)
+    assert len(a) == len(b)
+    pd.testing.assert_frame_equal(a[key], b[key])
+    np.testing.assert_allclose(a["estimate"].to_numpy(float), b["estimate"].to_numpy(float),
+                               rtol=rtol, atol=1e-8)
+
+
+def test_fit_many_on_a_cluster_store_none_equals_store(cluster_client: Any,
+                                                        genes_parquet: Path,
+                                                        tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    mem = ms.fit_many(str(genes_parquet), [RI, RS], split_by="gene", client=cluster_client,
+                      progress=False)
+    disk = ms.fit_many(str(genes_parquet), [RI, RS], split_by="gene", store=str(store),
+                       client=cluster_client, progress=False)
+    assert mem.summary()["n_planned"] == disk.summary()["n_planned"] == 40
+    assert disk.summary()["n_workers"] == 2 and disk.summary()["state"] == "complete"
+    assert disk.summary()["n_fitted_this_run"] == 40
+    assert set(mem.fits["status"]) <= {"ok", "not_converged"}
+    pd.testing.assert_frame_equal(_sorted(mem.fits[FIT_COLS], ["fit_id"]),
+                                  _sorted(disk.fits[FIT_COLS], ["fit_id"]))
+    _same_estimates(mem.params, disk.params, ["fit_id", "term"], rtol=0)
+    _same_estimates(mem.variance, disk.variance, ["fit_id", "group", "term1", "term2"],
+                    rtol=0)
+    # The store on its own says the same.
+    st = ms.open_store(str(store))
+    pd.testing.assert_frame_equal(_sorted(st.fits()[FIT_COLS], ["fit_id"]),
+                                  _sorted(disk.fits[FIT_COLS], ["fit_id"]))
+    check_invariant(store, disk.plan.fit_ids())
+    # A complete job fits nothing and needs no cluster (the scheduler is unreachable).
+    again = ms.fit_many(str(genes_parquet), [RI, RS], split_by="gene", store=str(store),
+                        scheduler=UNREACHABLE, progress=False)
+    assert again.summary()["n_fitted_this_run"] == 0
+    assert again.summary()["n_resumed"] == 40
+    assert len(again.fits) == 40
+    assert [r["state"] for r in manifests(store)] == ["complete", "complete"]
+
+
+def test_duckdb_reads_the_store_folders(cluster_client: Any, genes_parquet: Path,
+                                        tmp_path: Path) -> None:
+    duckdb = pytest.importorskip("duckdb")
+    store = tmp_path / "store"
+    run = ms.fit_many(str(genes_parquet), [RI, RS], split_by="gene", store=str(store),
+                      client=cluster_client, progress=False)
+    con = duckdb.connect()
+    n, distinct = con.execute(
+        f"select count(*), count(distinct fit_id) from read_parquet('{store}/fits/*.parquet')"
+    ).fetchone()
+    assert n == distinct == 40
+    rows = con.execute(
+        f"select f.gene, f.spec_id, p.term, p.estimate "
+        f"from read_parquet('{store}/fits/*.parquet') f "
+        f"join read_parquet('{store}/params/*.parquet') p using (fit_id) "
+        f"where f.status = 'ok' order by all").df()
+    assert set(rows["term"]) == {"Intercept", "time"}
+    assert len(rows) == 2 * int((run.fits["status"] == "ok").sum())
+    by_gene = con.execute(
+        f"select gene, count(*) n from read_parquet('{store}/variance/*.parquet') "
+        f"group by gene").df()
+    assert len(by_gene) == 20
+
+
+def test_unsorted_input_gives_the_same_results(cluster_client: Any, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    sorted_dir = write_genes(tmp_path / "sorted", 24, files=2)
+    # Shuffled rows, small row groups: every row group holds many genes.
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    make_genes(n_genes=24, shuffle=True).to_parquet(shuffled / "all.parquet", index=False,
+                                                    row_group_size=100)
+    a = ms.fit_many(str(sorted_dir), [RI, RS], split_by="gene", client=cluster_client,
+                    progress=False)
+    b = ms.fit_many(str(shuffled), [RI, RS], split_by="gene", client=cluster_client,
+                    progress=False)
+    # Force the shuffle path (many load units, each needing every row group).
+    monkeypatch.setattr(plan_mod, "UNIT_MAX_ROWS", 200)
+    _, p = prepare(str(shuffled), [RI, RS], "gene")
+    assert p.shuffle and len(p.units) > 1
+    c = ms.fit_many(str(shuffled), [RI, RS], split_by="gene", client=cluster_client,
+                    progress=False, store=str(tmp_path / "store"))
+    assert c.run.bytes_read <= 1.5 * c.run.bytes_one_pass + c.run.bytes_scan
+    for other in (b, c):
+        assert len(other.fits) == len(a.fits) == 48
+        key = ["gene", "spec_id"]
+        fa, fo = _sorted(a.fits, key), _sorted(other.fits, key)
+        assert fa["status"].tolist() == fo["status"].tolist()
+        np.testing.assert_allclose(fa["llf"].to_numpy(float), fo["llf"].to_numpy(float),
+                                   rtol=1e-7)
+        _same_estimates(a.params, other.params, ["gene", "spec_id", "term"], rtol=1e-5)
+    check_invariant(tmp_path / "store", c.plan.fit_ids())
+
+
+def test_memory_url_as_data_and_store() -> None:
+    """memory:// lives in one process, so this cluster runs its workers as threads."""
+    import fsspec
+    from distributed import Client, LocalCluster
+
+    root = f"memory://ms-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("memory")
+    df = make_genes(n_genes=6)
+    for i, part in enumerate((df.iloc[:144], df.iloc[144:])):
+        with fs.open(f"{root}/data/part-{i}.parquet", "wb") as fh:
+            part.to_parquet(fh, index=False)
+    with LocalCluster(processes=False, n_workers=1, threads_per_worker=2,
+                      dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0"
+                      ) as cluster, Client(cluster) as client:
+        run = ms.fit_many(f"{root}/data", [RI], split_by="gene", store=f"{root}/store",
+                          client=client, progress=False)
+        assert run.summary()["n_fitted_this_run"] == 6
+        st = ms.open_store(f"{root}/store")
+        assert sorted(st.fits()["gene"]) == [f"g{i:03d}" for i in range(6)]
+        assert len(st.params()) == 12 and len(st.runs()) == 1
+        again = ms.fit_many(f"{root}/data", [RI], split_by="gene", store=f"{root}/store",
+                            client=client, progress=False)
+        assert again.summary()["n_fitted_this_run"] == 0
+    fs.rm(root, recursive=True)
+
+
+def test_resume_after_a_killed_driver_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    data = write_genes(tmp_path / "data", 40)
+    sm = {"name": "sm", "formula": "y ~ time", "groups": "subject", "engine": "statsmodels"}
+    ri = {"name": "ri", "formula": "y ~ time", "groups": "subject"}
+    store, ref = tmp_path / "store", tmp_path / "ref"
+    job = write_job(tmp_path / "job.yaml", data, store, models=[sm, ri])
+    plan = planned(job)
+    assert len(plan.tasks) >= 4, "precondition: the job must have several tasks"
+    env = faults_env({"at": "task_start", "do": "sleep", "seconds": 0.3})
+    with dask_cluster(tmp_path / "cluster", 2, worker_env=env) as cl:
+        p, log = cl.start_cli(["run", str(job), "--quiet"])
+        wait_for(lambda: committed_parts(store) >= 1 or p.poll() is not None, 90,
+                 "a first committed task", on_fail=lambda: tail(log))
+        assert p.poll() is None, "the run ended before it could be killed"
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+        partial = committed_parts(store)
+        assert 1 <= partial < len(plan.tasks)
+        check_invariant(store, plan.fit_ids(), incomplete=True)
+
+        r = cl.cli(["run", str(job), "--quiet"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        r = cl.cli(["run", str(job), "--quiet", "--store", str(ref)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        cl.wait_idle()
+        r = cl.cli(["run", str(job), "--quiet"])  # complete: fits nothing
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert manifests(store)[-1]["n_run"] == 0
+    assert manifests(store)[-1]["n_skipped"] == plan.n_fits
+    resumed = manifests(store)[1]
+    assert resumed["n_skipped"] >= 1 and resumed["n_run"] <= plan.n_fits - 1
+    got = check_invariant(store, plan.fit_ids())["fits"]
+    want = check_invariant(ref, plan.fit_ids())["fits"]
+    assert sorted(got["fit_id"]) == sorted(want["fit_id"])
+    a, b = ms.open_store(str(store)), ms.open_store(str(ref))
+    pd.testing.assert_frame_equal(_sorted(a.fits()[FIT_COLS], ["fit_id"]),
+                                  _sorted(b.fits()[FIT_COLS], ["fit_id"]))
+    _same_estimates(a.params(), b.params(), ["fit_id", "term"], rtol=1e-10)
+    _same_estimates(a.variance(), b.variance(), ["fit_id", "group", "term1", "term2"],
+                    rtol=1e-10)

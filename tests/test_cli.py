@@ -1,0 +1,232 @@
+"""The `mixedscale` command line, run as a subprocess (issue "Batch runs", §6–§7, §9):
+the shipped job files, exit codes 0/1/2/3, `show` in every format, `schema`, `fit`."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+
+from .clusterutil import (
+    check_invariant,
+    free_port,
+    invoke,
+    manifests,
+    planned,
+    run_cli,
+    write_job,
+)
+from .conftest import ROOT, make_genes
+
+pytestmark = pytest.mark.cluster
+
+JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+SMALL_JOBS = {"nba": 1, "sleepstudy": 8}  # job -> fits
+
+
+@pytest.fixture(scope="module")
+def address(cluster_client: Any) -> str:
+    """The session's multi-process LocalCluster, for CLI runs with --scheduler."""
+    return str(cluster_client.scheduler.address)
+
+
+@pytest.fixture(scope="module")
+def errjob(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A job in which one slice cannot be fitted (a constant response): an error row."""
+    d = tmp_path_factory.mktemp("errjob")
+    df = make_genes(n_genes=4)
+    df.loc[df["gene"] == "g002", "y"] = 1.0
+    df.to_parquet(d / "data.parquet", index=False)
+    return write_job(d / "job.yaml", d / "data.parquet", d / "store")
+
+
+@pytest.fixture(scope="module")
+def store(errjob: Path, address: str) -> Iterator[Path]:
+    r = run_cli(["run", str(errjob)], cwd=errjob.parent, scheduler=address)
+    assert r.returncode == 0, r.stderr
+    yield errjob.parent / "store"
+
+
+def test_job_files_exist() -> None:
+    assert {p.stem for p in JOBS} >= {"genes", "nba", "sleepstudy"}
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.stem)
+def test_every_job_file_validates(job: Path, tmp_path: Path) -> None:
+    r = run_cli(["validate", str(job)], cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok: ")
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_JOBS))
+def test_small_job_files_run(name: str, tmp_path: Path, address: str) -> None:
+    out = tmp_path / "store"
+    job = ROOT / "jobs" / f"{name}.yaml"
+    r = run_cli(["run", str(job), "--store", str(out)], cwd=tmp_path, scheduler=address)
+    assert r.returncode == 0, r.stderr
+    assert "n_planned" in r.stdout  # the summary table
+    rep = check_invariant(out, planned(job).fit_ids())
+    assert len(rep["fits"]) == SMALL_JOBS[name]
+    assert rep["by_status"].get("ok", 0) == SMALL_JOBS[name], rep["by_status"]
+    assert manifests(out)[-1]["state"] == "complete"
+
+
+def test_exit_0_complete_with_errors_and_1_with_fail_on(errjob: Path, store: Path,
+                                                        address: str) -> None:
+    fits = check_invariant(store, planned(errjob).fit_ids())["fits"]
+    assert fits.loc[fits["gene"] == "g002", "status"].item() == "error"
+    for fail_on in ("error", "not_converged"):
+        r = run_cli(["run", str(errjob), "--quiet", "--fail-on", fail_on], cwd=errjob.parent,
+                    scheduler=address)
+        assert r.returncode == 1, (fail_on, r.stderr)
+        assert f"--fail-on {fail_on}" in r.stderr
+    # complete job, nothing refitted
+    assert all(m["n_run"] == 0 for m in manifests(store)[1:])
+
+
+def _job(tmp_path: Path, **changes: Any) -> Path:
+    data = tmp_path / "data.parquet"
+    make_genes(n_genes=2).to_parquet(data, index=False)
+    doc: dict[str, Any] = {"data": {"path": str(data), "split_by": ["gene"]},
+                           "models": [{"formula": "y ~ time", "groups": "subject"}],
+                           "store": str(tmp_path / "store")}
+    doc.update(changes)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize("case", ["bad_key", "bad_nested_key", "bad_column", "bad_split",
+                                  "bad_formula", "python_tag", "not_a_mapping", "bad_type"])
+def test_exit_2_invalid_job_with_a_suggestion(case: str, tmp_path: Path) -> None:
+    canary = tmp_path / "CANARY"
+    expect = ""
+    if case == "bad_key":
+        job = _job(tmp_path, modles=[{"formula": "y ~ time"}])
+        expect = "did you mean 'models'"
+    elif case == "bad_nested_key":
+        job = _job(tmp_path, fit={"timout": 5})
+        expect = "did you mean 'timeout'"
+    elif case == "bad_column":
+        job = _job(tmp_path, models=[{"formula": "Y ~ time", "groups": "subject"}])
+        expect = "did you mean 'y'"
+    elif case == "bad_split":
+        job = _job(tmp_path, data={"path": str(tmp_path / "data.parquet"), "split_by": "Gene"})
+        expect = "did you mean 'gene'"
+    elif case == "bad_formula":
+        job = _job(tmp_path, models=[{"formula": "y ~ time.__class__", "groups": "subject"}])
+        expect = "__class__"
+    elif case == "python_tag":
+        job = _job(tmp_path)
+        job.write_text(job.read_text() + f'name: !!python/object/apply:os.system ["touch '
+                       f'{canary}"]\n')
+        expect = "python"
+    elif case == "not_a_mapping":
+        job = tmp_path / "job.yaml"
+        job.write_text("- just\n- a list\n")
+        expect = "must be a mapping"
+    else:
+        job = _job(tmp_path, fit={"timeout": "soon"})
+        expect = "fit.timeout"
+    for cmd in (["validate", str(job)], ["run", str(job), "--scheduler", "tcp://127.0.0.1:1"]):
+        code, _, err = invoke(cmd)
+        assert code == 2, (cmd, err)
+        assert err.startswith("error: ") and expect in err, err
+    assert not canary.exists()
+    assert not (tmp_path / "store").exists()
+
+
+def test_exit_2_as_a_process_python_tag_runs_nothing(tmp_path: Path) -> None:
+    canary = tmp_path / "CANARY"
+    job = _job(tmp_path)
+    job.write_text(job.read_text() + 'name: !!python/object/apply:os.system ["touch CANARY"]\n')
+    r = run_cli(["run", str(job), "--scheduler", "tcp://127.0.0.1:1"], cwd=tmp_path, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: job file") and "Traceback" not in r.stderr
+    assert not canary.exists()
+
+
+def test_exit_2_missing_data(tmp_path: Path) -> None:
+    job = _job(tmp_path, data={"path": str(tmp_path / "nope"), "split_by": ["gene"]})
+    code, _, err = invoke(["validate", str(job)])
+    assert code == 2 and "no such file or folder" in err, err
+
+
+def test_exit_3_unreachable_scheduler(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    port = free_port()  # nothing listens there
+    r = run_cli(["run", str(job), "--scheduler", f"tcp://127.0.0.1:{port}"], cwd=tmp_path,
+                timeout=90, env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"})
+    assert r.returncode == 3, r.stderr
+    assert f"cannot reach the Dask scheduler at 'tcp://127.0.0.1:{port}'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_show_formats(store: Path, tmp_path: Path) -> None:
+    n = len(check_invariant(store, planned(store.parent / "job.yaml").fit_ids())["fits"])
+    r = run_cli(["show", str(store)], cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"{n} fits" in r.stdout and "slowest fits" in r.stdout
+    assert "worst diagnostics" in r.stdout
+
+    r = run_cli(["show", str(store), "--format", "json"], cwd=tmp_path, timeout=60)
+    info = json.loads(r.stdout)
+    assert info["n_fits"] == n and info["last_run_state"] == "complete"
+    assert info["by_status"].get("error") == 1
+
+    for table, cols in (("fits", {"fit_id", "gene", "spec_id", "status"}),
+                        ("params", {"fit_id", "gene", "term", "estimate", "p_value"}),
+                        ("variance", {"fit_id", "gene", "group", "kind", "estimate"})):
+        code, out, err = invoke(["show", str(store), "--table", table, "--format", "csv"])
+        assert code == 0, err
+        df = pd.read_csv(io.StringIO(out))
+        assert cols <= set(df.columns)
+        if table == "fits":
+            assert len(df) == n and "attempts" in df.columns  # csv has every column
+        code, out, _ = invoke(["show", str(store), "--table", table, "--format", "json",
+                               "--limit", "2"])
+        rows = json.loads(out)
+        assert code == 0 and len(rows) == 2 and cols <= set(rows[0])
+        code, out, _ = invoke(["show", str(store), "--table", table])
+        assert code == 0
+        header = next(line for line in out.splitlines() if "┃" in line)
+        for c in cols - {"spec_id"}:  # fits shows spec_name instead
+            assert c in header, (c, header)  # readable: no column squeezed to nothing
+
+    code, _, err = invoke(["show", str(tmp_path / "nothing-here")])
+    assert code == 3 and "no results store" in err
+
+
+def test_schema_is_valid_json_schema_and_accepts_the_jobs(tmp_path: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    r = run_cli(["schema"], cwd=tmp_path, timeout=60)
+    assert r.returncode == 0
+    schema = json.loads(r.stdout)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    v = jsonschema.Draft202012Validator(schema)
+    for job in JOBS:
+        errors = list(v.iter_errors(yaml.safe_load(job.read_text())))
+        assert not errors, (job.name, errors[0].message)
+    assert list(v.iter_errors({"data": {"path": "x"}, "modles": []}))
+    assert list(v.iter_errors({"models": []}))  # data is required
+
+
+def test_fit_command(tmp_path: Path, address: str) -> None:
+    data = tmp_path / "data.parquet"
+    make_genes(n_genes=3).to_parquet(data, index=False)
+    out = tmp_path / "store"
+    r = run_cli(["fit", str(data), "--formula", "y ~ time", "--groups", "subject",
+                 "--split-by", "gene", "--store", str(out), "--scheduler", address,
+                 "--format", "csv"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("fit_id,") or lines[0].startswith("term,"), r.stdout
+    params = pd.read_csv(io.StringIO("\n".join(lines[:7])))  # header + 3 genes x 2 terms
+    assert {"term", "estimate"} <= set(params.columns) and len(params) == 6
+    assert len(pd.read_parquet(out / "fits")) == 3
