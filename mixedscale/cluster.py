@@ -494,7 +494,9 @@ def make_cluster(
             "memory_limit": cfg.memory_limit or "auto",
             "local_directory": cfg.local_directory,
             "host": opts.pop("host", "127.0.0.1"),
-            "dashboard_address": opts.pop("dashboard_address", ":0"),
+            # Loopback only: a dashboard on 0.0.0.0 would expose the cluster.
+            "dashboard_address": opts.pop("dashboard_address", "127.0.0.1:0"),
+            "worker_dashboard_address": "127.0.0.1:0",
         }
         if opts:
             kwargs["scheduler_kwargs"] = opts

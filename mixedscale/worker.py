@@ -179,7 +179,7 @@ def _run_with_timeout(n: int, fn: Callable[[int], Any], budgets: Sequence[float]
             state["i"], state["t"] = i + 1, time.monotonic()
             gen = int(state["gen"])
         threading.Thread(target=loop, args=(gen, i + 1), daemon=True).start()
-    return [r for r in results if r is not None], timed_out
+    return results, timed_out
 
 
 def _error_result(spec: ModelSpec, etype: str, msg: str) -> FitResult:
@@ -275,10 +275,12 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
         except MixedscaleError as exc:  # e.g. a column typed differently in this slice
             return _error_result(spec, type(exc).__name__, str(exc))
 
-    extra: dict[str, list[pd.DataFrame]] = {"params": [], "variance": []}
+    Chunk = tuple[list[tuple[int, FitResult]], dict[str, list[pd.DataFrame]]]
 
-    def batch(idxs: list[int]) -> list[tuple[int, FitResult]]:
-        """Slices of one spec fitted together; the ones not verified there go to fit()."""
+    def batch(idxs: list[int]) -> Chunk:
+        """Slices of one spec fitted together; the ones not verified there go to fit().
+
+        Rows are returned, not shared: an abandoned (timed-out) run must not leak any."""
         spec = specs[task.items[idxs[0]].spec]
         keys = [payload.keys[task.items[i].slice] for i in idxs]
         for k in keys:
@@ -290,35 +292,54 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
         except MixedscaleError:
             out = None
         if out is None:
-            return [(i, one(i)) for i in idxs]
+            return [(i, one(i)) for i in idxs], {}
         done = []
         for rec in out.records:
             done.append((idxs[rec.pop("_slice")], FitResult(rec, _NO_ROWS, _NO_ROWS)))
+        frames: dict[str, list[pd.DataFrame]] = {}
         for name in ("params", "variance"):
             frame = getattr(out, name)
             if len(frame):
-                extra[name].append(_keyed(frame, payload, [task.items[i] for i in idxs], spec))
+                frames[name] = [_keyed(frame, payload, [task.items[i] for i in idxs], spec)]
         done += [(idxs[j], one(idxs[j])) for j in out.fallback]
-        return done
+        return done, frames
 
-    units = _work_units(task, specs)
-
-    def run_unit(u: int) -> list[tuple[int, FitResult]]:
-        kind, idxs = units[u]
-        return batch(idxs) if kind == "batch" else [(idxs[0], one(idxs[0]))]
-
-    def timed_out(u: int) -> list[tuple[int, FitResult]]:
+    def timeout_rows(idxs: list[int]) -> Chunk:
         return [(i, _error_result(specs[task.items[i].spec], "FitTimeout",
                                   f"fit exceeded the per-fit timeout of {payload.timeout:g} s"))
-                for i in units[u][1]]
+                for i in idxs], {}
 
-    budgets = None if payload.timeout is None else [payload.timeout * len(i) for _, i in units]
+    def run_all(units: list[tuple[str, list[int]]]) -> tuple[list[Chunk | None], int]:
+        def run_unit(u: int) -> Chunk:
+            kind, idxs = units[u]
+            return batch(idxs) if kind == "batch" else ([(idxs[0], one(idxs[0]))], {})
+
+        def timed_out(u: int) -> Chunk | None:
+            # A batch over its budget is retried fit by fit, so only the slow one fails.
+            return None if units[u][0] == "batch" else timeout_rows(units[u][1])
+
+        budgets = None if payload.timeout is None else [payload.timeout * len(i)
+                                                        for _, i in units]
+        return _run_with_timeout(len(units), run_unit, budgets, timed_out)
+
+    units = _work_units(task, specs)
     try:
-        unit_results, n_timeout = _run_with_timeout(len(units), run_unit, budgets, timed_out)
+        chunks, n_timeout = run_all(units)
+        retry = [i for u, c in zip(units, chunks, strict=True) if c is None for i in u[1]]
+        if retry:
+            again, n2 = run_all([("one", [i]) for i in retry])
+            chunks, n_timeout = chunks + again, n_timeout + n2
     finally:
         if monitor is not None:
             monitor.stop()
-    by_item: dict[int, FitResult] = {i: r for chunk in unit_results for i, r in chunk}
+    by_item: dict[int, FitResult] = {}
+    extra: dict[str, list[pd.DataFrame]] = {"params": [], "variance": []}
+    for c in chunks:
+        if c is None:
+            continue
+        by_item.update(c[0])
+        for name, frames in c[1].items():
+            extra[name].extend(frames)
     results = [by_item[i] for i in range(len(task.items))]
     tables = build_tables(payload, task.items, results, extra)
     by_status: dict[str, int] = {}

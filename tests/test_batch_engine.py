@@ -107,3 +107,28 @@ def test_batch_matches_single_on_random_designs(n_groups: int, max_size: int, sl
         # Both verified optima: the same likelihood (the higher one wins elsewhere).
         assert rec["llf"] >= single.fit["llf"] - 1e-6
         assert rec["llf"] == pytest.approx(single.fit["llf"], abs=1e-4)
+
+
+def test_hanging_slice_in_a_batch_times_out_alone(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path) -> None:
+    """A batch over its budget (timeout x fits = 4 s) is retried fit by fit: only the
+    hanging slice fails."""
+    import json
+
+    from mixedscale.api import prepare
+    from mixedscale.executor import RunOptions, _Run
+    from mixedscale.worker import Loaded, run_task
+
+    df = make_genes(n_genes=8, n_subjects=10, seed=5)
+    monkeypatch.setenv("MIXEDSCALE_TEST_FAULTS",
+                       json.dumps([{"key": ["g003"], "do": "hang", "seconds": 6}]))
+    src, plan = prepare(df, [ms.ModelSpec("y ~ time", groups="subject")], "gene")
+    run = _Run(plan, src, None, None, RunOptions(timeout=0.5))
+    outcomes = [run_task(run.payload(t), Loaded(df, 0), None) for t in plan.tasks]
+    fits = pd.concat([o.tables["fits"].to_pandas() for o in outcomes if o.tables])
+    assert len(fits) == 8 and fits["fit_id"].is_unique
+    bad = fits[fits["status"] != "ok"]
+    assert list(bad["gene"]) == ["g003"] and list(bad["error_type"]) == ["FitTimeout"]
+    params = pd.concat([o.tables["params"].to_pandas() for o in outcomes if o.tables])
+    assert set(params["gene"]) == set(fits.loc[fits["status"] == "ok", "gene"])
+    assert not params.duplicated(["fit_id", "term"]).any()
