@@ -334,6 +334,8 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
     except (ModelFailure, MixedscaleError):
         return None
     n_rows = np.bincount(sl, minlength=F)
+    if (n_rows == 0).any():
+        return None  # a slice with no complete row: fit() words that error
     # Rows sorted by (slice, group): one segment per slice-group.
     order = np.lexsort((d.group_codes, sl))
     sl_o, g_o = sl[order], d.group_codes[order]
@@ -374,9 +376,18 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
     sy = np.sqrt(np.add.reduceat(yc * yc, s_start) / n_rows)
     sy = np.where(sy > 0, sy, 1.0)
     ys = yc / sy[sl_o]
+    # Slices with the same design (covariates, groups, row order; only the response
+    # differs, as per gene) share X'X, Z'Z and Z'X: computed once per distinct design.
+    g_row = np.repeat(seg_local, sizes)
+    rep = _shared_designs(Xs, Zs, g_row, sl_o, s_start, n_rows)
+    distinct = np.unique(rep)
+    own = np.isin(sl_o, distinct)
+    XtX = np.zeros((F, p, p))
+    XtX[distinct] = np.add.reduceat((Xs[:, :, None] * Xs[:, None, :])[own],
+                                    _segments(sl_o[own], F)[distinct], axis=0)
+    XtX = XtX[rep]
     # Sanity checks per slice; failures go to fit() for its exact error message.
     ptp = np.maximum.reduceat(y, s_start) - np.minimum.reduceat(y, s_start)
-    XtX = np.add.reduceat(Xs[:, :, None] * Xs[:, None, :], s_start, axis=0)
     eig = np.linalg.eigvalsh(XtX)
     full_rank = eig[:, 0] > 1e-11 * np.maximum(eig[:, -1], 1e-300)
     # design.check_design's rules, per slice (lme4's nobs-vs-levels checks included);
@@ -387,8 +398,13 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
     ZtZ = np.zeros((F, Gm, q, q))
     ZtX = np.zeros((F, Gm, q, p))
     Zty = np.zeros((F, Gm, q))
-    ZtZ[seg_slice, seg_local] = np.add.reduceat(Zs[:, :, None] * Zs[:, None, :], starts, axis=0)
-    ZtX[seg_slice, seg_local] = np.add.reduceat(Zs[:, :, None] * Xs[:, None, :], starts, axis=0)
+    own_seg = np.isin(seg_slice, distinct)
+    pos_own = np.searchsorted(np.flatnonzero(own), starts[own_seg])
+    ZtZ[seg_slice[own_seg], seg_local[own_seg]] = np.add.reduceat(
+        (Zs[:, :, None] * Zs[:, None, :])[own], pos_own, axis=0)
+    ZtX[seg_slice[own_seg], seg_local[own_seg]] = np.add.reduceat(
+        (Zs[:, :, None] * Xs[:, None, :])[own], pos_own, axis=0)
+    ZtZ, ZtX = ZtZ[rep], ZtX[rep]
     Zty[seg_slice, seg_local] = np.add.reduceat(Zs * ys[:, None], starts, axis=0)
     Xty = np.add.reduceat(Xs * ys[:, None], s_start, axis=0)
     yty = np.add.reduceat(ys * ys, s_start)
@@ -439,6 +455,34 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
                        params=pd.concat(params, ignore_index=True) if params else pd.DataFrame(),
                        variance=pd.concat(variance, ignore_index=True) if variance
                        else pd.DataFrame(), fallback=sorted(fallback))
+
+
+def _shared_designs(Xs: np.ndarray, Zs: np.ndarray, g_row: np.ndarray, sl_o: np.ndarray,
+                    s_start: np.ndarray, n_rows: np.ndarray) -> np.ndarray:
+    """rep[f]: the first slice whose (scaled) design rows equal slice f's, exactly.
+
+    Candidates come from a fingerprint (a fixed projection of each row, summed two
+    ways); every candidate is then compared row by row, so a collision cannot merge
+    two different designs."""
+    F = len(n_rows)
+    rng = np.random.default_rng(20261125)  # a fixed projection, not randomness
+    proj = Xs @ rng.standard_normal(Xs.shape[1]) + g_row * np.pi
+    if Zs.shape[1]:
+        proj = proj + Zs @ rng.standard_normal(Zs.shape[1])
+    pos = np.arange(len(sl_o)) - s_start[sl_o]
+    keys = np.stack([n_rows.astype(float), np.add.reduceat(proj, s_start),
+                     np.add.reduceat(proj * (1.0 + pos), s_start)], axis=1)
+    _, first, inv = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    rep = first[np.ravel(inv)]
+    cand = rep[sl_o] != sl_o
+    if not cand.any():
+        return np.arange(F)
+    partner = s_start[rep[sl_o[cand]]] + pos[cand]
+    same = np.ones(len(sl_o), dtype=bool)
+    same[cand] = ((Xs[cand] == Xs[partner]).all(axis=1) & (Zs[cand] == Zs[partner]).all(axis=1)
+                  & (g_row[cand] == g_row[partner]))
+    exact = np.logical_and.reduceat(same, s_start)
+    return np.where(exact, rep, np.arange(F))
 
 
 def _affine_stack(c: np.ndarray, d: np.ndarray, icpt: np.ndarray) -> np.ndarray:

@@ -132,3 +132,24 @@ def test_hanging_slice_in_a_batch_times_out_alone(monkeypatch: pytest.MonkeyPatc
     params = pd.concat([o.tables["params"].to_pandas() for o in outcomes if o.tables])
     assert set(params["gene"]) == set(fits.loc[fits["status"] == "ok", "gene"])
     assert not params.duplicated(["fit_id", "term"]).any()
+
+
+def test_shared_designs_are_found_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-gene slices share X and Z (only y differs): their cross-products are computed
+    once; a slice whose covariates differ in one value gets its own."""
+    import mixedscale.batch as batch
+
+    seen = {}
+    real = batch._shared_designs
+
+    def spy(*args):
+        seen["rep"] = real(*args)
+        return seen["rep"]
+
+    monkeypatch.setattr(batch, "_shared_designs", spy)
+    df = make_genes(n_genes=6, n_subjects=10, seed=6)
+    _compare(df, ms.ModelSpec("y ~ time", groups="subject"))
+    assert list(seen["rep"]) == [0] * 6
+    df.loc[(df["gene"] == "g004") & (df["subject"] == 3), "time"] += 0.5
+    _compare(df, ms.ModelSpec("y ~ time", groups="subject"))
+    assert list(seen["rep"]) == [0, 0, 0, 0, 4, 0]
