@@ -69,6 +69,12 @@ class BatchProblem:
         self.lower = np.where(self.rows == self.cols, 0.0, -np.inf)
         self.R = np.concatenate([Zty[..., None], ZtX], axis=3)  # (F, G, q, 1+p)
 
+    def subset(self, sel: np.ndarray) -> BatchProblem:
+        """The same problem for fits ``sel`` only."""
+        return BatchProblem(self.ZtZ[sel], self.ZtX[sel], self.Zty[sel], self.XtX[sel],
+                            self.Xty[sel], self.yty[sel], self.n[sel], self.reml,
+                            self.diagonal)
+
     def lam(self, th: np.ndarray) -> np.ndarray:
         L = np.zeros((th.shape[0], self.q, self.q))
         L[:, self.rows, self.cols] = th
@@ -206,15 +212,27 @@ def newton(prob: BatchProblem, maxiter: int = 50, start: float = 1.0
            ) -> tuple[np.ndarray, np.ndarray, int]:
     """Vectorized damped Newton on all fits: (theta, converged, evaluations per fit).
 
-    It starts where lme4 does (identity factor), times ``start``.
+    It starts where lme4 does (identity factor), times ``start``. Only fits still
+    moving are evaluated: the problem shrinks as fits converge. A relative SD heading
+    to zero (a boundary optimum, where the even deviance is flat and Newton only
+    halves it) is snapped to exactly zero when that lowers the deviance.
     """
     F, k = prob.F, prob.k
     th = np.tile(np.where(np.isfinite(prob.lower), start, 0.0), (F, 1))
     done = np.zeros(F, dtype=bool)
+    diag = np.isfinite(prob.lower)
     evals = 0
     per_iter = 1 + 2 * k + k * (k - 1) // 2
+    cur = np.arange(F)  # fits of ``sub``
+    sub = prob
     for _ in range(maxiter):
-        f0, g, H = _derivs_newton(prob, th)
+        live = cur[~done[cur]]
+        if live.size == 0:
+            break
+        if live.size < 0.6 * cur.size:
+            sub, cur = prob.subset(live), live
+        x = th[cur]
+        f0, g, H = _derivs_newton(sub, x)
         evals += per_iter
         bad = ~np.isfinite(f0) | ~np.isfinite(g).all(axis=1) | ~np.isfinite(H).all(axis=(1, 2))
         w, V = np.linalg.eigh(np.where(bad[:, None, None], np.eye(k), H))
@@ -222,25 +240,34 @@ def newton(prob: BatchProblem, maxiter: int = 50, start: float = 1.0
         w = np.maximum(np.abs(w), floor)
         d = -np.einsum("fij,fj,fkj,fk->fi", V, 1.0 / w, V, g)
         dec = -np.einsum("fi,fi->f", g, d)  # Newton decrement, >= 0
-        done |= (dec < 1e-12) & ~bad
-        act = ~done & ~bad
+        conv = (dec < 1e-12) & ~bad
+        act = ~conv & ~bad & ~done[cur]
+        done[cur[conv | bad]] = True
         if not act.any():
-            break
-        t = np.ones(F)
-        accepted = np.zeros(F, dtype=bool)
+            continue
+        t = np.ones(len(cur))
+        accepted = np.zeros(len(cur), dtype=bool)
         for _ls in range(30):
-            trial = th + t[:, None] * d
-            ft = prob.deviance(trial)
+            trial = x + t[:, None] * d
+            ft = sub.deviance(trial)
             evals += 1
             ok = act & ~accepted & (ft <= f0 - 1e-4 * t * dec)
-            th[ok] = trial[ok]
+            x[ok] = trial[ok]
+            f0 = np.where(ok, ft, f0)
             accepted |= ok
             pending = act & ~accepted
             if not pending.any():
                 break
             t = np.where(pending, t * 0.5, t)
-        stalled = act & ~accepted
-        done |= stalled  # no descent possible from here: stop, let verification judge
+        done[cur[act & ~accepted]] = True  # no descent from here: verification judges
+        tiny = act & ((np.abs(x) < 1e-3) & (x != 0) & diag[None, :]).any(axis=1)
+        if tiny.any():
+            snap = np.where((np.abs(x) < 1e-3) & diag[None, :], 0.0, x)
+            fs = sub.deviance(snap)
+            evals += 1
+            take = tiny & (fs <= f0)
+            x[take] = snap[take]
+        th[cur] = x
     return _canonical(prob, th), done, evals
 
 
