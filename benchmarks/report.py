@@ -1,0 +1,318 @@
+"""Agreement between runners, target checks, the markdown table and the JSON report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .peers import LLF
+from .suites import get_suite
+
+REFERENCE = "pandas-loop"
+SINGLE_REFERENCE = "single-smf"
+
+
+def _load(out: Path, rec: dict[str, Any]) -> pd.DataFrame | None:
+    if rec.get("status") != "ok" or not rec.get("results"):
+        return None
+    p = out / rec["results"]
+    return pd.read_parquet(p) if p.exists() else None
+
+
+def agreement(a: pd.DataFrame, b: pd.DataFrame) -> dict[str, Any]:
+    """Max abs differences of fixed effects and llf over the fits both runners ran."""
+    cols = ["key", "spec", "term"]
+    a = a[~a["term"].isin(["__error__"])].drop_duplicates(cols)
+    b = b[~b["term"].isin(["__error__"])].drop_duplicates(cols)
+    m = a.merge(b, on=cols, suffixes=("_a", "_b"))
+    m = m[np.isfinite(m["value_a"]) & np.isfinite(m["value_b"])]
+    if m.empty:
+        return {"n_fits": 0}
+    d = (m["value_a"] - m["value_b"]).abs()
+    is_llf = m["term"] == LLF
+    llf = m[is_llf]
+    dl = llf["value_a"] - llf["value_b"]
+    both_ok = (m["status_a"] == "ok") & (m["status_b"] == "ok")
+    out = {
+        "n_fits": len(llf),
+        "fe_max_abs_diff": float(d[~is_llf].max()) if (~is_llf).any() else None,
+        "llf_max_abs_diff": float(dl.abs().max()) if len(llf) else None,
+        "n_llf_diff_gt_1e-3": int((dl.abs() > 1e-3).sum()),
+        "n_llf_higher": int((dl > 1e-3).sum()),  # this runner found a higher optimum
+        "n_llf_lower": int((dl < -1e-3).sum()),
+        "fe_max_abs_diff_both_ok": float(d[~is_llf & both_ok].max())
+        if (~is_llf & both_ok).any() else None,
+        "llf_max_abs_diff_both_ok": float(d[is_llf & both_ok].max())
+        if (is_llf & both_ok).any() else None,
+    }
+    return out
+
+
+def truth_check(df: pd.DataFrame, truth: dict[str, Any]) -> dict[str, float]:
+    """Mean estimate minus the true value, per fixed effect, for the first spec."""
+    d = df[(df["spec"] == 0) & (df["status"] == "ok")]
+    out = {}
+    for term, val in truth.get("fixed", {}).items():
+        from .peers import norm_term
+
+        sel = d[d["term"] == norm_term(term)]["value"]
+        if len(sel):
+            out[term] = float(sel.mean() - val)
+    return out
+
+
+def add_agreement(out: Path, runs: list[dict[str, Any]]) -> None:
+    by = {(r["suite"], r["runner"]): r for r in runs}
+    cache: dict[tuple[str, str], pd.DataFrame | None] = {}
+
+    def get(key: tuple[str, str]) -> pd.DataFrame | None:
+        if key not in cache:
+            cache[key] = _load(out, by[key]) if key in by else None
+        return cache[key]
+
+    for r in runs:
+        key = (r["suite"], r["runner"])
+        ref_name = SINGLE_REFERENCE if r["runner"].startswith("single-") else REFERENCE
+        r.pop("agreement", None)
+        r.pop("agreement_lme4", None)
+        mine = get(key)
+        if mine is None:
+            continue
+        # big's two layouts are separate draws from one model (not a row permutation):
+        # only runs on the peers' layout are compared with them.
+        if r["suite"] == "big" and r.get("layout") not in (None, "unsorted"):
+            continue
+        if r["runner"] != ref_name:
+            ref = get((r["suite"], ref_name))
+            if ref is not None:
+                r["agreement"] = {"reference": ref_name, **agreement(mine, ref)}
+        if r["runner"] != "lme4" and not r["runner"].startswith("single-"):
+            lme = get((r["suite"], "lme4"))
+            if lme is not None:
+                r["agreement_lme4"] = agreement(mine, lme)
+        if r["runner"].startswith("mixedscale-"):
+            try:
+                truth = get_suite(r["suite"], bool(r.get("quick"))).truth
+                r["bias_vs_truth"] = truth_check(mine, truth)
+            except SystemExit:
+                pass
+
+
+# -- targets -------------------------------------------------------------------------------
+def _ms(runs: list[dict[str, Any]], suite: str, layout: str | None = None
+        ) -> list[dict[str, Any]]:
+    return [r for r in runs if r["suite"] == suite and r["runner"].startswith("mixedscale-")
+            and r["status"] == "ok" and (layout is None or r.get("layout") == layout)]
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _target(name: str, measured: str, holds: bool | None, detail: str = "") -> dict[str, Any]:
+    return {"target": name, "measured": measured, "holds": holds, "detail": detail}
+
+
+def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    rows = _ms(runs, "genes") + _ms(runs, "sites")
+    if rows:
+        vals = [(f"{r['suite']}/{r['runner'][11:]}", r["overhead"]) for r in rows]
+        out.append(_target("orchestration overhead <= 5% (genes, sites)",
+                           ", ".join(f"{n} {_pct(v)}" for n, v in vals),
+                           all(v is not None and v <= 0.05 for _, v in vals),
+                           "RunSummary.overhead: executor wall / (sum of fit seconds / "
+                           "workers) - 1"))
+    tiny = _ms(runs, "tiny")
+    if tiny:
+        vals = []
+        for r in tiny:
+            ideal = r["fit_seconds_sum"] / max(r["n_workers"] or 1, 1)
+            over = ((r["prepare_seconds"] or r["plan_seconds"] or 0) + r["exec_seconds"]) \
+                / ideal - 1 if ideal else None
+            r["overhead_plan_exec"] = over
+            vals.append((r["runner"][11:], over))
+        out.append(_target("tiny 100k: planning + scheduling + store writes <= 10% over fits",
+                           ", ".join(f"{n} {_pct(v)}" for n, v in vals),
+                           all(v is not None and v <= 0.10 for _, v in vals),
+                           "(prepare + executor wall) / (sum of fit seconds / workers) - 1; "
+                           "read-back of the store by fit_many excluded"))
+        out.append(_target("tiny 100k: planning < 10 s",
+                           ", ".join(f"{r['runner'][11:]} plan {r['plan_seconds']:.2f} s "
+                                     f"(prepare {r['prepare_seconds'] or 0:.2f} s)"
+                                     for r in tiny),
+                           all((r["prepare_seconds"] or r["plan_seconds"]) < 10 for r in tiny),
+                           "prepare = footer scan + plan"))
+        out.append(_target("tiny 100k: driver memory < 1.5 GB",
+                           ", ".join(f"{r['runner'][11:]} {r['driver_peak_mb']:.0f} MB "
+                                     f"(before read-back {r['driver_peak_exec_mb']:.0f} MB)"
+                                     for r in tiny),
+                           all(r["driver_peak_mb"] < 1536 for r in tiny),
+                           "driver RSS high-water over the whole fit_many call"))
+    uns = [r for r in runs if r["runner"].startswith("mixedscale-") and r["status"] == "ok"
+           and r.get("layout") == "unsorted" and r.get("read_ratio") is not None]
+    if uns:
+        out.append(_target("unsorted input: bytes read <= 1.5x one pass",
+                           ", ".join(f"{r['suite']} {r['read_ratio']:.2f}x" for r in uns),
+                           all(r["read_ratio"] <= 1.5 for r in uns),
+                           "RunSummary.bytes_read / bytes_one_pass (bytes_read includes the "
+                           "plan-time key scan)"))
+    big = [r for r in runs if r["suite"] == "big" and r["runner"].startswith("mixedscale-")]
+    if big:
+        parts = []
+        ok = True
+        for r in big:
+            et = r.get("error_types") or {}
+            killed = (r.get("workers_replaced") or 0) + et.get("MemoryLimit", 0) \
+                + et.get("WorkerCrash", 0) + (r.get("n_split") or 0)
+            good = r["status"] == "ok" and r.get("state") == "complete" and killed == 0
+            ok = ok and good
+            parts.append(f"{r['runner'][11:]}: {r.get('state') or r['status']}, "
+                         f"workers replaced {r.get('workers_replaced')}, split tasks "
+                         f"{r.get('n_split')}, worker peak {r.get('worker_peak_mb') or 0:.0f} MB")
+        out.append(_target("big (~5 GB, 2 workers x 1.5 GB): completes, no worker killed",
+                           "; ".join(parts), ok))
+    mv = _ms(runs, "multiverse")
+    if mv:
+        vals = []
+        for r in mv:
+            per = (r["bytes_read"] - (r["bytes_scan"] or 0)) / r["bytes_one_pass"] \
+                if r.get("bytes_one_pass") else None
+            vals.append((r["runner"][11:], per, r["n_workers"]))
+        out.append(_target("multiverse: slice read at most once per worker",
+                           ", ".join(f"{n} {v:.2f} passes" for n, v, _ in vals
+                                     if v is not None),
+                           all(v is not None and v <= w for _, v, w in vals),
+                           "(bytes_read - bytes_scan) / bytes_one_pass <= n_workers"))
+    genes = _ms(runs, "genes")
+    if genes:
+        out.append(_target("genes (2,000 x 3 specs) through fit_many >= 2,000 fits/s",
+                           ", ".join(f"{r['runner'][11:]} {r['fits_per_second']:.0f}"
+                                     for r in genes),
+                           any(r["fits_per_second"] >= 2000 for r in genes),
+                           "end-to-end fit_many call on 2 workers"))
+    single = [r for r in runs if r["suite"] == "multiverse" and r["runner"] in
+              ("single-fast", "single-statsmodels") and r["status"] == "ok"]
+    if single:
+        out.append(_target("single 100k-row, 2,000-group random-slope fit <= 0.1 s",
+                           ", ".join(f"{r['engine']} {r['single_seconds']:.3f} s "
+                                     f"({r['by_status']})" for r in single),
+                           any(r["single_seconds"] <= 0.1 for r in single),
+                           "mixedscale.fit(df, spec), median of repeats (statsmodels: once)"))
+    return out
+
+
+# -- markdown ------------------------------------------------------------------------------
+def _f(x: Any, fmt: str = "{:.1f}", none: str = "—") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return none
+    return fmt.format(x)
+
+
+def _status(r: dict[str, Any]) -> str:
+    bs = r.get("by_status") or {}
+    parts = [f"{v} {k}" for k, v in sorted(bs.items()) if k != "ok"]
+    return ", ".join(parts)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    runs = doc["runs"]
+    lines = [
+        "| suite | runner | fits | fits/s | overhead | plan s | driver MB | worker MB "
+        "| read / 1 pass | Δβ / Δllf vs loop | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in runs:
+        if r["status"] != "ok":
+            lines.append(f"| {r['suite']} | {r['runner']} | | | | | | | | | "
+                         f"{r['status']}: {r['note']} |")
+            continue
+        ag = r.get("agreement") or {}
+        agree = "—"
+        if ag.get("n_fits"):
+            agree = (f"{_f(ag.get('fe_max_abs_diff'), '{:.1e}')} / "
+                     f"{_f(ag.get('llf_max_abs_diff'), '{:.1e}')} (n={ag['n_fits']}"
+                     + (f", {ag['n_llf_higher']} higher, {ag['n_llf_lower']} lower"
+                        if ag.get("n_llf_diff_gt_1e-3") else "") + ")")
+        notes = [n for n in (r.get("note", ""), _status(r)) if n]
+        if r.get("shuffle"):
+            notes.append("shuffle")
+        la = r.get("load_average") or []
+        if la and max(la) > 2.5:
+            notes.append(f"load avg {max(la):.1f} on 2 cores")
+        if r.get("store_publish_ms"):
+            notes.append(f"{r['n_tasks']} tasks, publish {r['store_publish_ms']:.0f} ms/task")
+        fps = r["fits_per_second"]
+        if r["runner"].startswith("single-"):
+            fps_s = f"{r['single_seconds']:.3f} s/fit"
+        else:
+            fps_s = _f(fps, "{:,.0f}" if fps and fps >= 100 else "{:.1f}")
+        lines.append(
+            f"| {r['suite']} | {r['runner']} | {r['n_fits']:,} | {fps_s} "
+            f"| {_pct(r['overhead']) if r['overhead'] is not None else '—'} "
+            f"| {_f(r['plan_seconds'], '{:.2f}')} | {_f(r['driver_peak_mb'], '{:.0f}')} "
+            f"| {_f(r['worker_peak_mb'], '{:.0f}')} | {_f(r['read_ratio'], '{:.2f}x')} "
+            f"| {agree} | {'; '.join(notes)} |")
+    out = ["### Results", "", *lines, ""]
+    if doc.get("targets"):
+        out += ["### Targets", "", "| target | measured | holds |", "|---|---|---|"]
+        for t in doc["targets"]:
+            h = {True: "**yes**", False: "**no**", None: "n/a"}[t["holds"]]
+            out.append(f"| {t['target']} | {t['measured']} | {h} |")
+        out.append("")
+    cal = doc.get("calibration") or {}
+    if cal:
+        out += ["### Calibration", "",
+                f"- Dask no-op tasks: {cal.get('noop_tasks_per_second', 0):,.0f} tasks/s "
+                f"mapped at once; {cal.get('roundtrip_ms_serial', 0):.1f} ms per serial "
+                "submit-and-wait round trip.", ""]
+    if doc.get("scaling"):
+        out += [doc["scaling"], ""]
+    m = doc.get("meta", {})
+    out.append(f"Measured {m.get('finished', '')} on {m.get('machine', '')}; "
+               f"mixedscale {m.get('mixedscale_version', '')} at commit "
+               f"{m.get('git_commit', '')}"
+               + (" with uncommitted changes to mixedscale/" if m.get("mixedscale_modified")
+                  else "") + f"; command: `{m.get('command', '')}`.")
+    return "\n".join(out) + "\n"
+
+
+def write(out: Path, doc: dict[str, Any]) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / "results.json"
+    js.write_text(json.dumps(doc, indent=1, default=_json_default))
+    md = out / "results.md"
+    md.write_text(markdown(doc))
+    return js, md
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+README_BEGIN = "<!-- BENCHMARK-RESULTS:BEGIN -->"
+README_END = "<!-- BENCHMARK-RESULTS:END -->"
+
+
+def update_readme(readme: Path, md: str) -> bool:
+    """Replace the generated block in the README; False if the markers are missing."""
+    if not readme.exists():
+        return False
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(head + README_BEGIN + "\n" + md + README_END + tail)
+    return True

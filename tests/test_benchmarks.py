@@ -1,0 +1,119 @@
+"""The benchmark harness in --quick mode: it runs end to end and reports what it promises.
+
+No timing is asserted: only that the markdown table and the JSON carry the expected keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUN_KEYS = {
+    "suite", "runner", "status", "n_fits", "fits_per_second", "wall_seconds", "overhead",
+    "plan_seconds", "driver_peak_mb", "worker_peak_mb", "bytes_read", "bytes_one_pass",
+    "read_ratio", "subsampled", "fit_seconds_sum", "n_workers",
+}
+MS_KEYS = {"exec_seconds", "prepare_seconds", "readback_seconds", "n_tasks", "by_status",
+           "state", "store_publish_ms"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench-out")
+    data = tmp_path_factory.mktemp("bench-data")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--quick",
+         "--suite", "genes,sites,multiverse,tiny", "--out", str(out), "--data", str(data)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| suite | runner |" in proc.stdout
+    return out
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_quick_run_writes_json_and_markdown(quick_run: Path) -> None:
+    doc = json.loads((quick_run / "results.json").read_text())
+    assert {"meta", "calibration", "runs", "targets", "scaling"} <= set(doc)
+    assert doc["meta"]["quick"] is True
+    runs = {(r["suite"], r["runner"]): r for r in doc["runs"]}
+    for suite in ("genes", "sites", "multiverse", "tiny"):
+        for runner in ("mixedscale-auto-sorted", "mixedscale-auto-unsorted", "pandas-loop",
+                       "process-pool", "dask-groupby", "lme4"):
+            assert (suite, runner) in runs, (suite, runner)
+    for key in [("genes", "mixedscale-fast-sorted"), ("genes", "mixedscale-statsmodels-sorted"),
+                ("sites", "mixedscale-fast-sorted"), ("multiverse", "single-fast"),
+                ("multiverse", "single-statsmodels")]:
+        assert key in runs, key
+    for (suite, runner), r in runs.items():
+        assert set(r) >= RUN_KEYS, (suite, runner, RUN_KEYS - set(r))
+        if runner == "lme4":
+            assert r["status"] in ("ok", "skipped"), r["note"]
+            continue
+        assert r["status"] == "ok", (suite, runner, r.get("note"), r.get("traceback"))
+        assert r["n_fits"] > 0 and r["fits_per_second"] > 0
+        if runner.startswith("mixedscale-"):
+            assert set(r) >= MS_KEYS
+            assert r["state"] == "complete"
+            assert r["bytes_one_pass"] > 0 and r["read_ratio"] > 0
+            assert r["agreement"]["reference"] == "pandas-loop"
+            assert r["agreement"]["n_fits"] > 0
+            assert {"fe_max_abs_diff", "llf_max_abs_diff"} <= set(r["agreement"])
+    assert runs[("genes", "pandas-loop")]["subsampled"] is True
+    names = " ".join(t["target"] for t in doc["targets"])
+    for word in ("overhead", "planning", "driver memory", "one pass", "once per worker",
+                 "2,000 fits/s", "0.1 s"):
+        assert word in names, word
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_quick_run_markdown_table(quick_run: Path) -> None:
+    md = (quick_run / "results.md").read_text()
+    header = ("| suite | runner | fits | fits/s | overhead | plan s | driver MB | worker MB "
+              "| read / 1 pass | Δβ / Δllf vs loop | notes |")
+    assert header in md
+    for section in ("### Results", "### Targets", "### Scaling model"):
+        assert section in md
+    assert "| genes | mixedscale-auto-sorted |" in md
+    assert "| tiny | pandas-loop |" in md
+
+
+def test_peer_translations() -> None:
+    import mixedscale as ms
+    from benchmarks.peers import lme4_formula, norm_term, sm_kwargs
+
+    s = ms.ModelSpec("y ~ x", groups="g", re_formula="~x")
+    assert lme4_formula(s) == "y ~ x + (1 + x | g)"
+    assert lme4_formula(s.replace(cov_structure="diagonal")) == "y ~ x + (1 + x || g)"
+    assert lme4_formula(ms.ModelSpec("y ~ x", groups="g")) == "y ~ x + (1 | g)"
+    kw = sm_kwargs(s.replace(cov_structure="diagonal"))
+    assert kw["re_formula"] == "1" and kw["vc_formula"] == {"re_x": "0 + x"}
+    assert sm_kwargs(s)["re_formula"] == "~x"
+    assert norm_term("group[T.treated]") == "grouptreated"
+    assert norm_term("(Intercept)") == "Intercept"
+
+
+def test_lme4_skips_cleanly_without_rscript(tmp_path: Path) -> None:
+    from benchmarks import runners
+    from benchmarks.suites import get_suite
+
+    ctx = runners.Context(suite=get_suite("sites", quick=True), quick=True, paths={},
+                          out=tmp_path)
+    rec = runners.run_lme4(ctx, "lme4", rscript=None) if not _has_r() else None
+    if rec is not None:
+        assert rec["status"] == "skipped" and "Rscript" in rec["note"]
+
+
+def _has_r() -> bool:
+    import shutil
+
+    return shutil.which("Rscript") is not None
