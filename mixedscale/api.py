@@ -114,8 +114,9 @@ def _tables(summary: RunSummary, plan: Plan, store: Store | None
             ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     ids = set(plan.fit_ids())
     if store is not None:
-        return tuple(  # type: ignore[return-value]
-            _keep(getattr(store, t)(), ids) for t in ("fits", "params", "variance"))
+        # Only this job's parts: a shared store may hold many other jobs' results.
+        tables = store.run_tables({t.key for t in plan.tasks})
+        return _keep(tables[0], ids), _keep(tables[1], ids), _keep(tables[2], ids)
     out = []
     for t in ("fits", "params", "variance"):
         parts = summary.tables.get(t, [])

@@ -265,13 +265,18 @@ class Store:
             log.error("could not write run manifest %s: %s", final, exc)
 
     # -- reading
-    def _read(self, table: str, fit_ids: set[str] | None = None) -> pd.DataFrame:
-        """All committed rows of a table, one copy per fit_id (from its first part)."""
+    def _read(self, table: str, fit_ids: set[str] | None = None,
+              tasks: set[str] | None = None) -> pd.DataFrame:
+        """All committed rows of a table, one copy per fit_id (from its first part);
+        with ``tasks``, only the parts of those task keys (and their split fits)."""
         try:
             files = sorted(str(f) for f in self.fs.ls(self.path(table), detail=False)
                            if str(f).endswith(".parquet"))
         except FileNotFoundError:
             files = []
+        if tasks is not None:
+            files = [f for f in files
+                     if f.rsplit("/", 1)[-1][5:-8].split("-f")[0] in tasks]
         frames = []
         for i, f in enumerate(files):
             try:
@@ -292,6 +297,13 @@ class Store:
 
     def fits(self) -> pd.DataFrame:
         return self._read("fits")
+
+    def run_tables(self, tasks: set[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """fits, params and variance of the given tasks only: what one job wrote."""
+        fits = self._read("fits", tasks=tasks)
+        ids = set(fits["fit_id"]) if len(fits) else set()
+        return (fits, self._read("params", ids, tasks=tasks),
+                self._read("variance", ids, tasks=tasks))
 
     def _committed_rows(self, table: str) -> pd.DataFrame:
         fits = self._read("fits")
