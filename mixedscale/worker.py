@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from dask.sizeof import sizeof
 
 from .batch import MIN_BATCH, batchable, fit_slices
 from .errors import DataError, MixedscaleError
@@ -82,6 +83,12 @@ class Loaded:
             else:
                 self._positions = {(): np.arange(len(df))}
         return self._positions
+
+
+@sizeof.register(Loaded)
+def _sizeof_loaded(obj: Loaded) -> int:
+    """What a loaded unit really holds, so Dask can account for it and spill it."""
+    return int(sizeof(obj.frame)) + 64
 
 
 def load_unit(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
