@@ -87,6 +87,19 @@ def _finish(rec: dict[str, Any], wall: float, n_fits: int, fit_sum: float, worke
         rec["overhead"] = wall / ideal - 1.0
 
 
+def _finish_peer(ctx: Context, runner: str, rec: dict[str, Any], wall: float, workers: int,
+                 results: list[peers.Record] | pd.DataFrame, mem: Any, worker_peak: float,
+                 sub: Any, note: str) -> dict[str, Any]:
+    """The record of a statsmodels peer (loop, process pool, dask groupby)."""
+    n, fit_sum, by_status = _fit_stats(results)
+    _finish(rec, wall, n, fit_sum, workers)
+    rec.update(subsampled=sub, note=note, by_status=by_status, layout=PEER_LAYOUT,
+               driver_peak_mb=mem.peak / measure.MB, worker_peak_mb=worker_peak / measure.MB,
+               driver_cpu_seconds=mem.cpu_seconds, engine="statsmodels")
+    rec["results"] = _save(ctx, runner, results)
+    return rec
+
+
 def _save(ctx: Context, runner: str, recs: list[peers.Record] | pd.DataFrame) -> str:
     df = recs if isinstance(recs, pd.DataFrame) else pd.DataFrame(
         recs, columns=["key", "spec", "term", "value", "seconds", "status"])
@@ -380,13 +393,7 @@ def run_pandas_loop(ctx: Context, runner: str) -> dict[str, Any]:
             for i in spec_idx:
                 recs.extend(peers.fit_sm(g, kws[i], str(k), i))
         wall = time.perf_counter() - t0
-    n, fit_sum, by_status = _fit_stats(recs)
-    _finish(rec, wall, n, fit_sum, 1)
-    rec.update(subsampled=sub, note=note, by_status=by_status, layout=PEER_LAYOUT,
-               driver_peak_mb=mem.peak / measure.MB, worker_peak_mb=mem.peak / measure.MB,
-               driver_cpu_seconds=mem.cpu_seconds, engine="statsmodels")
-    rec["results"] = _save(ctx, runner, recs)
-    return rec
+    return _finish_peer(ctx, runner, rec, wall, 1, recs, mem, mem.peak, sub, note)
 
 
 _POOL: Any = None  # one pool per process, reused across suites (and shut down at exit)
@@ -423,13 +430,7 @@ def run_process_pool(ctx: Context, runner: str) -> dict[str, Any]:
         for out in ex.map(peers.fit_pair, items, chunksize=chunk):
             recs.extend(out)
         wall = time.perf_counter() - t0
-    n, fit_sum, by_status = _fit_stats(recs)
-    _finish(rec, wall, n, fit_sum, N_WORKERS)
-    rec.update(subsampled=sub, note=note, by_status=by_status, layout=PEER_LAYOUT,
-               driver_peak_mb=mem.peak / measure.MB, worker_peak_mb=poll.max_rss / measure.MB,
-               driver_cpu_seconds=mem.cpu_seconds, engine="statsmodels")
-    rec["results"] = _save(ctx, runner, recs)
-    return rec
+    return _finish_peer(ctx, runner, rec, wall, N_WORKERS, recs, mem, poll.max_rss, sub, note)
 
 
 def run_dask_groupby(ctx: Context, runner: str) -> dict[str, Any]:
@@ -456,13 +457,7 @@ def run_dask_groupby(ctx: Context, runner: str) -> dict[str, Any]:
                                            meta=meta).compute()
         wall = time.perf_counter() - t0
     out = out.reset_index(drop=True)
-    n, fit_sum, by_status = _fit_stats(out)
-    _finish(rec, wall, n, fit_sum, N_WORKERS)
-    rec.update(subsampled=sub, note=note, by_status=by_status, layout=PEER_LAYOUT,
-               driver_peak_mb=mem.peak / measure.MB, worker_peak_mb=poll.max_rss / measure.MB,
-               driver_cpu_seconds=mem.cpu_seconds, engine="statsmodels")
-    rec["results"] = _save(ctx, runner, out)
-    return rec
+    return _finish_peer(ctx, runner, rec, wall, N_WORKERS, out, mem, poll.max_rss, sub, note)
 
 
 LME4_SCRIPT = Path(__file__).with_name("lme4_fit.R")
