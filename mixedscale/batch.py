@@ -370,7 +370,6 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
     pair = sl_o.astype(np.int64) * (d.n_groups + 1) + g_o
     starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
     seg_slice = sl_o[starts]
-    seg_local = np.zeros(len(starts), dtype=np.intp)
     first_seg = _segments(seg_slice, F)
     seg_local = np.arange(len(starts)) - first_seg[seg_slice]
     n_groups = np.bincount(seg_slice, minlength=F)

@@ -154,18 +154,12 @@ def check_design(d: Design) -> None:
     if np.ptp(d.y) == 0:
         raise ModelFailure(f"the response is constant (all values = {d.y[0]:g})")
     p = d.X.shape[1]
-    if p == 0:
-        pass
-    elif np.linalg.matrix_rank(d.X) < p:
-        # Name the columns that are linear combinations of earlier ones.
-        bad = []
-        for j in range(1, p + 1):
-            if np.linalg.matrix_rank(d.X[:, :j]) < j:
-                bad.append(d.x_names[j - 1])
-                break
+    if p and np.linalg.matrix_rank(d.X) < p:
+        # Name the first column that is a linear combination of earlier ones.
+        bad = next(d.x_names[j - 1] for j in range(1, p + 1)
+                   if np.linalg.matrix_rank(d.X[:, :j]) < j)
         raise ModelFailure(
-            "fixed-effects design is rank deficient; drop or recode "
-            f"{', '.join(repr(b) for b in bad)} (rank < p={p})"
+            f"fixed-effects design is rank deficient; drop or recode {bad!r} (rank < p={p})"
         )
     if d.n <= p:
         raise ModelFailure(f"too few observations for the fixed effects (n_obs={d.n}, p={p})")

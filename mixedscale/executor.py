@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -589,5 +588,3 @@ def _restart(client: Any, worker: str) -> None:
     except (OSError, TimeoutError, ValueError) as exc:
         log.warning("could not restart worker %s: %s", worker, exc)
 
-
-Callback = Callable[[TaskOutcome], None]

@@ -54,7 +54,6 @@ class TaskOutcome:
     by_status: dict[str, int]
     fit_seconds: float
     wall_seconds: float
-    bytes_read: int
     committed: bool
     timed_out: int = 0
     worker: str | None = None
@@ -358,7 +357,7 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
     return TaskOutcome(
         key=task.key, n_fits=len(results), by_status=by_status,
         fit_seconds=float(sum(r.fit["fit_seconds"] or 0.0 for r in results)),
-        wall_seconds=time.perf_counter() - t0, bytes_read=0, committed=committed,
+        wall_seconds=time.perf_counter() - t0, committed=committed,
         timed_out=n_timeout, worker=_worker_address(),
         tables=None if store is not None else tables,
         fit_ids=[it.fit_id for it in task.items],
