@@ -68,12 +68,34 @@ class BatchProblem:
         self.k = len(self.rows)
         self.lower = np.where(self.rows == self.cols, 0.0, -np.inf)
         self.R = np.concatenate([Zty[..., None], ZtX], axis=3)  # (F, G, q, 1+p)
+        # For q <= 2 the solve's cross-products are weighted sums, over groups, of
+        # fixed outer products of R's rows (upper triangles only): precomputed once,
+        # so an evaluation costs O(F G) scalars and one batched matmul.
+        self.tri = np.triu_indices(self.p + 1)
+        # (F, 1, G) views of Z'Z's entries, broadcast against T points per fit
+        self.z00 = ZtZ[:, None, :, 0, 0]
+        self.z01 = ZtZ[:, None, :, 0, 1] if self.q > 1 else self.z00
+        self.z11 = ZtZ[:, None, :, 1, 1] if self.q > 1 else self.z00
+        self.P: np.ndarray | None = None
+        if self.q in (1, 2):
+            r0 = self.R[:, :, 0, :]
+            i, j = self.tri
+            outer = [r0[..., i] * r0[..., j]]
+            if self.q == 2:
+                r1 = self.R[:, :, 1, :]
+                outer += [r0[..., i] * r1[..., j] + r1[..., i] * r0[..., j], r1[..., i] * r1[..., j]]
+            self.P = np.concatenate(outer, axis=1)  # (F, len(outer) * G, n_tri)
 
     def subset(self, sel: np.ndarray) -> BatchProblem:
         """The same problem for fits ``sel`` only."""
-        return BatchProblem(self.ZtZ[sel], self.ZtX[sel], self.Zty[sel], self.XtX[sel],
-                            self.Xty[sel], self.yty[sel], self.n[sel], self.reml,
-                            self.diagonal)
+        sub = object.__new__(BatchProblem)
+        sub.__dict__.update(self.__dict__)
+        for name in ("ZtZ", "ZtX", "Zty", "XtX", "Xty", "yty", "n", "R", "P", "z00", "z01",
+                     "z11"):
+            v = getattr(self, name)
+            setattr(sub, name, None if v is None else v[sel])
+        sub.F = int(sub.n.shape[0])
+        return sub
 
     def lam(self, th: np.ndarray) -> np.ndarray:
         L = np.zeros((th.shape[0], self.q, self.q))
@@ -81,98 +103,126 @@ class BatchProblem:
         return L
 
     def solve(self, th: np.ndarray) -> tuple[np.ndarray, ...]:
-        """(logdet L^2, logdet RX'RX, RX'RX, beta, penalized RSS, ok) for each fit."""
+        """(logdet L^2, logdet RX'RX, RX'RX, beta, penalized RSS, ok) for each fit.
+
+        ``th`` is (F, k), or (F, T, k) for T points per fit (finite differences, line
+        searches) evaluated in one pass; the results then carry the same T axis."""
+        flat = th.ndim == 2
+        t3 = th[:, None, :] if flat else th
+        F, T = t3.shape[:2]
         q, p = self.q, self.p
-        F, G = self.F, self.G
         if q == 1:
-            lam = th[:, 0][:, None]
-            m = lam * lam * self.ZtZ[:, :, 0, 0] + 1.0
-            ld = np.log(m).sum(axis=1)
-            sol = (lam / np.sqrt(m))[:, :, None] * self.R[:, :, 0, :]  # (F, G, 1+p)
+            lam2 = t3[..., 0:1] ** 2  # (F, T, 1)
+            m = lam2 * self.z00 + 1.0  # (F, T, G)
+            ld = np.log(m).sum(axis=2)
+            w = lam2 / m
         elif q == 2:
-            # Closed forms for a 2x2 lower-triangular factor [[a, 0], [b, c]]: the
-            # general einsum path is ~10x slower at this size.
-            a = th[:, 0][:, None]
-            b = th[:, 1][:, None] if not self.diagonal else np.zeros_like(a)
-            c = th[:, -1][:, None]
-            z00, z01, z11 = self.ZtZ[..., 0, 0], self.ZtZ[..., 0, 1], self.ZtZ[..., 1, 1]
+            # Closed forms for a 2x2 lower-triangular factor [[a, 0], [b, c]]; the
+            # solved rows are x1 = al R0 + be R1 and x2 = ga R0 + de R1 per group.
+            a = t3[..., 0:1]
+            b = t3[..., 1:2] if not self.diagonal else np.zeros_like(a)
+            c = t3[..., -1:]
+            z00, z01, z11 = self.z00, self.z01, self.z11
             m00 = a * a * z00 + 2 * a * b * z01 + b * b * z11 + 1.0
             m01 = c * (a * z01 + b * z11)
             m11 = c * c * z11 + 1.0
             l11 = np.sqrt(m00)
             l21 = m01 / l11
             l22 = np.sqrt(np.maximum(m11 - l21 * l21, 1e-300))
-            ld = 2.0 * (np.log(l11) + np.log(l22)).sum(axis=1)
-            r0 = a[..., None] * self.R[:, :, 0, :] + b[..., None] * self.R[:, :, 1, :]
-            r1 = c[..., None] * self.R[:, :, 1, :]
-            x1 = r0 / l11[..., None]
-            x2 = (r1 - l21[..., None] * x1) / l22[..., None]
-            sol = np.concatenate([x1, x2], axis=1)  # (F, 2G, 1+p): groups x q stacked
+            ld = 2.0 * (np.log(l11) + np.log(l22)).sum(axis=2)
+            al, be = a / l11, b / l11
+            ga, de = -l21 * al / l22, (c - l21 * be) / l22
+            w = np.concatenate([al * al + ga * ga, al * be + ga * de, be * be + de * de], axis=2)
+        if q in (1, 2):
+            assert self.P is not None
+            up = np.matmul(w, self.P)  # (F, T, n_tri)
+            S = np.empty((F, T, p + 1, p + 1))
+            S[..., self.tri[0], self.tri[1]] = up
+            S[..., self.tri[1], self.tri[0]] = up
         else:
-            L = self.lam(th)
-            M = np.einsum("fji,fgjk,fkl->fgil", L, self.ZtZ, L, optimize=True)
-            M[..., np.arange(q), np.arange(q)] += 1.0
-            Rm = np.einsum("fji,fgjm->fgim", L, self.R, optimize=True)
-            Lc = np.linalg.cholesky(M)
-            ld = 2.0 * np.log(np.diagonal(Lc, axis1=2, axis2=3)).sum(axis=(1, 2))
-            sol = np.linalg.solve(Lc, Rm).reshape(F, G * q, p + 1)
-        # sum over groups of [cu | CX]' [cu | CX], as one batched matmul
-        S = np.matmul(np.swapaxes(sol, 1, 2), sol)  # (F, 1+p, 1+p)
-        cucu = S[:, 0, 0]
-        rhs = self.Xty - S[:, 1:, 0]
-        RtR = self.XtX - S[:, 1:, 1:]
-        ok = np.ones(self.F, dtype=bool)
+            parts = [self._general(t3[:, t]) for t in range(T)]
+            ld = np.stack([x[0] for x in parts], axis=1)
+            S = np.stack([x[1] for x in parts], axis=1)
+        cucu = S[..., 0, 0]
+        rhs = self.Xty[:, None] - S[..., 1:, 0]
+        RtR = self.XtX[:, None] - S[..., 1:, 1:]
+        ok = np.ones((F, T), dtype=bool)
         try:
             RX = np.linalg.cholesky(RtR)
         except np.linalg.LinAlgError:
             RX = np.zeros_like(RtR)
-            for f in range(self.F):
+            for f, t in np.ndindex(F, T):
                 try:
-                    RX[f] = np.linalg.cholesky(RtR[f])
+                    RX[f, t] = np.linalg.cholesky(RtR[f, t])
                 except np.linalg.LinAlgError:
-                    ok[f] = False
-                    RX[f] = np.eye(p)
-        ldx = 2.0 * np.log(np.diagonal(RX, axis1=1, axis2=2)).sum(axis=1)
+                    ok[f, t] = False
+                    RX[f, t] = np.eye(p)
+        ldx = 2.0 * np.log(np.diagonal(RX, axis1=-2, axis2=-1)).sum(axis=-1)
         cb = np.linalg.solve(RX, rhs[..., None])[..., 0]
-        beta = np.linalg.solve(np.swapaxes(RX, 1, 2), cb[..., None])[..., 0]
-        r2 = self.yty - cucu - np.einsum("fp,fp->f", cb, cb)
+        beta = np.linalg.solve(np.swapaxes(RX, -1, -2), cb[..., None])[..., 0]
+        r2 = self.yty[:, None] - cucu - (cb * cb).sum(axis=-1)
         ok &= r2 > 0
-        return ld, ldx, RtR, beta, r2, ok
+        out = (ld, ldx, RtR, beta, r2, ok)
+        return tuple(x[:, 0] for x in out) if flat else out
+
+    def _general(self, th: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logdet L^2, cross-products S) for q > 2, through batched Cholesky factors."""
+        q, p = self.q, self.p
+        L = self.lam(th)
+        M = np.einsum("fji,fgjk,fkl->fgil", L, self.ZtZ, L, optimize=True)
+        M[..., np.arange(q), np.arange(q)] += 1.0
+        Rm = np.einsum("fji,fgjm->fgim", L, self.R, optimize=True)
+        Lc = np.linalg.cholesky(M)
+        ld = 2.0 * np.log(np.diagonal(Lc, axis1=2, axis2=3)).sum(axis=(1, 2))
+        sol = np.linalg.solve(Lc, Rm).reshape(self.F, self.G * q, p + 1)
+        # sum over groups of [cu | CX]' [cu | CX], as one batched matmul
+        return ld, np.matmul(np.swapaxes(sol, 1, 2), sol)
 
     def deviance(self, th: np.ndarray) -> np.ndarray:
+        """Profiled deviance at ``th``, (F, k) -> (F,) or (F, T, k) -> (F, T)."""
+        n = self.n if th.ndim == 2 else self.n[:, None]
         with np.errstate(all="ignore"):
             ld, ldx, _, _, r2, ok = self.solve(th)
             if self.reml:
-                dof = self.n - self.p
+                dof = n - self.p
                 dev = ld + ldx + dof * (1.0 + _LOG2PI + np.log(r2 / dof))
             else:
-                dev = ld + self.n * (1.0 + _LOG2PI + np.log(r2 / self.n))
+                dev = ld + n * (1.0 + _LOG2PI + np.log(r2 / n))
         return np.where(ok & np.isfinite(dev), dev, np.inf)
+
+
+def _offsets(k: int, mixed: str) -> tuple[np.ndarray, list[tuple[int, int, list[int]]]]:
+    """Finite-difference points: 0, +-h e_i, then the mixed ones per (i, j), j < i:
+    "central" (4 points: ++, +-, -+, --) or "forward" (1 point: ++)."""
+    eye = np.eye(k) * _H
+    pts = [np.zeros(k)] + [eye[i] for i in range(k)] + [-eye[i] for i in range(k)]
+    mixed_idx = []
+    signs = [(1, 1), (1, -1), (-1, 1), (-1, -1)] if mixed == "central" else [(1, 1)]
+    for i in range(k):
+        for j in range(i):
+            mixed_idx.append((i, j, list(range(len(pts), len(pts) + len(signs)))))
+            pts += [si * eye[i] + sj * eye[j] for si, sj in signs]
+    return np.array(pts), mixed_idx
+
+
+def _at(prob: BatchProblem, th: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """Deviance at th + off[t] for every offset, (F, T). One point per call: stacking
+    points in one call is slower (arrays leave the cache)."""
+    return np.stack([prob.deviance(th + o) for o in off], axis=1)
 
 
 def _derivs(prob: BatchProblem, th: np.ndarray) -> tuple[np.ndarray, ...]:
     """Central-difference gradient and Hessian, plus forward differences, for all fits."""
     F, k = th.shape
-    f0 = prob.deviance(th)
-    fp = np.empty((F, k))
-    fm = np.empty((F, k))
-    for i in range(k):
-        e = np.zeros(k)
-        e[i] = _H
-        fp[:, i] = prob.deviance(th + e)
-        fm[:, i] = prob.deviance(th - e)
+    off, mixed = _offsets(k, "central")
+    v = _at(prob, th, off)
+    f0, fp, fm = v[:, 0], v[:, 1:1 + k], v[:, 1 + k:1 + 2 * k]
     grad = (fp - fm) / (2 * _H)
     H = np.empty((F, k, k))
     for i in range(k):
         H[:, i, i] = (fp[:, i] - 2 * f0 + fm[:, i]) / _H**2
-        for j in range(i):
-            ei = np.zeros(k)
-            ej = np.zeros(k)
-            ei[i] = _H
-            ej[j] = _H
-            v = (prob.deviance(th + ei + ej) - prob.deviance(th + ei - ej)
-                 - prob.deviance(th - ei + ej) + prob.deviance(th - ei - ej)) / (4 * _H * _H)
-            H[:, i, j] = H[:, j, i] = v
+    for i, j, (pp, pm, mp, mm) in mixed:
+        H[:, i, j] = H[:, j, i] = (v[:, pp] - v[:, pm] - v[:, mp] + v[:, mm]) / (4 * _H * _H)
     return f0, grad, H, fp
 
 
@@ -180,20 +230,15 @@ def _derivs_newton(prob: BatchProblem, th: np.ndarray) -> tuple[np.ndarray, ...]
     """Cheaper derivatives for the Newton steps (verification uses ``_derivs``): central
     gradient and diagonal, forward mixed partials reusing f(th + h e_i)."""
     F, k = th.shape
-    f0 = prob.deviance(th)
-    fp = np.empty((F, k))
-    fm = np.empty((F, k))
-    eye = np.eye(k) * _H
-    for i in range(k):
-        fp[:, i] = prob.deviance(th + eye[i])
-        fm[:, i] = prob.deviance(th - eye[i])
+    off, mixed = _offsets(k, "forward")
+    v = _at(prob, th, off)
+    f0, fp, fm = v[:, 0], v[:, 1:1 + k], v[:, 1 + k:1 + 2 * k]
     grad = (fp - fm) / (2 * _H)
     H = np.empty((F, k, k))
     for i in range(k):
         H[:, i, i] = (fp[:, i] - 2 * f0 + fm[:, i]) / _H**2
-        for j in range(i):
-            v = (prob.deviance(th + eye[i] + eye[j]) - fp[:, i] - fp[:, j] + f0) / _H**2
-            H[:, i, j] = H[:, j, i] = v
+    for i, j, (pp,) in mixed:
+        H[:, i, j] = H[:, j, i] = (v[:, pp] - fp[:, i] - fp[:, j] + f0) / _H**2
     return f0, grad, H
 
 

@@ -69,6 +69,19 @@ def _matrix(formula: str, data: pd.DataFrame, env: patsy.EvalEnvironment, lhs: b
         raise ModelFailure(f"design matrix could not be built: {exc}") from None
 
 
+def _patsy_column(s: pd.Series) -> np.ndarray | pd.Categorical:
+    """Text columns as a sorted Categorical: patsy then reads codes instead of sniffing
+    every value in Python (which dominates small fits). Its levels are the sorted
+    distinct values, as patsy would find them."""
+    if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s) or isinstance(
+            s.dtype, pd.CategoricalDtype):
+        return s.to_numpy() if not isinstance(s.dtype, pd.CategoricalDtype) else s.array
+    try:
+        return pd.Categorical(s.to_numpy(dtype=object))
+    except TypeError:  # values that do not sort together: let patsy decide
+        return s.to_numpy()
+
+
 def build_design(data: pd.DataFrame, spec: ModelSpec) -> Design:
     """Build every matrix the spec needs. Raises SpecError for missing columns."""
     spec.check_columns(list(map(str, data.columns)))
@@ -91,7 +104,7 @@ def build_design(data: pd.DataFrame, spec: ModelSpec) -> Design:
         why = f"column {allnan[0]!r} is all missing" if allnan else "the data is empty"
         raise ModelFailure(f"no rows to fit: {why} (n_obs=0, n_dropped={n_dropped})")
     idents = {c: f"_ms{i}_" for i, c in enumerate(cols)}
-    frame = pd.DataFrame({idents[c]: sub[c].to_numpy() for c in cols})
+    frame = pd.DataFrame({idents[c]: _patsy_column(sub[c]) for c in cols})
     env = patsy.EvalEnvironment([eval_namespace()])
     p = spec.parsed
     X, y, x_names = _matrix(p["formula"].render(idents), frame, env, lhs=True)
