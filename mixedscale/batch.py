@@ -83,7 +83,8 @@ class BatchProblem:
             outer = [r0[..., i] * r0[..., j]]
             if self.q == 2:
                 r1 = self.R[:, :, 1, :]
-                outer += [r0[..., i] * r1[..., j] + r1[..., i] * r0[..., j], r1[..., i] * r1[..., j]]
+                outer += [r0[..., i] * r1[..., j] + r1[..., i] * r0[..., j],
+                          r1[..., i] * r1[..., j]]
             self.P = np.concatenate(outer, axis=1)  # (F, len(outer) * G, n_tri)
 
     def subset(self, sel: np.ndarray) -> BatchProblem:
