@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from .design import ModelFailure, build_design
 from .engines import GRAD_TOL, lme4_verdict
@@ -43,8 +44,8 @@ class BatchOutput:
     """Results for the slices fitted here; ``fallback`` lists slice positions left to fit()."""
 
     records: list[dict[str, Any]]  # one fit record per fitted slice, with "_slice" position
-    params: pd.DataFrame  # with "_slice"
-    variance: pd.DataFrame  # with "_slice"
+    params: pa.Table  # with "_slice"
+    variance: pa.Table  # with "_slice"
     fallback: list[int]
 
 
@@ -483,8 +484,8 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
     idx = np.flatnonzero(good)
     fallback = [int(i) for i in np.flatnonzero(~good)]
     records: list[dict[str, Any]] = []
-    params: list[pd.DataFrame] = []
-    variance: list[pd.DataFrame] = []
+    params: list[pa.Table] = []
+    variance: list[pa.Table] = []
     def problem(sel: np.ndarray) -> BatchProblem:
         return BatchProblem(ZtZ[sel], ZtX[sel], Zty[sel], XtX[sel], Xty[sel], yty[sel],
                             n_rows[sel], spec.reml, diagonal)
@@ -524,9 +525,9 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
                 rec["fit_seconds"] = per_fit
                 rec["attempts"][0]["seconds"] = per_fit
     return BatchOutput(records=records,
-                       params=pd.concat(params, ignore_index=True) if params else pd.DataFrame(),
-                       variance=pd.concat(variance, ignore_index=True) if variance
-                       else pd.DataFrame(), fallback=sorted(fallback))
+                       params=pa.concat_tables(params) if params else pa.table({}),
+                       variance=pa.concat_tables(variance) if variance else pa.table({}),
+                       fallback=sorted(fallback))
 
 
 def _shared_designs(Xs: np.ndarray, Zs: np.ndarray, g_row: np.ndarray, sl_o: np.ndarray,
@@ -574,7 +575,7 @@ def _outputs(prob: BatchProblem, th: np.ndarray, which: np.ndarray, d: Any, spec
              zi: np.ndarray, shift: np.ndarray, sy: np.ndarray, n_rows: np.ndarray,
              dropped: np.ndarray, n_groups: np.ndarray, starts: np.ndarray, sizes: np.ndarray,
              seg_slice: np.ndarray, gmax: np.ndarray, hpd: np.ndarray, n_evals: int,
-             elapsed: float) -> tuple[list[dict[str, Any]], list[pd.DataFrame], list[pd.DataFrame]]:
+             elapsed: float) -> tuple[list[dict[str, Any]], list[pa.Table], list[pa.Table]]:
     """Estimates in the scaled problem, mapped back exactly to each slice's data scale."""
     sub = prob
     _, _, RtR, beta_s, r2, _ = sub.solve(th)
@@ -635,8 +636,10 @@ def _outputs(prob: BatchProblem, th: np.ndarray, which: np.ndarray, d: Any, spec
         records.append(rec)
     F = len(which)
     stat, pval, lo, hi = wald(beta, se)
-    params = pd.DataFrame({
-        "_slice": np.repeat(which, p), "term": np.tile(np.asarray(d.x_names, dtype=object), F),
+    text = pa.string()
+    params = pa.table({
+        "_slice": np.repeat(which, p),
+        "term": pa.array(np.tile(np.asarray(d.x_names, dtype=object), F), type=text),
         "estimate": beta.ravel(), "std_error": se.ravel(), "statistic": stat.ravel(),
         "p_value": pval.ravel(), "conf_low": lo.ravel(), "conf_high": hi.ravel()})
     g = spec.groups or "all"
@@ -653,9 +656,9 @@ def _outputs(prob: BatchProblem, th: np.ndarray, which: np.ndarray, d: Any, spec
     vrows.append(("Residual", None, None, "residual"))
     vals.append(sigma2)
     nv = len(vrows)
-    variance = pd.DataFrame({
+    variance = pa.table({
         "_slice": np.repeat(which, nv),
-        "group": [r[0] for r in vrows] * F, "term1": [r[1] for r in vrows] * F,
-        "term2": [r[2] for r in vrows] * F, "kind": [r[3] for r in vrows] * F,
+        **{name: pa.array([r[j] for r in vrows] * F, type=text)
+           for j, name in enumerate(("group", "term1", "term2", "kind"))},
         "estimate": np.stack(vals, axis=1).ravel()})
     return records, [params], [variance]

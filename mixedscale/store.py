@@ -155,6 +155,18 @@ def to_table(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
     return pa.table(cols, schema=schema)
 
 
+def nan_to_null(table: pa.Table) -> pa.Table:
+    """NaN in float columns as null, as ``to_table`` (pandas' missing values) stores it."""
+    import pyarrow.compute as pc
+
+    for i, f in enumerate(table.schema):
+        if pa.types.is_floating(f.type):
+            col = table.column(i)
+            if pc.any(pc.is_nan(col)).as_py():
+                table = table.set_column(i, f, pc.if_else(pc.is_nan(col), None, col))
+    return table
+
+
 class Store:
     """A results store at a local path or fsspec URL."""
 

@@ -28,7 +28,15 @@ from .plan import FitItem, Task, _norm_key
 from .single import FitResult, fit
 from .source import RowGroup, Source
 from .spec import ModelSpec
-from .store import FAULTS_ENV, Store, claim_fault, fault_rules, table_schema, to_table
+from .store import (
+    FAULTS_ENV,
+    Store,
+    claim_fault,
+    fault_rules,
+    nan_to_null,
+    table_schema,
+    to_table,
+)
 
 __all__ = ["TaskOutcome", "TaskPayload", "load_unit", "partition", "piece", "run_task"]
 
@@ -215,40 +223,46 @@ def _work_units(task: Task, specs: dict[int, ModelSpec]) -> list[tuple[str, list
     return units
 
 
-def _keyed(frame: pd.DataFrame, payload: TaskPayload, items: Sequence[FitItem],
-           spec: ModelSpec) -> pd.DataFrame:
+def _keyed(table: pa.Table, payload: TaskPayload, items: Sequence[FitItem],
+           spec: ModelSpec) -> pa.Table:
     """Batch output rows (by ``_slice`` position) with fit_id, split columns and spec_id."""
-    pos = frame["_slice"].to_numpy()
-    cols: dict[str, Any] = {"fit_id": np.array([it.fit_id for it in items], dtype=object)[pos]}
-    for j, name in enumerate(payload.split_by):
+    pos = table.column("_slice").to_numpy()
+    n = table.num_rows
+    cols: dict[str, Any] = {
+        "fit_id": pa.array(np.array([it.fit_id for it in items], dtype=object)[pos],
+                           type=pa.string())}
+    for j, f in enumerate(payload.key_fields):
         vals = np.array([payload.keys[it.slice][j] for it in items], dtype=object)
-        cols[name] = vals[pos]
-    cols["spec_id"] = spec.spec_id
-    return frame.drop(columns="_slice").assign(**cols)
+        cols[f.name] = pa.array(vals[pos], type=f.type, from_pandas=True)
+    cols["spec_id"] = pa.array([spec.spec_id] * n, type=pa.string())
+    for name in table.column_names:
+        if name != "_slice":
+            cols[name] = table.column(name)
+    return pa.table(cols)
 
 
 def build_tables(payload: TaskPayload, items: Sequence[FitItem], results: Sequence[FitResult],
-                 extra: dict[str, list[pd.DataFrame]] | None = None) -> dict[str, pa.Table]:
+                 extra: dict[str, list[pa.Table]] | None = None) -> dict[str, pa.Table]:
     """The task's three tables; ``extra`` holds params/variance already keyed by fit_id."""
     fits_rows: list[dict[str, Any]] = []
-    params = list((extra or {}).get("params", []))
-    variance = list((extra or {}).get("variance", []))
+    kf = payload.key_fields
+    out: dict[str, list[pa.Table]] = {t: list((extra or {}).get(t, []))
+                                      for t in ("params", "variance")}
     for item, r in zip(items, results, strict=True):
         key = payload.keys[item.slice]
         head = {"fit_id": item.fit_id, **dict(zip(payload.split_by, key, strict=True))}
         fits_rows.append({**head, **r.fit})
-        if len(r.params):
-            params.append(r.params.assign(**head, spec_id=r.fit["spec_id"]))
-        if len(r.variance):
-            variance.append(r.variance.assign(**head, spec_id=r.fit["spec_id"]))
-    kf = payload.key_fields
-    return {
-        "fits": to_table(pd.DataFrame(fits_rows), table_schema("fits", kf)),
-        "params": to_table(pd.concat(params, ignore_index=True) if params else pd.DataFrame(),
-                           table_schema("params", kf)),
-        "variance": to_table(pd.concat(variance, ignore_index=True) if variance else
-                             pd.DataFrame(), table_schema("variance", kf)),
-    }
+        for name, frame in (("params", r.params), ("variance", r.variance)):
+            if len(frame):
+                out[name].append(to_table(frame.assign(**head, spec_id=r.fit["spec_id"]),
+                                          table_schema(name, kf)))
+    tables = {"fits": nan_to_null(pa.Table.from_pylist(fits_rows,
+                                                       schema=table_schema("fits", kf)))}
+    for name, parts in out.items():
+        schema = table_schema(name, kf)
+        tables[name] = (pa.concat_tables([t.select(schema.names).cast(schema) for t in parts])
+                        if parts else schema.empty_table())
+    return tables
 
 
 def failure_tables(payload: TaskPayload, etype: str, msg: str) -> dict[str, pa.Table]:
@@ -281,7 +295,8 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
         except MixedscaleError as exc:  # e.g. a column typed differently in this slice
             return _error_result(spec, type(exc).__name__, str(exc))
 
-    Chunk = tuple[list[tuple[int, FitResult]], dict[str, list[pd.DataFrame]]]
+    Chunk = tuple[list[tuple[int, FitResult]], dict[str, list[pa.Table]]]
+    subsets: dict[tuple[Any, ...], tuple[pd.DataFrame, np.ndarray]] = {}
 
     def batch(idxs: list[int]) -> Chunk:
         """Slices of one spec fitted together; the ones not verified there go to fit().
@@ -291,10 +306,15 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
         keys = [payload.keys[task.items[i].slice] for i in idxs]
         for k in keys:
             _maybe_inject(payload, k)
-        rows = [pos.get(k, _NO_POS) for k in keys]
-        sl = np.repeat(np.arange(len(keys)), [len(r) for r in rows])
+        tk = tuple(keys)
+        if tk not in subsets:  # specs of a task usually share its slices: take rows once
+            rows = [pos.get(k, _NO_POS) for k in keys]
+            sl = np.repeat(np.arange(len(keys)), [len(r) for r in rows])
+            subsets.clear()
+            subsets[tk] = (df.iloc[np.concatenate(rows)], sl)
+        frame, sl = subsets[tk]
         try:
-            out = fit_slices(df.iloc[np.concatenate(rows)], sl, spec, len(keys))
+            out = fit_slices(frame, sl, spec, len(keys))
         except MixedscaleError:
             out = None
         if out is None:
@@ -302,11 +322,11 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
         done = []
         for rec in out.records:
             done.append((idxs[rec.pop("_slice")], FitResult(rec, _NO_ROWS, _NO_ROWS)))
-        frames: dict[str, list[pd.DataFrame]] = {}
+        frames: dict[str, list[pa.Table]] = {}
         for name in ("params", "variance"):
-            frame = getattr(out, name)
-            if len(frame):
-                frames[name] = [_keyed(frame, payload, [task.items[i] for i in idxs], spec)]
+            table = getattr(out, name)
+            if table.num_rows:
+                frames[name] = [_keyed(table, payload, [task.items[i] for i in idxs], spec)]
         done += [(idxs[j], one(idxs[j])) for j in out.fallback]
         return done, frames
 
@@ -339,7 +359,7 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
         if monitor is not None:
             monitor.stop()
     by_item: dict[int, FitResult] = {}
-    extra: dict[str, list[pd.DataFrame]] = {"params": [], "variance": []}
+    extra: dict[str, list[pa.Table]] = {"params": [], "variance": []}
     for c in chunks:
         if c is None:
             continue
