@@ -21,9 +21,15 @@ def _batch(df: pd.DataFrame, spec: ms.ModelSpec, key: str = "gene"):
     return out, list(uniq)
 
 
+def _frames(out):
+    """The batch's Arrow tables as pandas, for comparisons."""
+    return out.params.to_pandas(), out.variance.to_pandas()
+
+
 def _compare(df: pd.DataFrame, spec: ms.ModelSpec, key: str = "gene") -> int:
     """Every batched fit equals the per-fit path; returns how many were batched."""
     out, uniq = _batch(df, spec, key)
+    params, variance = _frames(out)
     for rec in out.records:
         s = rec["_slice"]
         single = ms.fit(df[df[key] == uniq[s]], spec)
@@ -32,12 +38,12 @@ def _compare(df: pd.DataFrame, spec: ms.ModelSpec, key: str = "gene") -> int:
         assert rec["singular"] == single.fit["singular"]
         assert rec["n_obs"] == single.fit["n_obs"]
         assert rec["n_groups"] == single.fit["n_groups"]
-        p = out.params[out.params["_slice"] == s]
+        p = params[params["_slice"] == s]
         assert list(p["term"]) == list(single.params["term"])
         np.testing.assert_allclose(p["estimate"], single.params["estimate"], rtol=1e-5,
                                    atol=1e-8)
         np.testing.assert_allclose(p["std_error"], single.params["std_error"], rtol=1e-4)
-        v = out.variance[out.variance["_slice"] == s]
+        v = variance[variance["_slice"] == s]
         assert list(v["kind"]) == list(single.variance["kind"])
         resid = float(single.variance["estimate"].iloc[-1])
         np.testing.assert_allclose(v["estimate"], single.variance["estimate"], rtol=1e-4,
