@@ -189,29 +189,47 @@ def make_plan(src: Source, specs: Sequence[ModelSpec], split_by: Sequence[str] =
 
 def _slices(src: Source, keys: pd.DataFrame, split_by: list[str], columns: list[str]
             ) -> list[SliceInfo]:
+    """One SliceInfo per split key (sorted), vectorized: 10^5+ slices plan in seconds."""
     fps = _frame_fingerprints(src, split_by, columns) if src.frame is not None else None
     flt = json.dumps(src.filter, default=str)
+    keys = keys.loc[keys["_rows"].to_numpy() > 0]
     if split_by:
-        grouped = keys.groupby(split_by, sort=True, dropna=False, observed=True)
-        agg = grouped.agg(_rows=("_rows", "sum"), _rgs=("_rg", lambda s: tuple(sorted(set(s)))))
-        agg = agg.reset_index()
-        key_rows = agg[split_by].itertuples(index=False, name=None)
+        codes, uniq = _key_codes(keys, split_by)
+        key_rows: list[tuple[Any, ...]] = list(uniq.itertuples(index=False, name=None))
     else:
-        agg = pd.DataFrame({"_rows": [int(keys["_rows"].sum())],
-                            "_rgs": [tuple(sorted(set(keys["_rg"])))]})
-        key_rows = iter([()] * 1)
+        codes = np.zeros(len(keys), dtype=np.intp)
+        key_rows = [()]
+    n = len(key_rows)
+    rows = np.bincount(codes, weights=keys["_rows"].to_numpy(dtype=float), minlength=n)
+    # Distinct row groups per slice: sort (slice, rg) pairs, drop repeats, split.
+    rg = keys["_rg"].to_numpy(dtype=np.int64)
+    pairs = np.unique(codes.astype(np.int64) * (int(rg.max(initial=0)) + 1) + rg)
+    p_slice, p_rg = np.divmod(pairs, int(rg.max(initial=0)) + 1)
+    cuts = np.searchsorted(p_slice, np.arange(1, n))
+    rg_lists = np.split(p_rg, cuts)
     rgs = src.row_groups
+    fp_by_rgs: dict[tuple[int, ...], str] = {}  # slices reading the same row groups
     out: list[SliceInfo] = []
-    for key, rows, rg_idx in zip(key_rows, agg["_rows"], agg["_rgs"], strict=True):
+    for key, nrows, rg_arr in zip(key_rows, rows, rg_lists, strict=True):
         nkey = _norm_key(key)
-        if int(rows) == 0:
-            continue
+        rg_idx = tuple(rg_arr.tolist())
         if fps is not None:
             fp = fps.get(nkey, "")
         else:
-            fp = _h([rgs[i].fingerprint for i in rg_idx], flt)[:16]
-        out.append(SliceInfo(nkey, int(rows), tuple(int(i) for i in rg_idx), fp))
+            fp = fp_by_rgs.get(rg_idx, "")
+            if not fp:
+                fp = fp_by_rgs[rg_idx] = _h([rgs[i].fingerprint for i in rg_idx], flt)[:16]
+        out.append(SliceInfo(nkey, int(nrows), rg_idx, fp))
     return out
+
+
+def _key_codes(keys: pd.DataFrame, split_by: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
+    """Codes of each row's split key into the sorted distinct keys (missing keys last)."""
+    grouped = keys.groupby(split_by, sort=True, dropna=False, observed=True)
+    codes = grouped.ngroup().to_numpy()
+    first = pd.Series(np.arange(len(keys))).groupby(codes).first().to_numpy()
+    uniq = keys.loc[:, split_by].iloc[first].reset_index(drop=True)
+    return codes.astype(np.intp), uniq
 
 
 def _units(slices: list[SliceInfo], rg_bytes: list[int]) -> list[LoadUnit]:
@@ -243,13 +261,20 @@ def _units(slices: list[SliceInfo], rg_bytes: list[int]) -> list[LoadUnit]:
 
 def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec]
            ) -> list[Task]:
+    # fit_id = _h(spec_id, key, fingerprint)[:20], with each slice's JSON built once.
+    heads = [json.dumps(sp.spec_id) for sp in specs]
+    costs: dict[tuple[int, int], float] = {}
     items_cost: list[tuple[int, FitItem, float]] = []
     for u in units:
         for si in u.slices:
             s = slices[si]
+            tail = f"{json.dumps(list(s.key), default=str)}, {json.dumps(s.fingerprint)}]"
             for pi, spec in enumerate(specs):
-                fid = _h(spec.spec_id, s.key, s.fingerprint)[:20]
-                items_cost.append((u.index, FitItem(fid, si, pi), spec_cost_ms(spec, s.rows)))
+                fid = hashlib.sha256(f"[{heads[pi]}, {tail}".encode()).hexdigest()[:20]
+                cost = costs.get((pi, s.rows))
+                if cost is None:
+                    cost = costs[(pi, s.rows)] = spec_cost_ms(spec, s.rows)
+                items_cost.append((u.index, FitItem(fid, si, pi), cost))
     total = sum(c for _, _, c in items_cost)
     target = min(TASK_TARGET_MS, max(total / TASK_MIN_TASKS, 5.0))
     tasks: list[Task] = []
