@@ -28,8 +28,9 @@ import pyarrow as pa
 from .design import ModelFailure, build_design
 from .engines import GRAD_TOL, lme4_verdict
 from .errors import MixedscaleError
-from .single import _empty_record, wald
+from .single import versions, wald
 from .spec import ModelSpec
+from .store import FIT_SCHEMA
 
 __all__ = ["MIN_BATCH", "BatchOutput", "batchable", "fit_slices"]
 
@@ -43,10 +44,15 @@ MIN_BATCH = 4  # below this, the per-fit path is as fast
 class BatchOutput:
     """Results for the slices fitted here; ``fallback`` lists slice positions left to fit()."""
 
-    records: list[dict[str, Any]]  # one fit record per fitted slice, with "_slice" position
+    fits: pa.Table  # one row per fitted slice (store.FIT_SCHEMA columns), with "_slice"
     params: pa.Table  # with "_slice"
     variance: pa.Table  # with "_slice"
     fallback: list[int]
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The fit rows as dicts, as ``single.fit`` returns them."""
+        return self.fits.to_pylist()
 
 
 class BatchProblem:
@@ -104,8 +110,9 @@ class BatchProblem:
         L[:, self.rows, self.cols] = th
         return L
 
-    def solve(self, th: np.ndarray) -> tuple[np.ndarray, ...]:
-        """(logdet L^2, logdet RX'RX, RX'RX, beta, penalized RSS, ok) for each fit.
+    def solve(self, th: np.ndarray, with_beta: bool = False) -> tuple[Any, ...]:
+        """(logdet L^2, logdet RX'RX, RX'RX, beta, penalized RSS, ok) for each fit;
+        beta is None unless ``with_beta``.
 
         ``th`` is (F, k), or (F, T, k) for T points per fit (finite differences, line
         searches) evaluated in one pass; the results then carry the same T axis."""
@@ -148,24 +155,14 @@ class BatchProblem:
         cucu = S[..., 0, 0]
         rhs = self.Xty[:, None] - S[..., 1:, 0]
         RtR = self.XtX[:, None] - S[..., 1:, 1:]
-        ok = np.ones((F, T), dtype=bool)
-        try:
-            RX = np.linalg.cholesky(RtR)
-        except np.linalg.LinAlgError:
-            RX = np.zeros_like(RtR)
-            for f, t in np.ndindex(F, T):
-                try:
-                    RX[f, t] = np.linalg.cholesky(RtR[f, t])
-                except np.linalg.LinAlgError:
-                    ok[f, t] = False
-                    RX[f, t] = np.eye(p)
+        RX, ok = _cholesky(RtR)
         ldx = 2.0 * np.log(np.diagonal(RX, axis1=-2, axis2=-1)).sum(axis=-1)
-        cb = np.linalg.solve(RX, rhs[..., None])[..., 0]
-        beta = np.linalg.solve(np.swapaxes(RX, -1, -2), cb[..., None])[..., 0]
+        cb = _forward(RX, rhs)
+        beta = _backward(RX, cb) if with_beta else None
         r2 = self.yty[:, None] - cucu - (cb * cb).sum(axis=-1)
         ok &= r2 > 0
         out = (ld, ldx, RtR, beta, r2, ok)
-        return tuple(x[:, 0] for x in out) if flat else out
+        return tuple(None if x is None else x[:, 0] for x in out) if flat else out
 
     def _general(self, th: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logdet L^2, cross-products S) for q > 2, through batched Cholesky factors."""
@@ -191,6 +188,63 @@ class BatchProblem:
             else:
                 dev = ld + n * (1.0 + _LOG2PI + np.log(r2 / n))
         return np.where(ok & np.isfinite(dev), dev, np.inf)
+
+
+_SMALL_P = 4  # up to this many fixed effects, unrolled numpy beats batched LAPACK calls
+
+
+def _cholesky(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lower Cholesky factors of a stack of SPD matrices, and which ones are PD; a
+    non-PD matrix gets the identity (its fit is then marked not ok)."""
+    p = A.shape[-1]
+    if p > _SMALL_P:
+        try:
+            return np.linalg.cholesky(A), np.ones(A.shape[:-2], dtype=bool)
+        except np.linalg.LinAlgError:
+            L = np.zeros_like(A)
+            ok = np.ones(A.shape[:-2], dtype=bool)
+            for idx in np.ndindex(*A.shape[:-2]):
+                try:
+                    L[idx] = np.linalg.cholesky(A[idx])
+                except np.linalg.LinAlgError:
+                    ok[idx] = False
+                    L[idx] = np.eye(p)
+            return L, ok
+    L = np.zeros_like(A)
+    ok = np.ones(A.shape[:-2], dtype=bool)
+    with np.errstate(all="ignore"):
+        for j in range(p):
+            d = A[..., j, j] - (L[..., j, :j] ** 2).sum(axis=-1)
+            ok &= d > 0
+            ljj = np.sqrt(np.where(d > 0, d, 1.0))
+            L[..., j, j] = ljj
+            for i in range(j + 1, p):
+                L[..., i, j] = (A[..., i, j] - (L[..., i, :j] * L[..., j, :j]).sum(axis=-1)) / ljj
+    if not ok.all():
+        L[~ok] = np.eye(p)
+    return L, ok
+
+
+def _forward(L: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve L x = b for stacks of lower-triangular L."""
+    p = L.shape[-1]
+    if p > _SMALL_P:
+        return np.linalg.solve(L, b[..., None])[..., 0]
+    x = np.empty_like(b)
+    for i in range(p):
+        x[..., i] = (b[..., i] - (L[..., i, :i] * x[..., :i]).sum(axis=-1)) / L[..., i, i]
+    return x
+
+
+def _backward(L: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve L' x = b for stacks of lower-triangular L."""
+    p = L.shape[-1]
+    if p > _SMALL_P:
+        return np.linalg.solve(np.swapaxes(L, -1, -2), b[..., None])[..., 0]
+    x = np.empty_like(b)
+    for i in reversed(range(p)):
+        x[..., i] = (b[..., i] - (L[..., i + 1:, i] * x[..., i + 1:]).sum(axis=-1)) / L[..., i, i]
+    return x
 
 
 def _offsets(k: int, mixed: str) -> tuple[np.ndarray, list[tuple[int, int, list[int]]]]:
@@ -371,15 +425,42 @@ def batchable(spec: ModelSpec) -> bool:
     return not any(s in t for t in texts for s in _STATEFUL)
 
 
-def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
-               ) -> BatchOutput | None:
-    """Fit ``spec`` to every slice at once; row ``r`` of ``df`` belongs to slice ``sl[r]``.
+@dataclass(frozen=True)
+class _Prep:
+    """Everything a batch needs before optimizing: per-slice sufficient statistics of
+    the scaled design, and what maps estimates back. Shared by specs that differ only
+    in ``reml`` (see ``_prep_key``)."""
 
-    Returns None when batching does not apply. Raises SpecError for input errors.
-    """
-    if n_slices < MIN_BATCH or not batchable(spec):
-        return None
-    t0 = time.perf_counter()
+    d: Any
+    ZtZ: Any
+    ZtX: Any
+    Zty: Any
+    XtX: Any
+    Xty: Any
+    yty: Any
+    n_rows: Any
+    dropped: Any
+    good: Any
+    diagonal: Any
+    cx: Any
+    dx: Any
+    cz: Any
+    dz: Any
+    xi: Any
+    zi: Any
+    shift: Any
+    sy: Any
+    n_groups: Any
+    starts: Any
+    sizes: Any
+    seg_slice: Any
+
+
+def _prep_key(spec: ModelSpec) -> tuple[Any, ...]:
+    return (spec.formula, spec.re_formula, spec.groups, spec.cov_structure, spec.columns)
+
+
+def _prepare(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int) -> _Prep | None:
     spec.check_columns(list(map(str, df.columns)))
     cols = list(spec.columns)
     sub = df.loc[:, cols]
@@ -481,9 +562,36 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
     Zty[seg_slice, seg_local] = np.add.reduceat(Zs * ys[:, None], starts, axis=0)
     Xty = np.add.reduceat(Xs * ys[:, None], s_start, axis=0)
     yty = np.add.reduceat(ys * ys, s_start)
+    return _Prep(d, ZtZ, ZtX, Zty, XtX, Xty, yty, n_rows, dropped, good, diagonal, cx, dx,
+                 cz, dz, xi, zi, shift, sy, n_groups, starts, sizes, seg_slice)
+
+
+def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
+               cache: dict[tuple[Any, ...], Any] | None = None) -> BatchOutput | None:
+    """Fit ``spec`` to every slice at once; row ``r`` of ``df`` belongs to slice ``sl[r]``.
+
+    Returns None when batching does not apply. Raises SpecError for input errors.
+    ``cache``: pass the same dict for specs fitted on the same rows, so the design and
+    its statistics are built once for all of them.
+    """
+    if n_slices < MIN_BATCH or not batchable(spec):
+        return None
+    t0 = time.perf_counter()
+    key = _prep_key(spec)
+    if cache is not None and key in cache:
+        prep = cache[key]
+    else:
+        prep = _prepare(df, sl, spec, n_slices)
+        if cache is not None:
+            cache[key] = prep
+    if prep is None:
+        return None
+    (d, ZtZ, ZtX, Zty, XtX, Xty, yty, n_rows, dropped, good, diagonal, cx, dx, cz, dz, xi,
+     zi, shift, sy, n_groups, starts, sizes, seg_slice) = (
+        getattr(prep, f) for f in _Prep.__dataclass_fields__)
     idx = np.flatnonzero(good)
     fallback = [int(i) for i in np.flatnonzero(~good)]
-    records: list[dict[str, Any]] = []
+    fits: pa.Table | None = None
     params: list[pa.Table] = []
     variance: list[pa.Table] = []
     def problem(sel: np.ndarray) -> BatchProblem:
@@ -511,23 +619,53 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int
             th[j], dev[j], gmax[j], hpd[j], singular_s[j] = (th2[better], dev2[better],
                                                                g2[better], h2[better], s2[better])
         verified = conv & np.isfinite(dev) & (gmax <= GRAD_TOL) & (hpd | singular_s)
-        elapsed = (time.perf_counter() - t0) / max(len(idx), 1)
         ok = np.flatnonzero(verified)
         fallback += [int(idx[j]) for j in np.flatnonzero(~verified)]
         if ok.size:
             out = _outputs(problem(idx[ok]), th[ok], idx[ok], d, spec, cx, dx, cz, dz, xi, zi,
                            shift, sy, n_rows, dropped, n_groups, starts, sizes, seg_slice,
-                           gmax[ok], hpd[ok], n_evals, elapsed)
-            records, params, variance = out
+                           gmax[ok], hpd[ok])
+            fit_cols, params, variance = out
             # Seconds per fit, tidy rows included (as fit() counts them).
             per_fit = (time.perf_counter() - t0) / max(len(idx), 1)
-            for rec in records:
-                rec["fit_seconds"] = per_fit
-                rec["attempts"][0]["seconds"] = per_fit
-    return BatchOutput(records=records,
+            fits = _fits_table(fit_cols, per_fit, n_evals)
+    return BatchOutput(fits=fits if fits is not None else FIT_SCHEMA.empty_table(),
                        params=pa.concat_tables(params) if params else pa.table({}),
                        variance=pa.concat_tables(variance) if variance else pa.table({}),
                        fallback=sorted(fallback))
+
+
+def _fits_table(cols: dict[str, Any], per_fit: float, n_evals: int) -> pa.Table:
+    """The batch's fit rows, built column by column (store.FIT_SCHEMA plus ``_slice``)."""
+    F = len(cols["_slice"])
+    one = np.arange(F + 1, dtype=np.int32)
+    seconds = np.full(F, per_fit)
+    attempt = pa.StructArray.from_arrays(
+        [pa.array(["fast"] * F), pa.array(["newton-batch"] * F), pa.array(cols["llf"]),
+         pa.array(np.ones(F, dtype=bool)), pa.array(cols["grad_max"]),
+         pa.array(cols["hessian_pd"]), pa.array(np.full(F, n_evals, dtype=np.int64)),
+         pa.array(seconds), pa.array([""] * F)],
+        fields=list(FIT_SCHEMA.field("attempts").type.value_type))
+    sing = np.asarray(cols["singular"], dtype=bool)
+    th = np.asarray(cols.pop("theta"))
+    cols.update(
+        attempts=pa.ListArray.from_arrays(pa.array(one), attempt),
+        theta=pa.ListArray.from_arrays(pa.array(one * th.shape[1]), pa.array(th.ravel())),
+        warnings=pa.ListArray.from_arrays(
+            pa.array(np.r_[0, np.cumsum(sing)].astype(np.int32)),
+            pa.array(["boundary (singular) fit: see isSingular"] * int(sing.sum()),
+                     type=pa.string())),
+        fit_seconds=seconds)
+    out = {"_slice": pa.array(cols["_slice"])}
+    for f in FIT_SCHEMA:
+        v = cols.get(f.name)
+        if v is None:
+            out[f.name] = pa.nulls(F, type=f.type)
+        elif isinstance(v, (str, bool, int)) and not isinstance(v, np.ndarray):
+            out[f.name] = pa.array([v] * F, type=f.type)
+        else:
+            out[f.name] = pa.array(v, type=f.type)
+    return pa.table(out)
 
 
 def _shared_designs(Xs: np.ndarray, Zs: np.ndarray, g_row: np.ndarray, sl_o: np.ndarray,
@@ -574,11 +712,11 @@ def _outputs(prob: BatchProblem, th: np.ndarray, which: np.ndarray, d: Any, spec
              cx: np.ndarray, dx: np.ndarray, cz: np.ndarray, dz: np.ndarray, xi: np.ndarray,
              zi: np.ndarray, shift: np.ndarray, sy: np.ndarray, n_rows: np.ndarray,
              dropped: np.ndarray, n_groups: np.ndarray, starts: np.ndarray, sizes: np.ndarray,
-             seg_slice: np.ndarray, gmax: np.ndarray, hpd: np.ndarray, n_evals: int,
-             elapsed: float) -> tuple[list[dict[str, Any]], list[pa.Table], list[pa.Table]]:
+             seg_slice: np.ndarray, gmax: np.ndarray, hpd: np.ndarray
+             ) -> tuple[dict[str, Any], list[pa.Table], list[pa.Table]]:
     """Estimates in the scaled problem, mapped back exactly to each slice's data scale."""
     sub = prob
-    _, _, RtR, beta_s, r2, _ = sub.solve(th)
+    _, _, RtR, beta_s, r2, _ = sub.solve(th, with_beta=True)
     p, q = sub.p, sub.q
     dof = sub.n - p if sub.reml else sub.n
     s2 = r2 / dof
@@ -614,26 +752,15 @@ def _outputs(prob: BatchProblem, th: np.ndarray, which: np.ndarray, d: Any, spec
     # group sizes per slice
     gs_min = np.minimum.reduceat(sizes, _segments(seg_slice, len(n_rows)))
     gs_max = np.maximum.reduceat(sizes, _segments(seg_slice, len(n_rows)))
-    records = []
-    for j, f in enumerate(which):
-        rec = _empty_record(spec)
-        n = int(n_rows[f])
-        rec.update(
-            status="ok", converged=True, singular=bool(singular[j]), llf=float(llf[j]),
-            aic=float(-2 * llf[j] + 2 * n_par), bic=float(-2 * llf[j] + np.log(n) * n_par),
-            scale=float(sigma2[j]), n_obs=n, n_dropped=int(dropped[f]),
-            n_groups=int(n_groups[f]), group_size_min=int(gs_min[f]),
-            group_size_mean=float(n / n_groups[f]), group_size_max=int(gs_max[f]),
-            engine="fast", method="newton-batch", n_attempts=1,
-            attempts=[{"engine": "fast", "method": "newton-batch", "llf": float(llf[j]),
-                       "converged": True, "grad_max": float(gmax[j]),
-                       "hessian_pd": bool(hpd[j]), "n_evals": int(n_evals),
-                       "seconds": elapsed, "message": ""}],
-            grad_max=float(gmax[j]), hessian_pd=bool(hpd[j]),
-            theta=[float(t) for t in th_o[j]],
-            warnings=["boundary (singular) fit: see isSingular"] if singular[j] else [],
-            fit_seconds=elapsed, _slice=int(f))
-        records.append(rec)
+    nr, ng = n_rows[which], n_groups[which]
+    cols: dict[str, Any] = {
+        "_slice": np.asarray(which), "spec_name": spec.label, "status": "ok",
+        "converged": True, "singular": singular, "llf": llf, "aic": -2 * llf + 2 * n_par,
+        "bic": -2 * llf + np.log(nr) * n_par, "scale": sigma2, "n_obs": nr,
+        "n_dropped": dropped[which], "n_groups": ng, "group_size_min": gs_min[which],
+        "group_size_mean": nr / ng, "group_size_max": gs_max[which], "engine": "fast",
+        "method": "newton-batch", "n_attempts": 1, "grad_max": gmax, "hessian_pd": hpd,
+        "theta": th_o, **versions()}
     F = len(which)
     stat, pval, lo, hi = wald(beta, se)
     text = pa.string()
@@ -661,4 +788,4 @@ def _outputs(prob: BatchProblem, th: np.ndarray, which: np.ndarray, d: Any, spec
         **{name: pa.array([r[j] for r in vrows] * F, type=text)
            for j, name in enumerate(("group", "term1", "term2", "kind"))},
         "estimate": np.stack(vals, axis=1).ravel()})
-    return records, [params], [variance]
+    return cols, [params], [variance]

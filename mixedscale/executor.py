@@ -39,7 +39,17 @@ from .plan import Plan, Task
 from .single import versions
 from .source import CorruptFile, Source
 from .store import Store
-from .worker import TaskOutcome, TaskPayload, failure_tables, load_unit, partition, piece, run_task
+from .worker import (
+    TaskOutcome,
+    TaskPayload,
+    failure_tables,
+    load_shuffled,
+    load_unit,
+    partition,
+    partition_to_store,
+    piece,
+    run_task,
+)
 
 __all__ = ["RunOptions", "RunSummary", "execute", "local_cluster", "pending"]
 
@@ -47,7 +57,7 @@ log = logging.getLogger(__name__)
 
 _STORE_RETRIES = 2
 _BYSTANDER_RETRIES = 3  # resubmissions of a task that a worker death hit while queued
-_PARTITION_BYTES = 128 * 2**20
+_PARTITION_BYTES = 64 * 2**20  # input read by one shuffle step
 
 
 @dataclass
@@ -156,6 +166,7 @@ class _Run:
         self.n_loads = 0
         self.partitions: list[Any] = []
         self.partitions_bad: frozenset[str] = frozenset()
+        self.n_shuffles = 0
         self.t0 = time.perf_counter()
         self.wall0 = time.time()
         self.started = _now()
@@ -185,7 +196,13 @@ class _Run:
         elif self.plan.shuffle:
             if self.partitions_bad != frozenset(self.bad_files):
                 self.start_shuffle()
-            fut = [self.client.submit(piece, p, unit, pure=False) for p in self.partitions]
+            if self.store is not None:  # spilled to scratch files: memory stays bounded
+                self.n_loads += 1
+                fut = self.client.submit(
+                    load_shuffled, self.store, self.partitions, unit, pure=False,
+                    key=f"mixedscale-load-{self.run_id}-{unit}-{self.n_loads}")
+            else:
+                fut = [self.client.submit(piece, p, unit, pure=False) for p in self.partitions]
         else:
             rgs = [self.src.row_groups[i] for i in u.row_groups
                    if self.src.row_groups[i].file not in self.bad_files]
@@ -240,9 +257,21 @@ class _Run:
                 size = 0
             batches[-1].append(rg)
             size += rg.nbytes
-        self.partitions = [
-            self.client.submit(partition, self.src, b, self.plan.columns, self.plan.split_by,
-                               key_unit, pure=False) for b in batches if b]
+        batches = [b for b in batches if b]
+        if self.store is not None:
+            self.n_shuffles += 1
+            folder = self.shuffle_folder()
+            self.partitions = [
+                self.client.submit(partition_to_store, self.src, b, self.plan.columns,
+                                   self.plan.split_by, key_unit, self.store, folder, i,
+                                   pure=False) for i, b in enumerate(batches)]
+        else:
+            self.partitions = [
+                self.client.submit(partition, self.src, b, self.plan.columns,
+                                   self.plan.split_by, key_unit, pure=False) for b in batches]
+
+    def shuffle_folder(self, n: int | None = None) -> str:
+        return f"shuffle-{self.run_id}-{self.n_shuffles if n is None else n}"
 
     # -- outcomes
     def commit_failure(self, task: Task, etype: str, msg: str) -> None:
@@ -275,11 +304,13 @@ class _Run:
                    and float(ts) >= self.wall0 - 5 for ts, e in events)
 
     def cleanup(self) -> None:
-        """Remove this run's per-task markers (start and memory) from the store."""
+        """Remove this run's per-task markers (start and memory) and shuffle scratch."""
         if self.store is None:
             return
+        shuffles = [self.store.path("_tmp", self.shuffle_folder(n))
+                    for n in range(1, self.n_shuffles + 1)]
         for d in (_start_root(self.store, self.run_id),
-                  self.store.path("_runs", f"{self.run_id}.oom")):
+                  self.store.path("_runs", f"{self.run_id}.oom"), *shuffles):
             try:
                 if self.store.fs.exists(d):
                     self.store.fs.rm(d, recursive=True)

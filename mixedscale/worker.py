@@ -20,10 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from dask.sizeof import sizeof
 
 from .batch import MIN_BATCH, batchable, fit_slices
-from .errors import DataError, MixedscaleError
+from .errors import DataError, MixedscaleError, StoreError
 from .plan import FitItem, Task, _norm_key
 from .single import FitResult, fit
 from .source import RowGroup, Source
@@ -38,7 +40,8 @@ from .store import (
     to_table,
 )
 
-__all__ = ["TaskOutcome", "TaskPayload", "load_unit", "partition", "piece", "run_task"]
+__all__ = ["TaskOutcome", "TaskPayload", "load_shuffled", "load_unit", "partition",
+           "partition_to_store", "piece", "run_task"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +143,44 @@ def piece(parts: dict[int, Loaded], unit: int) -> Loaded | None:
     return parts.get(unit)
 
 
+def partition_to_store(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
+                       split_by: Sequence[str], key_unit: dict[tuple[Any, ...], int],
+                       store: Store, folder: str, index: int) -> dict[int, tuple[str, int]]:
+    """The shuffle step, spilled: rows bucketed by unit are written to scratch Parquet
+    in the store, so no worker holds more than one batch of row groups, whatever the
+    data's size. Returns unit -> (scratch file, its share of the input bytes)."""
+    out: dict[int, tuple[str, int]] = {}
+    for u, loaded in partition(src, rgs, columns, split_by, key_unit).items():
+        path = store.path("_tmp", folder, f"u{u}", f"p{index}.parquet")
+        table = pa.Table.from_pandas(loaded.frame, preserve_index=False)
+        try:
+            store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            with store.fs.open(path, "wb") as fh:
+                pq.write_table(table, fh, compression="snappy")
+        except OSError as exc:
+            raise StoreError(f"writing shuffle scratch {path!r} failed: {exc}") from exc
+        out[u] = (path, loaded.nbytes)
+    return out
+
+
+def load_shuffled(store: Store, parts: Sequence[dict[int, tuple[str, int]]], unit: int
+                  ) -> Loaded:
+    """A unit's rows from the scratch files of every shuffle partition."""
+    frames, nbytes = [], {}
+    for part in parts:
+        if unit in part:
+            path, nb = part[unit]
+            try:
+                with store.fs.open(path, "rb") as fh:
+                    frames.append(pq.read_table(fh).to_pandas())
+            except (OSError, pa.ArrowException) as exc:
+                raise StoreError(f"reading shuffle scratch {path!r} failed: {exc}") from exc
+            nbytes[path] = nb
+    loaded = Loaded(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), 0)
+    loaded.parts = nbytes
+    return loaded
+
+
 def _merge(data: Loaded | pd.DataFrame | Sequence[Loaded | None]) -> Loaded:
     if isinstance(data, Loaded):
         return data
@@ -205,7 +246,6 @@ def _error_result(spec: ModelSpec, etype: str, msg: str) -> FitResult:
                      pd.DataFrame(columns=VARIANCE_COLUMNS))
 
 
-_NO_ROWS = pd.DataFrame()
 _NO_POS = np.zeros(0, dtype=np.intp)
 
 
@@ -247,7 +287,7 @@ def build_tables(payload: TaskPayload, items: Sequence[FitItem], results: Sequen
     fits_rows: list[dict[str, Any]] = []
     kf = payload.key_fields
     out: dict[str, list[pa.Table]] = {t: list((extra or {}).get(t, []))
-                                      for t in ("params", "variance")}
+                                      for t in ("fits", "params", "variance")}
     for item, r in zip(items, results, strict=True):
         key = payload.keys[item.slice]
         head = {"fit_id": item.fit_id, **dict(zip(payload.split_by, key, strict=True))}
@@ -256,12 +296,14 @@ def build_tables(payload: TaskPayload, items: Sequence[FitItem], results: Sequen
             if len(frame):
                 out[name].append(to_table(frame.assign(**head, spec_id=r.fit["spec_id"]),
                                           table_schema(name, kf)))
-    tables = {"fits": nan_to_null(pa.Table.from_pylist(fits_rows,
-                                                       schema=table_schema("fits", kf)))}
+    if fits_rows:
+        out["fits"].insert(0, pa.Table.from_pylist(fits_rows, schema=table_schema("fits", kf)))
+    tables = {}
     for name, parts in out.items():
         schema = table_schema(name, kf)
         tables[name] = (pa.concat_tables([t.select(schema.names).cast(schema) for t in parts])
                         if parts else schema.empty_table())
+    tables["fits"] = nan_to_null(tables["fits"])
     return tables
 
 
@@ -276,6 +318,7 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
     """Fit every item of a task and commit its parts (or return them for in-memory runs)."""
     t0 = time.perf_counter()
     task = payload.task
+    faults = bool(os.environ.get(_FAULTS_ENV))
     _maybe_inject(payload)
     loaded = _merge(data)
     df = loaded.frame
@@ -297,6 +340,7 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
 
     Chunk = tuple[list[tuple[int, FitResult]], dict[str, list[pa.Table]]]
     subsets: dict[tuple[Any, ...], tuple[pd.DataFrame, np.ndarray]] = {}
+    designs: dict[tuple[Any, ...], Any] = {}  # fit_slices' cache for the rows in ``subsets``
 
     def batch(idxs: list[int]) -> Chunk:
         """Slices of one spec fitted together; the ones not verified there go to fit().
@@ -304,31 +348,29 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
         Rows are returned, not shared: an abandoned (timed-out) run must not leak any."""
         spec = specs[task.items[idxs[0]].spec]
         keys = [payload.keys[task.items[i].slice] for i in idxs]
-        for k in keys:
-            _maybe_inject(payload, k)
+        if faults:
+            for k in keys:
+                _maybe_inject(payload, k)
         tk = tuple(keys)
         if tk not in subsets:  # specs of a task usually share its slices: take rows once
             rows = [pos.get(k, _NO_POS) for k in keys]
             sl = np.repeat(np.arange(len(keys)), [len(r) for r in rows])
             subsets.clear()
+            designs.clear()
             subsets[tk] = (df.iloc[np.concatenate(rows)], sl)
         frame, sl = subsets[tk]
         try:
-            out = fit_slices(frame, sl, spec, len(keys))
+            out = fit_slices(frame, sl, spec, len(keys), cache=designs)
         except MixedscaleError:
             out = None
         if out is None:
             return [(i, one(i)) for i in idxs], {}
-        done = []
-        for rec in out.records:
-            done.append((idxs[rec.pop("_slice")], FitResult(rec, _NO_ROWS, _NO_ROWS)))
         frames: dict[str, list[pa.Table]] = {}
-        for name in ("params", "variance"):
+        for name in ("fits", "params", "variance"):
             table = getattr(out, name)
             if table.num_rows:
                 frames[name] = [_keyed(table, payload, [task.items[i] for i in idxs], spec)]
-        done += [(idxs[j], one(idxs[j])) for j in out.fallback]
-        return done, frames
+        return [(idxs[j], one(idxs[j])) for j in out.fallback], frames
 
     def timeout_rows(idxs: list[int]) -> Chunk:
         return [(i, _error_result(specs[task.items[i].spec], "FitTimeout",
@@ -358,25 +400,31 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
     finally:
         if monitor is not None:
             monitor.stop()
-    by_item: dict[int, FitResult] = {}
-    extra: dict[str, list[pa.Table]] = {"params": [], "variance": []}
+    by_item: dict[int, FitResult] = {}  # fits made one by one; batched ones are in ``extra``
+    extra: dict[str, list[pa.Table]] = {"fits": [], "params": [], "variance": []}
     for c in chunks:
         if c is None:
             continue
         by_item.update(c[0])
         for name, frames in c[1].items():
             extra[name].extend(frames)
-    results = [by_item[i] for i in range(len(task.items))]
-    tables = build_tables(payload, task.items, results, extra)
-    by_status: dict[str, int] = {}
+    singles = sorted(by_item)
+    results = [by_item[i] for i in singles]
+    tables = build_tables(payload, [task.items[i] for i in singles], results, extra)
+    n_batched = sum(t.num_rows for t in extra["fits"])
+    if n_batched + len(results) != len(task.items):  # an internal invariant, not user input
+        raise RuntimeError(f"task {task.key}: {len(task.items)} items but "
+                           f"{n_batched + len(results)} fit rows")
+    by_status: dict[str, int] = {"ok": n_batched} if n_batched else {}
     for r in results:
         by_status[r.status] = by_status.get(r.status, 0) + 1
+    fit_seconds = float(sum(r.fit["fit_seconds"] or 0.0 for r in results)) + sum(
+        float(pc.sum(t.column("fit_seconds")).as_py() or 0.0) for t in extra["fits"])
     committed = False
     if store is not None:
         committed = store.publish(task.key, tables)
     return TaskOutcome(
-        key=task.key, n_fits=len(results), by_status=by_status,
-        fit_seconds=float(sum(r.fit["fit_seconds"] or 0.0 for r in results)),
+        key=task.key, n_fits=len(task.items), by_status=by_status, fit_seconds=fit_seconds,
         wall_seconds=time.perf_counter() - t0, committed=committed,
         timed_out=n_timeout, worker=_worker_address(),
         tables=None if store is not None else tables,

@@ -126,7 +126,13 @@ def test_unsorted_input_gives_the_same_results(cluster_client: Any, tmp_path: Pa
     c = ms.fit_many(str(shuffled), [RI, RS], split_by="gene", client=cluster_client,
                     progress=False, store=str(tmp_path / "store"))
     assert c.run.bytes_read <= 1.5 * c.run.bytes_one_pass + c.run.bytes_scan
-    for other in (b, c):
+    # With a store the shuffle spills to scratch files, removed when the run ends;
+    # without one it stays in worker memory.
+    assert not list((tmp_path / "store" / "_tmp").glob("shuffle-*"))
+    d = ms.fit_many(str(shuffled), [RI, RS], split_by="gene", client=cluster_client,
+                    progress=False)
+    assert d.plan.shuffle
+    for other in (b, c, d):
         assert len(other.fits) == len(a.fits) == 48
         key = ["gene", "spec_id"]
         fa, fo = _sorted(a.fits, key), _sorted(other.fits, key)
