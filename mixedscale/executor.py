@@ -43,7 +43,6 @@ from .worker import (
     TaskOutcome,
     TaskPayload,
     failure_tables,
-    load_shuffled,
     load_unit,
     partition,
     partition_to_store,
@@ -197,10 +196,7 @@ class _Run:
             if self.partitions_bad != frozenset(self.bad_files):
                 self.start_shuffle()
             if self.store is not None:  # spilled to scratch files: memory stays bounded
-                self.n_loads += 1
-                fut = self.client.submit(
-                    load_shuffled, self.store, self.partitions, unit, pure=False,
-                    key=f"mixedscale-load-{self.run_id}-{unit}-{self.n_loads}")
+                fut = {"unit": unit, "scratch": list(self.partitions)}  # see worker._merge
             else:
                 fut = [self.client.submit(piece, p, unit, pure=False) for p in self.partitions]
         else:

@@ -181,9 +181,18 @@ def load_shuffled(store: Store, parts: Sequence[dict[int, tuple[str, int]]], uni
     return loaded
 
 
-def _merge(data: Loaded | pd.DataFrame | Sequence[Loaded | None]) -> Loaded:
+def _merge(data: Loaded | pd.DataFrame | dict[str, Any] | Sequence[Loaded | None],
+           store: Store | None = None) -> Loaded:
+    """A task's data: a loaded unit, in-memory shuffle pieces, or {"unit", "scratch"}:
+    a unit read from shuffle scratch files inside the fit task itself. (A separate load
+    task per unit would become runnable for every unit at once when the shuffle ends,
+    and Dask would run them all, holding every unit in memory.)"""
     if isinstance(data, Loaded):
         return data
+    if isinstance(data, dict):
+        if store is None:
+            raise StoreError("a shuffled unit needs the store that holds its scratch files")
+        return load_shuffled(store, data["scratch"], int(data["unit"]))
     if isinstance(data, pd.DataFrame):
         return Loaded(data, 0)
     got = [d for d in data if d is not None]
@@ -320,7 +329,7 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
     task = payload.task
     faults = bool(os.environ.get(_FAULTS_ENV))
     _maybe_inject(payload)
-    loaded = _merge(data)
+    loaded = _merge(data, store)
     df = loaded.frame
     pos = loaded.positions(payload.split_by)
     monitor = _MemoryMonitor(store, payload) if store is not None else None
