@@ -32,7 +32,7 @@ _SM_FACTOR = 12.0  # the statsmodels engine is roughly this much slower
 _BATCH_FACTOR = 0.15  # the batched fast engine is roughly this much faster
 TASK_TARGET_MS = 2000.0  # big enough to amortize scheduling and batching, small to balance
 TASK_MIN_TASKS = 16  # split small jobs finely enough for parallelism
-UNIT_MAX_ROWS = 2_000_000  # rows loaded at once by one task (memory bound)
+UNIT_MAX_ROWS = 1_000_000  # rows loaded at once by one task: its fit peaks near 0.5 GB
 SHUFFLE_RATIO = 1.3  # direct reads above this x one pass switch to a shuffle
 
 
