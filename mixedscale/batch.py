@@ -309,7 +309,7 @@ def _canonical(prob: BatchProblem, th: np.ndarray) -> np.ndarray:
     return L[:, prob.rows, prob.cols]
 
 
-def newton(prob: BatchProblem, maxiter: int = 50, start: float = 1.0
+def newton(prob: BatchProblem, maxiter: int = 50, start: float | np.ndarray = 1.0
            ) -> tuple[np.ndarray, np.ndarray, int]:
     """Vectorized damped Newton on all fits: (theta, converged, evaluations per fit).
 
@@ -319,7 +319,8 @@ def newton(prob: BatchProblem, maxiter: int = 50, start: float = 1.0
     halves it) is snapped to exactly zero when that lowers the deviance.
     """
     F, k = prob.F, prob.k
-    th = np.tile(np.where(np.isfinite(prob.lower), start, 0.0), (F, 1))
+    scale = np.broadcast_to(np.asarray(start, dtype=float), (F,))[:, None]
+    th = np.where(np.isfinite(prob.lower)[None, :], scale, 0.0)
     done = np.zeros(F, dtype=bool)
     diag = np.isfinite(prob.lower)
     evals = 0
@@ -606,18 +607,21 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
         # A boundary optimum may be one of several KKT points: restart those fits from
         # other starting points and keep the lowest verified deviance.
         sing = np.flatnonzero(singular_s & conv)
-        for start in (0.25, 4.0):
-            if not sing.size:
-                break
-            p2 = problem(idx[sing])
-            th2, conv2, n2 = newton(p2, maxiter=min(spec.maxiter, 50), start=start)
+        if sing.size:  # both restarts in one vectorized run
+            starts_ = (0.25, 4.0)
+            p2 = problem(np.tile(idx[sing], len(starts_)))
+            th2, conv2, n2 = newton(p2, maxiter=min(spec.maxiter, 50),
+                                    start=np.repeat(starts_, sing.size))
             dev2, g2, h2 = verify(p2, th2)
             n_evals += n2
             s2: np.ndarray = np.asarray((th2[:, np.isfinite(p2.lower)] < 1e-4).any(axis=1))
-            better = conv2 & (dev2 < dev[sing] - 1e-9) & (g2 <= GRAD_TOL) & (h2 | s2)
-            j = sing[better]
-            th[j], dev[j], gmax[j], hpd[j], singular_s[j] = (th2[better], dev2[better],
-                                                               g2[better], h2[better], s2[better])
+            ok2 = conv2 & (g2 <= GRAD_TOL) & (h2 | s2)
+            for r in range(len(starts_)):
+                sl_ = slice(r * sing.size, (r + 1) * sing.size)
+                better = ok2[sl_] & (dev2[sl_] < dev[sing] - 1e-9)
+                j, b = sing[better], np.flatnonzero(better) + r * sing.size
+                th[j], dev[j], gmax[j], hpd[j], singular_s[j] = (th2[b], dev2[b], g2[b],
+                                                                   h2[b], s2[b])
         verified = conv & np.isfinite(dev) & (gmax <= GRAD_TOL) & (hpd | singular_s)
         ok = np.flatnonzero(verified)
         fallback += [int(idx[j]) for j in np.flatnonzero(~verified)]

@@ -153,10 +153,17 @@ def partition_to_store(src: Source, rgs: Sequence[RowGroup], columns: Sequence[s
     for u, loaded in partition(src, rgs, columns, split_by, key_unit).items():
         path = store.path("_tmp", folder, f"u{u}", f"p{index}.parquet")
         table = pa.Table.from_pandas(loaded.frame, preserve_index=False)
+        tmp = f"{path}.{uuid.uuid4().hex}"
         try:
             store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            with store.fs.open(path, "wb") as fh:
+            with store.fs.open(tmp, "wb") as fh:
                 pq.write_table(table, fh, compression="snappy")
+            # Whole files only: a recomputed partition (its worker died) rewrites the
+            # file while fit tasks may be reading the first copy.
+            if store.local:
+                os.replace(tmp, path)
+            else:
+                store.fs.mv(tmp, path)
         except OSError as exc:
             raise StoreError(f"writing shuffle scratch {path!r} failed: {exc}") from exc
         out[u] = (path, loaded.nbytes)
