@@ -194,8 +194,10 @@ def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(_target("genes (2,000 x 3 specs) through fit_many >= 2,000 fits/s",
                            ", ".join(f"{r['runner'][11:]} {r['fits_per_second']:.0f}"
                                      for r in genes),
-                           any(r["fits_per_second"] >= 2000 for r in genes),
-                           "end-to-end fit_many call on 2 workers"))
+                           all(r["fits_per_second"] >= 2000 for r in genes
+                               if r.get("engine") != "statsmodels"),
+                           "end-to-end fit_many call on 2 workers; every auto/fast run, "
+                           "both layouts"))
     single = [r for r in runs if r["suite"] == "multiverse" and r["runner"] in
               ("single-fast", "single-statsmodels") and r["status"] == "ok"]
     if single:
