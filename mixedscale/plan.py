@@ -29,9 +29,13 @@ __all__ = ["FitItem", "LoadUnit", "Plan", "Task", "make_plan"]
 _COST_FIXED_MS = 1.5
 _COST_PER_ROW_MS = 0.0015
 _SM_FACTOR = 12.0  # the statsmodels engine is roughly this much slower
-_BATCH_FACTOR = 0.15  # the batched fast engine is roughly this much faster
+# The batched fast engine (fitted to genes, sites and tiny): a per-slice share of the
+# Newton steps, growing with the covariance parameters, plus rows x (1 + q^2).
+_BATCH_FIXED_MS = 0.1
+_BATCH_PER_ROW_MS = 0.0003
 TASK_TARGET_MS = 2000.0  # big enough to amortize scheduling and batching, small to balance
 TASK_MIN_TASKS = 16  # split small jobs finely enough for parallelism
+TASK_MIN_MS = 50.0  # ...but not below this: a task's fixed cost is ~10-20 ms
 UNIT_MAX_ROWS = 1_000_000  # rows loaded at once by one task: its fit peaks near 0.5 GB
 SHUFFLE_RATIO = 1.3  # direct reads above this x one pass switch to a shuffle
 
@@ -124,8 +128,9 @@ def spec_cost_ms(spec: ModelSpec, rows: int) -> float:
         return cost * _SM_FACTOR
     from .batch import batchable
 
-    # Batched slices cost a fraction of a per-fit optimization.
-    return cost * _BATCH_FACTOR if batchable(spec) else cost
+    if batchable(spec):
+        return _BATCH_FIXED_MS * (1 + q * q) ** 2 / 4 + rows * _BATCH_PER_ROW_MS * (1 + q * q)
+    return cost
 
 
 def _frame_fingerprints(src: Source, split_by: Sequence[str], columns: Sequence[str]
@@ -265,18 +270,21 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
     heads = [json.dumps(sp.spec_id) for sp in specs]
     costs: dict[tuple[int, int], float] = {}
     items_cost: list[tuple[int, FitItem, float]] = []
+    # Spec-major within a load unit: a task then holds many slices of one spec, which
+    # the batched engine fits together (bigger batches amortize its per-step cost).
     for u in units:
-        for si in u.slices:
-            s = slices[si]
-            tail = f"{json.dumps(list(s.key), default=str)}, {json.dumps(s.fingerprint)}]"
-            for pi, spec in enumerate(specs):
-                fid = hashlib.sha256(f"[{heads[pi]}, {tail}".encode()).hexdigest()[:20]
-                cost = costs.get((pi, s.rows))
+        tails = {si: f"{json.dumps(list(slices[si].key), default=str)}, "
+                     f"{json.dumps(slices[si].fingerprint)}]" for si in u.slices}
+        for pi, spec in enumerate(specs):
+            for si in u.slices:
+                rows = slices[si].rows
+                fid = hashlib.sha256(f"[{heads[pi]}, {tails[si]}".encode()).hexdigest()[:20]
+                cost = costs.get((pi, rows))
                 if cost is None:
-                    cost = costs[(pi, s.rows)] = spec_cost_ms(spec, s.rows)
+                    cost = costs[(pi, rows)] = spec_cost_ms(spec, rows)
                 items_cost.append((u.index, FitItem(fid, si, pi), cost))
     total = sum(c for _, _, c in items_cost)
-    target = min(TASK_TARGET_MS, max(total / TASK_MIN_TASKS, 5.0))
+    target = min(TASK_TARGET_MS, max(total / TASK_MIN_TASKS, TASK_MIN_MS))
     tasks: list[Task] = []
     cur: list[FitItem] = []
     cur_cost = 0.0

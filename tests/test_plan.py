@@ -61,14 +61,18 @@ def test_frame_fit_ids_follow_content() -> None:
 
 
 def test_cost_model_packs_small_and_isolates_big() -> None:
-    small = make_genes(n_genes=200, n_subjects=6, n_times=2)
-    _, plan = prepare(small, [RI], "gene")
-    assert 1 < len(plan.tasks) < 200  # packed: neither one task per fit nor one task
-    big = make_genes(n_genes=2, n_subjects=2000, n_times=10)
+    many = make_genes(n_genes=2000, n_subjects=6, n_times=2)
+    _, plan = prepare(many, [RI], "gene")
+    assert 1 < len(plan.tasks) < 2000  # packed: neither one task per fit nor one task
+    # A job worth less than TASK_MIN_MS of fitting is one task: splitting it would
+    # cost more in per-task overhead than it could gain.
+    _, plan = prepare(many[many["gene"].isin(many["gene"].unique()[:3])], [RI], "gene")
+    assert len(plan.tasks) == 1
+    big = make_genes(n_genes=2, n_subjects=20000, n_times=10)
     big["gene"] = ["big" if g == "g000" else "small" for g in big["gene"]]
     big = pd.concat([big[big.gene == "big"], make_genes(n_genes=30)], ignore_index=True)
     _, plan = prepare(big, [RS], "gene")
-    assert spec_cost_ms(RS, 20000) > 20 * spec_cost_ms(RS, 48)
+    assert spec_cost_ms(RS, 200000) > 20 * spec_cost_ms(RS, 48)
     big_tasks = [t for t in plan.tasks if any(plan.slices[i.slice].key == ("big",)
                                               for i in t.items)]
     assert len(big_tasks) == 1 and len(big_tasks[0].items) == 1
