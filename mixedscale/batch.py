@@ -461,7 +461,8 @@ def _prep_key(spec: ModelSpec) -> tuple[Any, ...]:
     return (spec.formula, spec.re_formula, spec.groups, spec.cov_structure, spec.columns)
 
 
-def _prepare(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int) -> _Prep | None:
+def _prepare(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
+             shared: bool = False) -> _Prep | None:
     spec.check_columns(list(map(str, df.columns)))
     cols = list(spec.columns)
     sub = df.loc[:, cols]
@@ -486,7 +487,7 @@ def _prepare(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int) -
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            d = build_design(sub, spec)
+            d = build_design(sub, spec, source=df if shared else None)
     except (ModelFailure, MixedscaleError):
         return None
     n_rows = np.bincount(sl, minlength=F)
@@ -572,8 +573,8 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
     """Fit ``spec`` to every slice at once; row ``r`` of ``df`` belongs to slice ``sl[r]``.
 
     Returns None when batching does not apply. Raises SpecError for input errors.
-    ``cache``: pass the same dict for specs fitted on the same rows, so the design and
-    its statistics are built once for all of them.
+    ``cache``: pass the same dict for specs fitted on the same rows (and an unchanged
+    ``df``), so the design and its statistics are built once for all of them.
     """
     if n_slices < MIN_BATCH or not batchable(spec):
         return None
@@ -582,7 +583,7 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
     if cache is not None and key in cache:
         prep = cache[key]
     else:
-        prep = _prepare(df, sl, spec, n_slices)
+        prep = _prepare(df, sl, spec, n_slices, shared=cache is not None)
         if cache is not None:
             cache[key] = prep
     if prep is None:

@@ -8,7 +8,9 @@ counted, and term names are mapped back to the user's column names.
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,6 +58,32 @@ def _rename_back(name: str, names: list[str]) -> str:
     return _IDENT.sub(lambda m: names[int(m.group(1))], name)
 
 
+# Matrices already built for a frame, so the specs of one task that share a formula
+# (a grid over re_formula/reml/cov_structure, RI and RS on the same genes) build it
+# once. Keyed by the id of the caller's frame, checked through a weak reference, and
+# by the columns used (they fix which rows are dropped for missing values).
+_CACHE: dict[int, tuple[weakref.ref[Any], dict[tuple[Any, ...], Any]]] = {}
+
+
+def _cached(source: Any, key: tuple[Any, ...], build: Any) -> Any:
+    if source is None:
+        return build()
+    for k in [k for k, (ref, _) in _CACHE.items() if ref() is None]:
+        del _CACHE[k]
+    ref_entries = _CACHE.get(id(source))
+    if ref_entries is None or ref_entries[0]() is not source:
+        ref_entries = (weakref.ref(source), {})
+        _CACHE[id(source)] = ref_entries
+    entries = ref_entries[1]
+    if key not in entries:
+        value = build()
+        for arr in value[:2]:  # shared between specs: must never be changed in place
+            if isinstance(arr, np.ndarray):
+                arr.flags.writeable = False
+        entries[key] = value
+    return entries[key]
+
+
 def _matrix(formula: str, data: pd.DataFrame, env: patsy.EvalEnvironment, lhs: bool
             ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     try:
@@ -82,8 +110,12 @@ def _patsy_column(s: pd.Series) -> np.ndarray | pd.Categorical:
         return s.to_numpy()
 
 
-def build_design(data: pd.DataFrame, spec: ModelSpec) -> Design:
-    """Build every matrix the spec needs. Raises SpecError for missing columns."""
+def build_design(data: pd.DataFrame, spec: ModelSpec, source: Any = None) -> Design:
+    """Build every matrix the spec needs. Raises SpecError for missing columns.
+
+    ``source``: a frame that ``data`` was derived from (or ``data`` itself) and that
+    stays unchanged while specs are fitted on it; matrices are then built once per
+    formula for all of them."""
     spec.check_columns(list(map(str, data.columns)))
     cols = list(spec.columns)
     sub = data.loc[:, cols]
@@ -107,14 +139,17 @@ def build_design(data: pd.DataFrame, spec: ModelSpec) -> Design:
     frame = pd.DataFrame({idents[c]: _patsy_column(sub[c]) for c in cols})
     env = patsy.EvalEnvironment([eval_namespace()])
     p = spec.parsed
-    X, y, x_names = _matrix(p["formula"].render(idents), frame, env, lhs=True)
+    ck = tuple(cols)
+    X, y, x_names = _cached(source, ("x", ck, p["formula"].render(idents)),
+                            lambda: _matrix(p["formula"].render(idents), frame, env, lhs=True))
     if y is None:
         raise ModelFailure("the formula has no response")
     y = y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
     if y.ndim != 1:
         raise ModelFailure("the response must be one numeric column; got a factor response")
     if "re" in p:
-        Z, _, z_names = _matrix(p["re"].render(idents), frame, env, lhs=False)
+        Z, _, z_names = _cached(source, ("z", ck, p["re"].render(idents)),
+                                lambda: _matrix(p["re"].render(idents), frame, env, lhs=False))
     else:
         Z, z_names = np.zeros((len(sub), 0)), []
     vc: list[tuple[str, np.ndarray]] = []

@@ -98,6 +98,13 @@ def _counts(d: Design) -> dict[str, Any]:
 
 def fit(data: pd.DataFrame, spec: ModelSpec) -> FitResult:
     """Fit one model to a DataFrame. Raises SpecError for input errors only."""
+    return fit_shared(data, spec, None)
+
+
+def fit_shared(data: pd.DataFrame, spec: ModelSpec, source: Any) -> FitResult:
+    """``fit``, reusing design matrices built for earlier specs on ``source`` (see
+    ``design.build_design``). Only for frames that nobody changes meanwhile: the
+    worker's slices within a task, never a user's DataFrame."""
     if not isinstance(spec, ModelSpec):
         from .errors import SpecError
 
@@ -111,7 +118,7 @@ def fit(data: pd.DataFrame, spec: ModelSpec) -> FitResult:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            design = build_design(data, spec)
+            design = build_design(data, spec, source=source)
         check_design(design)
         return _fit_design(design, spec, t0)
     except MixedscaleError:

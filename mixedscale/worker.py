@@ -27,7 +27,7 @@ from dask.sizeof import sizeof
 from .batch import MIN_BATCH, batchable, fit_slices
 from .errors import DataError, MixedscaleError, StoreError
 from .plan import FitItem, Task, _norm_key
-from .single import FitResult, fit
+from .single import FitResult, fit_shared
 from .source import RowGroup, Source
 from .spec import ModelSpec
 from .store import (
@@ -343,14 +343,21 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
     specs = {k: (v.replace(engine=payload.engine) if payload.engine and v.engine != payload.engine
                  else v) for k, v in payload.specs.items()}
 
+    slice_frames: dict[tuple[Any, ...], pd.DataFrame] = {}
+
     def one(i: int) -> FitResult:
         item = task.items[i]
         spec = specs[item.spec]
-        rows = pos.get(payload.keys[item.slice])
-        sub = df.iloc[rows] if rows is not None else df.iloc[0:0]
-        _maybe_inject(payload, payload.keys[item.slice])
+        key = payload.keys[item.slice]
+        if key not in slice_frames:  # one frame per slice: its specs share design matrices
+            rows = pos.get(key)
+            if len(slice_frames) >= 64:
+                slice_frames.clear()
+            slice_frames[key] = df.iloc[rows] if rows is not None else df.iloc[0:0]
+        sub = slice_frames[key]
+        _maybe_inject(payload, key)
         try:
-            return fit(sub, spec)
+            return fit_shared(sub, spec, sub)
         except MixedscaleError as exc:  # e.g. a column typed differently in this slice
             return _error_result(spec, type(exc).__name__, str(exc))
 

@@ -365,3 +365,36 @@ def test_vc_without_groups_crossed() -> None:
     assert res.status == "ok", res
     assert sorted(res.variance["group"]) == ["Residual", "a", "b"]
     assert set(res.variance["kind"]) == {"vc", "residual"}
+
+
+def test_design_matrices_shared_only_with_a_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Specs of one task that share a formula build X once (worker frames are never
+    changed during a task); without a source, every call builds afresh."""
+    import mixedscale.design as design
+
+    calls: list[str] = []
+    real = design._matrix
+
+    def spy(formula, *args, **kwargs):
+        calls.append(formula)
+        return real(formula, *args, **kwargs)
+
+    monkeypatch.setattr(design, "_matrix", spy)
+    from .conftest import make_genes
+
+    df = make_genes(n_genes=1, n_subjects=12, seed=2)
+    specs = [ModelSpec("y ~ time", groups="subject", reml=r) for r in (True, False)]
+    specs.append(ModelSpec("y ~ time", groups="subject", re_formula="~time"))
+    designs = [design.build_design(df, s, source=df) for s in specs]
+    assert len(calls) == 3  # X once; Z for "1" and for "~time"
+    assert designs[0].X is designs[1].X and not designs[0].X.flags.writeable
+    calls.clear()
+    for s in specs:
+        design.build_design(df, s)
+    assert len(calls) == 6
+    # The shared design gives the same fits as building afresh.
+    from mixedscale.single import fit_shared
+
+    for s in specs:
+        a, b = fit_shared(df, s, df), mixedscale.fit(df, s)
+        assert a.fit["llf"] == pytest.approx(b.fit["llf"], abs=1e-9)
