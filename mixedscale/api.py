@@ -64,8 +64,10 @@ def _as_specs(specs: ModelSpec | Sequence[ModelSpec]) -> list[ModelSpec]:
 
 
 def prepare(data: Any, specs: ModelSpec | Sequence[ModelSpec], split_by: Sequence[str] | str
-            | None = None, filter: Any = None) -> tuple[Source, Plan]:
-    """Every plan-time check, no cluster and no fitting: (source, plan)."""
+            | None = None, filter: Any = None, engine: str | None = None
+            ) -> tuple[Source, Plan]:
+    """Every plan-time check, no cluster and no fitting: (source, plan). ``engine`` is
+    the run-wide override, which the planner's cost model takes into account."""
     spec_list = _as_specs(specs)
     split = [split_by] if isinstance(split_by, str) else list(split_by or [])
     hint: list[str] = list(split)
@@ -73,7 +75,7 @@ def prepare(data: Any, specs: ModelSpec | Sequence[ModelSpec], split_by: Sequenc
         if isinstance(s, ModelSpec):
             hint.extend(s.columns)
     src = open_source(data, filter=filter, columns_hint=hint)
-    return src, make_plan(src, spec_list, split)
+    return src, make_plan(src, spec_list, split, engine)
 
 
 @contextlib.contextmanager
@@ -160,7 +162,7 @@ def fit_many(
         raise SpecError(f"engine must be one of {list(ENGINES)}; got (engine={engine!r})")
     if timeout is not None and not timeout > 0:
         raise SpecError(f"timeout must be a positive number of seconds; got (timeout={timeout!r})")
-    src, plan = prepare(data, specs, split_by, filter)
+    src, plan = prepare(data, specs, split_by, filter, engine)
     st = Store(store) if store is not None else None
     opts = options or RunOptions()
     opts.timeout = timeout if timeout is not None else opts.timeout

@@ -166,8 +166,12 @@ def _norm_key(row: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def make_plan(src: Source, specs: Sequence[ModelSpec], split_by: Sequence[str] = ()) -> Plan:
-    """Check the schema against every spec, find the slices, and pack tasks."""
+def make_plan(src: Source, specs: Sequence[ModelSpec], split_by: Sequence[str] = (),
+              engine: str | None = None) -> Plan:
+    """Check the schema against every spec, find the slices, and pack tasks.
+
+    ``engine``: a run-wide engine override; it changes the cost model (and so the
+    packing), not the fits' identities."""
     t0 = time.perf_counter()
     specs = unique_specs(specs)
     if not specs:
@@ -186,7 +190,7 @@ def make_plan(src: Source, specs: Sequence[ModelSpec], split_by: Sequence[str] =
     one_pass = int(sum(rg_bytes)) if src.frame is None else 0
     units = _units(slices, rg_bytes)
     shuffle = src.frame is None and sum(u.nbytes for u in units) > SHUFFLE_RATIO * max(one_pass, 1)
-    tasks = _tasks(slices, units, specs)
+    tasks = _tasks(slices, units, specs, engine)
     return Plan(specs=specs, split_by=split_by, columns=columns, slices=slices, units=units,
                 tasks=tasks, shuffle=shuffle, bytes_scan=bytes_scan, bytes_one_pass=one_pass,
                 plan_seconds=time.perf_counter() - t0, skipped_files=dict(src.bad_files))
@@ -264,8 +268,10 @@ def _units(slices: list[SliceInfo], rg_bytes: list[int]) -> list[LoadUnit]:
     return units
 
 
-def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec]
-           ) -> list[Task]:
+def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec],
+           engine: str | None = None) -> list[Task]:
+    costed = [sp.replace(engine=engine) if engine and sp.engine != engine else sp
+              for sp in specs]
     # fit_id = _h(spec_id, key, fingerprint)[:20], with each slice's JSON built once.
     heads = [json.dumps(sp.spec_id) for sp in specs]
     costs: dict[tuple[int, int], float] = {}
@@ -275,13 +281,13 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
     for u in units:
         tails = {si: f"{json.dumps(list(slices[si].key), default=str)}, "
                      f"{json.dumps(slices[si].fingerprint)}]" for si in u.slices}
-        for pi, spec in enumerate(specs):
+        for pi in range(len(specs)):
             for si in u.slices:
                 rows = slices[si].rows
                 fid = hashlib.sha256(f"[{heads[pi]}, {tails[si]}".encode()).hexdigest()[:20]
                 cost = costs.get((pi, rows))
                 if cost is None:
-                    cost = costs[(pi, rows)] = spec_cost_ms(spec, rows)
+                    cost = costs[(pi, rows)] = spec_cost_ms(costed[pi], rows)
                 items_cost.append((u.index, FitItem(fid, si, pi), cost))
     total = sum(c for _, _, c in items_cost)
     target = min(TASK_TARGET_MS, max(total / TASK_MIN_TASKS, TASK_MIN_MS))

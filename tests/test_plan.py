@@ -161,3 +161,13 @@ def test_resume_skips_committed_tasks(tmp_path: Path) -> None:
     todo, skipped = pending(plan, store)
     assert skipped == len(plan.tasks[0].items)
     assert plan.tasks[0].key not in {t.key for t in todo}
+
+
+def test_run_wide_engine_changes_packing_not_ids() -> None:
+    """fit_many(engine="statsmodels") packs for statsmodels' cost (more, smaller tasks)
+    while every fit keeps its identity (fit_id), which the store dedupes on."""
+    df = make_genes(n_genes=40, n_subjects=10)
+    _, auto = prepare(df, [RI, RS], "gene")
+    _, slow = prepare(df, [RI, RS], "gene", engine="statsmodels")
+    assert sorted(auto.fit_ids()) == sorted(slow.fit_ids())
+    assert len(slow.tasks) > len(auto.tasks)
