@@ -79,10 +79,6 @@ class BatchProblem:
         # fixed outer products of R's rows (upper triangles only): precomputed once,
         # so an evaluation costs O(F G) scalars and one batched matmul.
         self.tri = np.triu_indices(self.p + 1)
-        # (F, 1, G) views of Z'Z's entries, broadcast against T points per fit
-        self.z00 = ZtZ[:, None, :, 0, 0]
-        self.z01 = ZtZ[:, None, :, 0, 1] if self.q > 1 else self.z00
-        self.z11 = ZtZ[:, None, :, 1, 1] if self.q > 1 else self.z00
         self.P: np.ndarray | None = None
         if self.q in (1, 2):
             r0 = self.R[:, :, 0, :]
@@ -98,8 +94,7 @@ class BatchProblem:
         """The same problem for fits ``sel`` only."""
         sub = object.__new__(BatchProblem)
         sub.__dict__.update(self.__dict__)
-        for name in ("ZtZ", "ZtX", "Zty", "XtX", "Xty", "yty", "n", "R", "P", "z00", "z01",
-                     "z11"):
+        for name in ("ZtZ", "ZtX", "Zty", "XtX", "Xty", "yty", "n", "R", "P"):
             v = getattr(self, name)
             setattr(sub, name, None if v is None else v[sel])
         sub.F = int(sub.n.shape[0])
@@ -111,58 +106,49 @@ class BatchProblem:
         return L
 
     def solve(self, th: np.ndarray, with_beta: bool = False) -> tuple[Any, ...]:
-        """(logdet L^2, logdet RX'RX, RX'RX, beta, penalized RSS, ok) for each fit;
-        beta is None unless ``with_beta``.
-
-        ``th`` is (F, k), or (F, T, k) for T points per fit (finite differences, line
-        searches) evaluated in one pass; the results then carry the same T axis."""
-        flat = th.ndim == 2
-        t3 = th[:, None, :] if flat else th
-        F, T = t3.shape[:2]
+        """(logdet L^2, logdet RX'RX, RX'RX, beta, penalized RSS, ok) for each fit at
+        ``th`` (F, k); beta is None unless ``with_beta``."""
         q, p = self.q, self.p
         if q == 1:
-            lam2 = t3[..., 0:1] ** 2  # (F, T, 1)
-            m = lam2 * self.z00 + 1.0  # (F, T, G)
-            ld = np.log(m).sum(axis=2)
+            lam2 = th[:, 0:1] ** 2
+            m = lam2 * self.ZtZ[..., 0, 0] + 1.0  # (F, G)
+            ld = np.log(m).sum(axis=1)
             w = lam2 / m
         elif q == 2:
             # Closed forms for a 2x2 lower-triangular factor [[a, 0], [b, c]]; the
             # solved rows are x1 = al R0 + be R1 and x2 = ga R0 + de R1 per group.
-            a = t3[..., 0:1]
-            b = t3[..., 1:2] if not self.diagonal else np.zeros_like(a)
-            c = t3[..., -1:]
-            z00, z01, z11 = self.z00, self.z01, self.z11
+            a = th[:, 0:1]
+            b = th[:, 1:2] if not self.diagonal else np.zeros_like(a)
+            c = th[:, -1:]
+            z00, z01, z11 = self.ZtZ[..., 0, 0], self.ZtZ[..., 0, 1], self.ZtZ[..., 1, 1]
             m00 = a * a * z00 + 2 * a * b * z01 + b * b * z11 + 1.0
             m01 = c * (a * z01 + b * z11)
             m11 = c * c * z11 + 1.0
             l11 = np.sqrt(m00)
             l21 = m01 / l11
             l22 = np.sqrt(np.maximum(m11 - l21 * l21, 1e-300))
-            ld = 2.0 * (np.log(l11) + np.log(l22)).sum(axis=2)
+            ld = 2.0 * (np.log(l11) + np.log(l22)).sum(axis=1)
             al, be = a / l11, b / l11
             ga, de = -l21 * al / l22, (c - l21 * be) / l22
-            w = np.concatenate([al * al + ga * ga, al * be + ga * de, be * be + de * de], axis=2)
+            w = np.concatenate([al * al + ga * ga, al * be + ga * de, be * be + de * de], axis=1)
         if q in (1, 2):
             assert self.P is not None
-            up = np.matmul(w, self.P)  # (F, T, n_tri)
-            S = np.empty((F, T, p + 1, p + 1))
-            S[..., self.tri[0], self.tri[1]] = up
-            S[..., self.tri[1], self.tri[0]] = up
+            up = np.matmul(w[:, None, :], self.P)[:, 0, :]  # (F, n_tri)
+            S = np.empty((self.F, p + 1, p + 1))
+            S[:, self.tri[0], self.tri[1]] = up
+            S[:, self.tri[1], self.tri[0]] = up
         else:
-            parts = [self._general(t3[:, t]) for t in range(T)]
-            ld = np.stack([x[0] for x in parts], axis=1)
-            S = np.stack([x[1] for x in parts], axis=1)
-        cucu = S[..., 0, 0]
-        rhs = self.Xty[:, None] - S[..., 1:, 0]
-        RtR = self.XtX[:, None] - S[..., 1:, 1:]
+            ld, S = self._general(th)
+        cucu = S[:, 0, 0]
+        rhs = self.Xty - S[:, 1:, 0]
+        RtR = self.XtX - S[:, 1:, 1:]
         RX, ok = _cholesky(RtR)
         ldx = 2.0 * np.log(np.diagonal(RX, axis1=-2, axis2=-1)).sum(axis=-1)
         cb = _forward(RX, rhs)
         beta = _backward(RX, cb) if with_beta else None
-        r2 = self.yty[:, None] - cucu - (cb * cb).sum(axis=-1)
+        r2 = self.yty - cucu - (cb * cb).sum(axis=-1)
         ok &= r2 > 0
-        out = (ld, ldx, RtR, beta, r2, ok)
-        return tuple(None if x is None else x[:, 0] for x in out) if flat else out
+        return ld, ldx, RtR, beta, r2, ok
 
     def _general(self, th: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logdet L^2, cross-products S) for q > 2, through batched Cholesky factors."""
@@ -178,8 +164,8 @@ class BatchProblem:
         return ld, np.matmul(np.swapaxes(sol, 1, 2), sol)
 
     def deviance(self, th: np.ndarray) -> np.ndarray:
-        """Profiled deviance at ``th``, (F, k) -> (F,) or (F, T, k) -> (F, T)."""
-        n = self.n if th.ndim == 2 else self.n[:, None]
+        """Profiled deviance at ``th`` (F, k), for each fit."""
+        n = self.n
         with np.errstate(all="ignore"):
             ld, ldx, _, _, r2, ok = self.solve(th)
             if self.reml:
@@ -263,7 +249,7 @@ def _offsets(k: int, mixed: str) -> tuple[np.ndarray, list[tuple[int, int, list[
 
 def _at(prob: BatchProblem, th: np.ndarray, off: np.ndarray) -> np.ndarray:
     """Deviance at th + off[t] for every offset, (F, T). One point per call: stacking
-    points in one call is slower (arrays leave the cache)."""
+    points into one call measured slower (the arrays outgrow the cache)."""
     return np.stack([prob.deviance(th + o) for o in off], axis=1)
 
 

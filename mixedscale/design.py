@@ -140,16 +140,16 @@ def build_design(data: pd.DataFrame, spec: ModelSpec, source: Any = None) -> Des
     env = patsy.EvalEnvironment([eval_namespace()])
     p = spec.parsed
     ck = tuple(cols)
-    X, y, x_names = _cached(source, ("x", ck, p["formula"].render(idents)),
-                            lambda: _matrix(p["formula"].render(idents), frame, env, lhs=True))
+    fx = p["formula"].render(idents)
+    X, y, x_names = _cached(source, ("x", ck, fx), lambda: _matrix(fx, frame, env, lhs=True))
     if y is None:
         raise ModelFailure("the formula has no response")
     y = y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
     if y.ndim != 1:
         raise ModelFailure("the response must be one numeric column; got a factor response")
     if "re" in p:
-        Z, _, z_names = _cached(source, ("z", ck, p["re"].render(idents)),
-                                lambda: _matrix(p["re"].render(idents), frame, env, lhs=False))
+        fz = p["re"].render(idents)
+        Z, _, z_names = _cached(source, ("z", ck, fz), lambda: _matrix(fz, frame, env, lhs=False))
     else:
         Z, z_names = np.zeros((len(sub), 0)), []
     vc: list[tuple[str, np.ndarray]] = []

@@ -236,12 +236,15 @@ class Store:
         final = self.path(table, f"part-{name}.parquet")
         tmp = self.path("_tmp", f"{table}-{name}.{uuid.uuid4().hex}.parquet")
         fault = _publish_faults(table, name) if os.environ.get(FAULTS_ENV) else None
+
+        def write(fh: Any) -> None:
+            sink = fh if fault is None else _FailingWriter(fh, int(fault.get("after_bytes", 64)))
+            pq.write_table(data, sink, compression=_COMPRESSION)
+
         try:
             if self.local:
                 with open(tmp, "wb") as fh:
-                    sink: Any = fh if fault is None else \
-                        _FailingWriter(fh, int(fault.get("after_bytes", 64)))
-                    pq.write_table(data, sink, compression=_COMPRESSION)
+                    write(fh)
                     fh.flush()
                     os.fsync(fh.fileno())
                 try:
@@ -255,9 +258,7 @@ class Store:
             # Object stores: no atomic no-clobber rename. Write the full object
             # under a temporary key, then copy; readers dedupe by fit_id.
             with self.fs.open(tmp, "wb") as fh:
-                sink = fh if fault is None else \
-                    _FailingWriter(fh, int(fault.get("after_bytes", 64)))
-                pq.write_table(data, sink, compression=_COMPRESSION)
+                write(fh)
             if self.fs.exists(final):
                 self.fs.rm(tmp)
                 return False
@@ -297,9 +298,10 @@ class Store:
             out = {n: f for n, f in out.items() if n.split("-f")[0] in tasks}
         return out
 
-    def _read_parts(self, files: list[str]) -> pa.Table | None:
+    def _read_parts(self, files: list[tuple[int, str]]) -> pa.Table | None:
+        """The parts, concatenated, with ``_part``: the given number of each file."""
         parts = []
-        for i, f in enumerate(files):
+        for i, f in files:
             try:
                 with self.fs.open(f, "rb") as fh:
                     t = pq.read_table(fh)
@@ -314,10 +316,11 @@ class Store:
 
         A part counts once its fits part exists (fits are published last). The same
         fit in two parts (two jobs sharing a spec and slice, or an object store's
-        race) keeps the rows of its first part only."""
+        race) keeps the rows of its first part only. Parts are numbered by their
+        position among the committed fits parts, in every table."""
         committed = self._parts("fits", tasks)
         order = sorted(committed)
-        fits = self._read_parts([committed[n] for n in order])
+        fits = self._read_parts([(i, committed[n]) for i, n in enumerate(order)])
         if fits is None:
             return [pd.DataFrame() for _ in names]
         winners: pa.Table | None = None
@@ -329,18 +332,11 @@ class Store:
             winners = fits.select(["fit_id", "_part"]).rename_columns(["fit_id", "_win"])
         out = []
         for name in names:
-            if name == "fits":
-                tab: pa.Table | None = fits
-            else:
+            tab = fits
+            if name != "fits":
                 have = self._parts(name, tasks)
-                tab = self._read_parts([have.get(n, "") for n in order if n in have])
+                tab = self._read_parts([(i, have[n]) for i, n in enumerate(order) if n in have])
                 if tab is not None and winners is not None:
-                    # _part numbers differ between tables when parts are missing: map
-                    # them back to the fits' numbering through the part names.
-                    idx = [order.index(n) for n in order if n in have]
-                    tab = tab.set_column(tab.schema.get_field_index("_part"), "_part",
-                                         pa.array(np.asarray(idx)[tab.column("_part")
-                                                                  .to_numpy()]))
                     tab = tab.join(winners, "fit_id", join_type="inner", use_threads=False)
                     tab = tab.filter(pc.equal(tab.column("_part"), tab.column("_win")))
                     tab = tab.drop_columns(["_win"]).sort_by("_part")

@@ -312,14 +312,14 @@ def build_tables(payload: TaskPayload, items: Sequence[FitItem], results: Sequen
             if len(frame):
                 out[name].append(to_table(frame.assign(**head, spec_id=r.fit["spec_id"]),
                                           table_schema(name, kf)))
-    if fits_rows:
-        out["fits"].insert(0, pa.Table.from_pylist(fits_rows, schema=table_schema("fits", kf)))
+    if fits_rows:  # NaN as null, as to_table stores it (batched rows hold no NaN)
+        out["fits"].insert(0, nan_to_null(pa.Table.from_pylist(
+            fits_rows, schema=table_schema("fits", kf))))
     tables = {}
     for name, parts in out.items():
         schema = table_schema(name, kf)
         tables[name] = (pa.concat_tables([t.select(schema.names).cast(schema) for t in parts])
                         if parts else schema.empty_table())
-    tables["fits"] = nan_to_null(tables["fits"])
     return tables
 
 

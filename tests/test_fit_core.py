@@ -4,6 +4,7 @@ pathological inputs (never raise, always say why), and the record's shape."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,12 +21,8 @@ SM_METHODS = ("lbfgs", "bfgs", "powell", "nm")
 
 @pytest.fixture
 def nba() -> pd.DataFrame:
-    return pd.DataFrame({
-        "Points": [10, 25, 35, 30, 22, 14, 24, 28, 32, 27],
-        "Minutes": [35, 40, 30, 38, 33, 32, 34, 39, 41, 36],
-        "Team": ["TeamG", "TeamG", "TeamR", "TeamR", "TeamG", "TeamG", "TeamR", "TeamR",
-                 "TeamG", "TeamR"],
-    })
+    """The example job's data (jobs/make_data.py writes it)."""
+    return pd.read_parquet(Path(__file__).resolve().parents[1] / "jobs" / "data" / "nba.parquet")
 
 
 def _panel(seed: int = 0, n_groups: int = 12, size: int = 6) -> pd.DataFrame:
