@@ -114,23 +114,15 @@ def _client(client: Any, address: str | None, workers: int | None, security: Any
 
 def _tables(summary: RunSummary, plan: Plan, store: Store | None
             ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    ids = set(plan.fit_ids())
     if store is not None:
-        # Only this job's parts: a shared store may hold many other jobs' results.
-        tables = store.run_tables({t.key for t in plan.tasks})
-        return _keep(tables[0], ids), _keep(tables[1], ids), _keep(tables[2], ids)
+        # Only this job's parts and fits: a shared store may hold many other jobs' results.
+        return store.run_tables({t.key for t in plan.tasks}, plan.fit_ids())
     out = []
     for t in ("fits", "params", "variance"):
         parts = summary.tables.get(t, [])
         df = pa.concat_tables(parts).to_pandas() if parts else pd.DataFrame()
         out.append(df.reset_index(drop=True))
     return out[0], out[1], out[2]
-
-
-def _keep(df: pd.DataFrame, ids: set[str]) -> pd.DataFrame:
-    if df.empty:
-        return df
-    return df[df["fit_id"].isin(ids)].reset_index(drop=True)
 
 
 def fit_many(

@@ -390,13 +390,21 @@ def verify(prob: BatchProblem, th: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
             fast = notpd  # borderline Hessians: the per-fit loop below decides
     done = np.zeros(prob.F, dtype=bool)
     done[fast] = True
+    # One-sided gradients for parameters on their bound.
+    grads = grad_c.copy()
+    for j in far:
+        one_sided = np.minimum(np.minimum((fp[:, j] - f0) / _H, far[j]), 0.0)
+        grads[:, j] = np.where(on_bound[:, j], one_sided, grad_c[:, j])
+    # Every parameter on its bound (e.g. a zero random-intercept variance): no free
+    # Hessian, so lme4_verdict reduces to the largest one-sided gradient.
+    all_bound = ~done & np.isfinite(f0) & on_bound.all(axis=1)
+    gmax[all_bound] = np.abs(grads[all_bound]).max(axis=1, initial=0.0)
+    pd_[all_bound] = True
+    done |= all_bound
     for f in range(prob.F):
         if done[f] or not np.isfinite(f0[f]):
             continue
-        grad = grad_c[f].copy()
-        for j in np.flatnonzero(on_bound[f]):
-            grad[j] = min((fp[f, j] - f0[f]) / _H, far[j][f], 0.0)
-        gmax[f], pd_[f] = lme4_verdict(grad, H[f], on_bound[f])
+        gmax[f], pd_[f] = lme4_verdict(grads[f], H[f], on_bound[f])
     return f0, gmax, pd_
 
 

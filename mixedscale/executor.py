@@ -40,9 +40,11 @@ from .single import versions
 from .source import CorruptFile, Source
 from .store import Store
 from .worker import (
+    Opaque,
     TaskOutcome,
     TaskPayload,
     failure_tables,
+    forget_shuffled,
     load_unit,
     partition,
     partition_to_store,
@@ -87,6 +89,9 @@ class RunSummary:
     n_split: int
     message: str = ""
     tables: dict[str, list[pa.Table]] = field(default_factory=dict)
+    # Worker seconds summed over tasks, by phase (see TaskOutcome.phases); "task" is
+    # their total, so task - fit_seconds is the workers' time outside fitting.
+    task_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def fits_per_second(self) -> float:
@@ -152,6 +157,7 @@ class _Run:
         self.by_status: dict[str, int] = {}
         self.bytes_read = 0
         self.fit_seconds = 0.0
+        self.task_seconds: dict[str, float] = {}
         self.n_run = 0
         self.n_split = 0
         self.tables: dict[str, list[pa.Table]] = {"fits": [], "params": [], "variance": []}
@@ -163,6 +169,7 @@ class _Run:
         self.bad_files: dict[str, str] = {}  # input files found corrupt at fit time
         self.resubmits: dict[str, int] = {}  # task key -> resubmissions after KilledWorker
         self.n_loads = 0
+        self.n_submitted = 0
         self.partitions: list[Any] = []
         self.partitions_bad: frozenset[str] = frozenset()
         self.n_shuffles = 0
@@ -179,7 +186,7 @@ class _Run:
             split_by=self.plan.split_by, key_fields=self.key_fields, run_id=self.run_id,
             timeout=self.opts.timeout, engine=self.opts.engine)
 
-    def unit_data(self, unit: int) -> Any:
+    def unit_data(self, unit: int, priority: int = 0) -> Any:
         # Cached per unit and per set of corrupt files left out of the reads.
         cache = (unit, frozenset(self.bad_files))
         if cache in self.unit_futures:
@@ -198,21 +205,28 @@ class _Run:
             if self.store is not None:  # spilled to scratch files: memory stays bounded
                 fut = {"unit": unit, "scratch": list(self.partitions)}  # see worker._merge
             else:
-                fut = [self.client.submit(piece, p, unit, pure=False) for p in self.partitions]
+                fut = [self.client.submit(piece, p, unit, pure=False, priority=priority)
+                       for p in self.partitions]
         else:
             rgs = [self.src.row_groups[i] for i in u.row_groups
                    if self.src.row_groups[i].file not in self.bad_files]
             self.n_loads += 1
             fut = self.client.submit(load_unit, self.src, rgs, self.plan.columns,
-                                     self.plan.split_by, keys, pure=False,
+                                     self.plan.split_by, Opaque(keys), pure=False,
+                                     priority=priority,
                                      key=f"mixedscale-load-{self.run_id}-{unit}-{self.n_loads}")
         self.unit_futures[cache] = fut
         return fut
 
     def submit(self, task: Task) -> Any:
-        data = self.unit_data(task.unit)
+        # Plan order is the run order: the planner puts small tasks last, so the
+        # workers finish together. Dask otherwise picks freely among ready tasks.
+        self.n_submitted += 1
+        priority = -self.n_submitted
+        data = self.unit_data(task.unit, priority + 1)  # a unit's load runs before its fits
         fn = run_task if self.store is None else run_marked
         return self.client.submit(fn, self.payload(task), data, self.store, pure=False,
+                                  priority=priority,
                                   key=f"mixedscale-fit-{task.key}-{uuid.uuid4().hex[:6]}")
 
     def starts(self, task: Task) -> int:
@@ -241,7 +255,8 @@ class _Run:
                 self.unit_futures.pop(k, None)
 
     def start_shuffle(self) -> None:
-        key_unit = {self.plan.slices[i].key: u.index for u in self.plan.units for i in u.slices}
+        key_unit = Opaque({self.plan.slices[i].key: u.index for u in self.plan.units
+                           for i in u.slices})
         batches: list[list[Any]] = [[]]
         size = 0
         self.partitions_bad = frozenset(self.bad_files)
@@ -305,6 +320,11 @@ class _Run:
             return
         shuffles = [self.store.path("_tmp", self.shuffle_folder(n))
                     for n in range(1, self.n_shuffles + 1)]
+        if shuffles and self.client is not None and self.client.status == "running":
+            try:  # the workers' cached shuffled unit (see worker._merge)
+                self.client.run(forget_shuffled)
+            except (OSError, TimeoutError, ValueError) as exc:
+                log.debug("could not clear cached shuffled units: %s", exc)
         for d in (_start_root(self.store, self.run_id),
                   self.store.path("_runs", f"{self.run_id}.oom"), *shuffles):
             try:
@@ -427,7 +447,8 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
         bytes_scan=plan.bytes_scan, bytes_one_pass=plan.bytes_one_pass,
         plan_seconds=plan.plan_seconds, wall_seconds=time.perf_counter() - run.t0,
         fit_seconds=run.fit_seconds, n_workers=n_workers, n_tasks=len(todo),
-        n_split=run.n_split, message=message, tables=run.tables)
+        n_split=run.n_split, message=message, tables=run.tables,
+        task_seconds=dict(run.task_seconds))
 
 
 def _is_comm_error(exc: BaseException) -> bool:
@@ -470,6 +491,9 @@ def _handle(run: _Run, fut: Any, task: Task, queue: list[Task], bar: _Progress,
         if out is not None:
             run.account_status(out.by_status, out.n_fits)
             run.fit_seconds += out.fit_seconds
+            run.task_seconds["task"] = run.task_seconds.get("task", 0.0) + out.wall_seconds
+            for k, v in out.phases.items():
+                run.task_seconds[k] = run.task_seconds.get(k, 0.0) + v
             for token, nb in out.loads.items():
                 if token not in run.loads_seen:
                     run.loads_seen.add(token)

@@ -13,7 +13,8 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -37,19 +38,23 @@ TASK_TARGET_MS = 2000.0  # big enough to amortize scheduling and batching, small
 TASK_MIN_TASKS = 16  # split small jobs finely enough for parallelism
 TASK_MIN_MS = 50.0  # ...but not below this: a task's fixed cost is ~10-20 ms
 UNIT_MAX_ROWS = 1_000_000  # rows loaded at once by one task: its fit peaks near 0.5 GB
+# Small data is still cut into a few units, at row-group boundaries, so several workers
+# load in parallel instead of waiting for one load and a transfer.
+UNIT_MIN_UNITS = 4
+TAIL_SHARE = 4.0  # near the end, a task holds at most this fraction of the work left
 SHUFFLE_RATIO = 1.3  # direct reads above this x one pass switch to a shuffle
 
 
-@dataclass(frozen=True)
-class SliceInfo:
+# Named tuples, not dataclasses: a plan holds one per slice and per fit (10^5+), and
+# they are built, pickled into task payloads and unpickled several times faster.
+class SliceInfo(NamedTuple):
     key: tuple[Any, ...]
     rows: int
     row_groups: tuple[int, ...]
     fingerprint: str
 
 
-@dataclass(frozen=True)
-class FitItem:
+class FitItem(NamedTuple):
     fit_id: str
     slice: int
     spec: int
@@ -66,6 +71,17 @@ class Task:
     def single(self, item: FitItem) -> Task:
         return Task(key=f"{self.key}-f{item.fit_id[:12]}", unit=self.unit, items=(item,),
                     cost_ms=self.cost_ms / max(1, len(self.items)), isolated=True)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Items travel column-wise in every task payload: three lists, not 10^3+ tuples.
+        cols = tuple(map(list, zip(*self.items, strict=True))) if self.items else ([], [], [])
+        return _task, (self.key, self.unit, *cols, self.cost_ms, self.isolated)
+
+
+def _task(key: str, unit: int, fit_ids: list[str], slices: list[int], specs: list[int],
+          cost_ms: float, isolated: bool) -> Task:
+    items = tuple(map(FitItem._make, zip(fit_ids, slices, specs, strict=True)))
+    return Task(key, unit, items, cost_ms, isolated)
 
 
 @dataclass(frozen=True)
@@ -155,6 +171,29 @@ def _frame_fingerprints(src: Source, split_by: Sequence[str], columns: Sequence[
     return out
 
 
+def _json_list(values: Sequence[Any]) -> str:
+    """``json.dumps(list(values), default=str)``, byte for byte (fit ids depend on it),
+    without the encoder's per-call cost for the usual str and int keys."""
+    out = []
+    for v in values:
+        t = type(v)
+        if t is str:
+            out.append(encode_basestring_ascii(v))
+        elif t is int:
+            out.append(int.__repr__(v))
+        else:
+            return json.dumps(list(values), default=str)
+    return "[" + ", ".join(out) + "]"
+
+
+def _norm_column(col: pd.Series) -> list[Any]:
+    """A key column's values as ``_norm_key`` gives them: Python scalars, NaN as None."""
+    vals = col.tolist()
+    if col.dtype.kind in "iub" or (isinstance(col.dtype, pd.StringDtype) and not col.hasnans):
+        return vals  # already Python scalars with no missing values
+    return [_norm_key((v,))[0] for v in vals]
+
+
 def _norm_key(row: Sequence[Any]) -> tuple[Any, ...]:
     out = []
     for v in row:
@@ -204,7 +243,8 @@ def _slices(src: Source, keys: pd.DataFrame, split_by: list[str], columns: list[
     keys = keys.loc[keys["_rows"].to_numpy() > 0]
     if split_by:
         codes, uniq = _key_codes(keys, split_by)
-        key_rows: list[tuple[Any, ...]] = list(uniq.itertuples(index=False, name=None))
+        key_rows: list[tuple[Any, ...]] = list(zip(*[_norm_column(uniq[c]) for c in split_by],
+                                                   strict=True))
     else:
         codes = np.zeros(len(keys), dtype=np.intp)
         key_rows = [()]
@@ -212,22 +252,25 @@ def _slices(src: Source, keys: pd.DataFrame, split_by: list[str], columns: list[
     rows = np.bincount(codes, weights=keys["_rows"].to_numpy(dtype=float), minlength=n)
     # Distinct row groups per slice: sort (slice, rg) pairs, drop repeats, split.
     rg = keys["_rg"].to_numpy(dtype=np.int64)
-    pairs = np.unique(codes.astype(np.int64) * (int(rg.max(initial=0)) + 1) + rg)
+    pairs = np.sort(codes.astype(np.int64) * (int(rg.max(initial=0)) + 1) + rg)
+    pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]] if len(pairs) else pairs
     p_slice, p_rg = np.divmod(pairs, int(rg.max(initial=0)) + 1)
-    cuts = np.searchsorted(p_slice, np.arange(1, n))
-    rg_lists = np.split(p_rg, cuts)
-    rgs = src.row_groups
+    cuts = np.searchsorted(p_slice, np.arange(n + 1)).tolist()
+    p_rgs = p_rg.tolist()
+    # _h([fingerprints], flt) spelled out, with each row group's JSON encoded once.
+    rg_json = [encode_basestring_ascii(rg.fingerprint) for rg in src.row_groups]
+    flt_json = encode_basestring_ascii(flt)
     fp_by_rgs: dict[tuple[int, ...], str] = {}  # slices reading the same row groups
     out: list[SliceInfo] = []
-    for key, nrows, rg_arr in zip(key_rows, rows, rg_lists, strict=True):
-        nkey = _norm_key(key)
-        rg_idx = tuple(rg_arr.tolist())
+    for k, (nkey, nrows) in enumerate(zip(key_rows, rows.tolist(), strict=True)):
+        rg_idx = tuple(p_rgs[cuts[k]:cuts[k + 1]])
         if fps is not None:
             fp = fps.get(nkey, "")
         else:
             fp = fp_by_rgs.get(rg_idx, "")
             if not fp:
-                fp = fp_by_rgs[rg_idx] = _h([rgs[i].fingerprint for i in rg_idx], flt)[:16]
+                blob = f"[[{', '.join([rg_json[i] for i in rg_idx])}], {flt_json}]"
+                fp = fp_by_rgs[rg_idx] = hashlib.sha256(blob.encode()).hexdigest()[:16]
         out.append(SliceInfo(nkey, int(nrows), rg_idx, fp))
     return out
 
@@ -242,8 +285,13 @@ def _key_codes(keys: pd.DataFrame, split_by: list[str]) -> tuple[np.ndarray, pd.
 
 
 def _units(slices: list[SliceInfo], rg_bytes: list[int]) -> list[LoadUnit]:
-    """Group consecutive slices (by first row group) into loads of bounded rows."""
+    """Group consecutive slices (by first row group) into loads of bounded rows.
+
+    Above ``UNIT_MAX_ROWS`` a unit always ends; above 1/``UNIT_MIN_UNITS`` of all rows it
+    ends only where the next slice starts a new row group, so no row group is read twice.
+    """
     order = sorted(range(len(slices)), key=lambda i: (slices[i].row_groups[:1], i))
+    soft = min(UNIT_MAX_ROWS, -(-sum(s.rows for s in slices) // UNIT_MIN_UNITS))
     units: list[LoadUnit] = []
     cur: list[int] = []
     cur_rgs: set[int] = set()
@@ -259,7 +307,8 @@ def _units(slices: list[SliceInfo], rg_bytes: list[int]) -> list[LoadUnit]:
 
     for i in order:
         s = slices[i]
-        if cur and cur_rows + s.rows > UNIT_MAX_ROWS:
+        if cur and (cur_rows + s.rows > UNIT_MAX_ROWS or (
+                cur_rows >= soft and not cur_rgs.intersection(s.row_groups))):
             flush()
         cur.append(i)
         cur_rgs.update(s.row_groups)
@@ -279,8 +328,8 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
     # Spec-major within a load unit: a task then holds many slices of one spec, which
     # the batched engine fits together (bigger batches amortize its per-step cost).
     for u in units:
-        tails = {si: f"{json.dumps(list(slices[si].key), default=str)}, "
-                     f"{json.dumps(slices[si].fingerprint)}]" for si in u.slices}
+        tails = {si: f"{_json_list(slices[si].key)}, {_json_list((slices[si].fingerprint,))[1:]}"
+                 for si in u.slices}
         for pi in range(len(specs)):
             for si in u.slices:
                 rows = slices[si].rows
@@ -303,8 +352,40 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
             tasks.append(Task(key=key, unit=cur_unit, items=tuple(cur), cost_ms=cur_cost))
         cur, cur_cost = [], 0.0
 
-    for unit, item, cost in items_cost:
-        if cur and (unit != cur_unit or cur_cost + cost > target):
+    # Within a unit, tasks are of equal size, cut where an item's midpoint crosses a
+    # boundary (no sliver at the unit's end). Toward the end of the plan they shrink
+    # (guided self-scheduling), so the last ones finish close together instead of one
+    # worker idling through a full task.
+    unit_cost: dict[int, float] = {}
+    for unit, _, cost in items_cost:
+        unit_cost[unit] = unit_cost.get(unit, 0.0) + cost
+    remaining = total
+    bounds: dict[int, np.ndarray] = {}
+    for ui, uc in unit_cost.items():
+        even = uc / max(1, int(np.ceil(uc / target - 0.01)))  # 0.01: float noise
+        sizes: list[float] = []
+        left = uc
+        while left > 1e-9:
+            size = min(even, max(TASK_MIN_MS, remaining / TAIL_SHARE), left)
+            if left - size < TASK_MIN_MS / 2:  # absorb a sliver
+                size = left
+            sizes.append(size)
+            left -= size
+            remaining -= size
+        bounds[ui] = np.cumsum(sizes)[:-1]
+    # Each item's task within its unit: the chunk holding the item's cost midpoint.
+    item_unit = np.fromiter((ui for ui, _, _ in items_cost), dtype=np.int64,
+                            count=len(items_cost))
+    item_cost = np.fromiter((c for _, _, c in items_cost), dtype=float, count=len(items_cost))
+    starts = np.flatnonzero(np.r_[True, item_unit[1:] != item_unit[:-1]])
+    done = np.cumsum(item_cost) - item_cost / 2
+    done -= np.repeat(done[starts] - item_cost[starts] / 2, np.diff(np.r_[starts, len(done)]))
+    chunk = np.empty(len(items_cost), dtype=np.int64)
+    for a, b in zip(starts, np.r_[starts[1:], len(done)], strict=True):
+        chunk[a:b] = np.searchsorted(bounds[int(item_unit[a])], done[a:b], side="right")
+    new_task = np.r_[True, (item_unit[1:] != item_unit[:-1]) | (chunk[1:] != chunk[:-1])]
+    for k, (unit, item, cost) in enumerate(items_cost):
+        if new_task[k]:
             flush()
         cur_unit = unit
         cur.append(item)

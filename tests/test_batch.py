@@ -15,6 +15,7 @@ import pytest
 
 import mixedscale as ms
 import mixedscale.plan as plan_mod
+import mixedscale.worker as worker_mod
 from mixedscale.api import prepare
 
 from .clusterutil import (
@@ -63,6 +64,11 @@ def test_fit_many_on_a_cluster_store_none_equals_store(cluster_client: Any,
     assert mem.summary()["n_planned"] == disk.summary()["n_planned"] == 40
     assert disk.summary()["n_workers"] == 2 and disk.summary()["state"] == "complete"
     assert disk.summary()["n_fitted_this_run"] == 40
+    # Worker time by phase: fitting inside it, every phase counted.
+    ts = disk.run.task_seconds
+    assert set(ts) == {"task", "data", "fits", "tables", "write"}
+    assert ts["fits"] >= 0.9 * disk.run.fit_seconds and ts["write"] > 0
+    assert sum(v for k, v in ts.items() if k != "task") == pytest.approx(ts["task"], rel=0.05)
     assert set(mem.fits["status"]) <= {"ok", "not_converged"}
     pd.testing.assert_frame_equal(_sorted(mem.fits[FIT_COLS], ["fit_id"]),
                                   _sorted(disk.fits[FIT_COLS], ["fit_id"]))
@@ -129,6 +135,9 @@ def test_unsorted_input_gives_the_same_results(cluster_client: Any, tmp_path: Pa
     # With a store the shuffle spills to scratch files, removed when the run ends;
     # without one it stays in worker memory.
     assert not list((tmp_path / "store" / "_tmp").glob("shuffle-*"))
+    # ...and no worker still holds a cached shuffled unit.
+    assert cluster_client.run(lambda: len(worker_mod._SHUFFLED)) == {
+        w: 0 for w in cluster_client.scheduler_info()["workers"]}
     d = ms.fit_many(str(shuffled), [RI, RS], split_by="gene", client=cluster_client,
                     progress=False)
     assert d.plan.shuffle

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
 from pathlib import Path
 
+import cloudpickle
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import mixedscale as ms
+from mixedscale import plan as plan_mod
 from mixedscale.api import prepare
 from mixedscale.executor import pending
-from mixedscale.plan import spec_cost_ms
+from mixedscale.plan import Task, spec_cost_ms
 from mixedscale.store import Store
 
 from .conftest import make_genes
@@ -171,3 +176,93 @@ def test_run_wide_engine_changes_packing_not_ids() -> None:
     _, slow = prepare(df, [RI, RS], "gene", engine="statsmodels")
     assert sorted(auto.fit_ids()) == sorted(slow.fit_ids())
     assert len(slow.tasks) > len(auto.tasks)
+
+
+def _reference_fit_id(spec: ms.ModelSpec, key: tuple[object, ...], fingerprint: str) -> str:
+    """The fit-id contract, spelled with json.dumps: stores written by earlier versions
+    resume only while this holds byte for byte."""
+    blob = f"[{json.dumps(spec.spec_id)}, {json.dumps(list(key), default=str)}, " \
+           f"{json.dumps(fingerprint)}]"
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+@pytest.mark.parametrize("keys", [
+    {"gene": ["g1", "gène-ü", 'q"uote', "g1"]},
+    {"site": [3, 1, 2, 3]},
+    {"site": [1.5, None, 2.5, 1.5], "arm": ["a", "b", "a", "a"]},
+    {"flag": [True, False, True, True]},
+])
+def test_fit_ids_and_fingerprints_keep_their_formula(tmp_path: Path,
+                                                     keys: dict[str, list[object]]) -> None:
+    base = make_genes(n_genes=1, n_subjects=8)
+    frames = []
+    for i in range(4):
+        part = base.copy()
+        for col, vals in keys.items():
+            part[col] = vals[i]
+        frames.append(part)
+    df = pd.concat(frames, ignore_index=True)
+    split = list(keys)
+    f = tmp_path / "d.parquet"
+    df.to_parquet(f, index=False, row_group_size=len(base))
+    src, plan = prepare(str(f), [RI, RS], split, filter=[["time", ">=", 0]])
+    flt = json.dumps(src.filter, default=str)
+    for s in plan.slices:
+        want = hashlib.sha256(json.dumps(
+            [[src.row_groups[i].fingerprint for i in s.row_groups], flt],
+            default=str, sort_keys=True).encode()).hexdigest()[:16]
+        assert s.fingerprint == want
+    by_slice = {(it.slice, it.spec): it.fit_id for t in plan.tasks for it in t.items}
+    for (si, pi), fid in by_slice.items():
+        s = plan.slices[si]
+        assert fid == _reference_fit_id(plan.specs[pi], s.key, s.fingerprint)
+
+
+def test_small_sorted_data_loads_in_units_cut_at_row_groups(tmp_path: Path) -> None:
+    df = make_genes(n_genes=40)
+    f = tmp_path / "d.parquet"
+    df.to_parquet(f, index=False, row_group_size=5 * 48)  # 8 row groups of 5 genes
+    _, plan = prepare(str(f), [RI, RS], "gene")
+    assert len(plan.units) == plan_mod.UNIT_MIN_UNITS
+    seen: set[int] = set()
+    for u in plan.units:
+        assert not seen & set(u.row_groups)  # no row group read by two units
+        seen |= set(u.row_groups)
+    assert plan.bytes_planned == plan.bytes_one_pass
+    # Not sorted: every slice spans every row group, so one unit (no re-reads).
+    shuffled = tmp_path / "s.parquet"
+    make_genes(n_genes=40, shuffle=True).to_parquet(shuffled, index=False,
+                                                     row_group_size=5 * 48)
+    _, plan = prepare(str(shuffled), [RI, RS], "gene")
+    assert len(plan.units) == 1 and not plan.shuffle
+
+
+def test_tasks_shrink_toward_the_end_without_slivers() -> None:
+    df = make_genes(n_genes=3000, n_subjects=10, n_times=4)
+    _, plan = prepare(df, [RI, RS], "gene")
+    costs = [t.cost_ms for t in plan.tasks]
+    n = len(costs)
+    assert n >= plan_mod.TASK_MIN_TASKS
+    items = [it for t in plan.tasks for it in t.items]
+    assert len(items) == len({it.fit_id for it in items}) == plan.n_fits
+    # The tail is made of smaller tasks; no task is a sliver of a few fits.
+    assert max(costs[-3:]) < 0.5 * max(costs)
+    assert costs[-4] >= costs[-3] - 1e-9 and costs[-3] >= costs[-2] - 1e-9
+    floor = min(plan_mod.TASK_MIN_MS, sum(costs) / plan_mod.TASK_MIN_TASKS) / 2
+    assert min(costs[:-1]) >= floor
+    # Before the tail, a unit's tasks are of equal size (within one fit's cost).
+    head = [c for c in costs if c > 0.9 * max(costs)]
+    assert len(head) >= n // 2
+
+
+def test_tasks_pickle_column_wise_and_round_trip() -> None:
+    df = make_genes(n_genes=200)
+    _, plan = prepare(df, [RI, RS], "gene")
+    task = max(plan.tasks, key=lambda t: len(t.items))
+    for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
+        back = loads(dumps(task))
+        assert back == task and back.items[0].fit_id == task.items[0].fit_id
+    single = task.single(task.items[3])
+    assert pickle.loads(pickle.dumps(single)) == single
+    empty = Task("k", 0, (), 0.0)
+    assert pickle.loads(pickle.dumps(empty)) == empty

@@ -1,0 +1,92 @@
+"""Worker-side pieces without a cluster: row positions, cached shuffled units, phases."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mixedscale as ms
+from mixedscale import worker
+from mixedscale.api import prepare
+from mixedscale.executor import RunOptions, _Run
+from mixedscale.plan import _norm_key
+from mixedscale.store import Store
+from mixedscale.worker import Loaded, Opaque, Positions, partition_to_store, run_task
+
+from .conftest import make_genes
+
+_rng = np.random.default_rng(0)
+_N = 3000
+
+
+def _indices(df: pd.DataFrame, split_by: list[str]) -> dict[tuple[object, ...], np.ndarray]:
+    """What the worker used before: groupby().indices with the plan's key normalization."""
+    index = df.groupby(split_by, sort=False, dropna=False, observed=True).indices
+    return {_norm_key(k if isinstance(k, tuple) else (k,)): np.asarray(v)
+            for k, v in index.items()}
+
+
+@pytest.mark.parametrize(("df", "split_by"), [
+    (pd.DataFrame({"a": _rng.integers(0, 50, _N)}), ["a"]),
+    (pd.DataFrame({"a": _rng.choice(["x", "é", None], _N)}), ["a"]),
+    (pd.DataFrame({"a": pd.array(_rng.choice(["x", "y"], _N), dtype="string[pyarrow]")}),
+     ["a"]),
+    (pd.DataFrame({"a": np.where(_rng.random(_N) < 0.1, np.nan,
+                                 _rng.integers(0, 5, _N).astype(float)),
+                   "b": _rng.integers(0, 3, _N)}), ["a", "b"]),
+    (pd.DataFrame({"a": pd.Categorical(_rng.choice(["p", "q"], _N)),
+                   "b": _rng.choice([True, False], _N)}), ["a", "b"]),
+    (pd.DataFrame({"d": pd.to_datetime(_rng.integers(0, 4, _N), unit="D")}), ["d"]),
+    (pd.DataFrame({"a": np.arange(5)}), []),
+])
+def test_positions_match_groupby_indices(df: pd.DataFrame, split_by: list[str]) -> None:
+    pos = Positions(df, split_by)
+    want = _indices(df, split_by) if split_by else {(): np.arange(len(df))}
+    assert set(pos.index) == set(want) and len(pos) == len(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(pos.get(k), v)
+    assert pos.get(("no such key",)) is None
+    assert len(pos.get(("no such key",), np.zeros(0, dtype=np.intp))) == 0
+
+
+def test_a_transferred_unit_leaves_its_positions_behind() -> None:
+    loaded = Loaded(make_genes(n_genes=30), 10)
+    loaded.positions(["gene"])
+    back = pickle.loads(pickle.dumps(loaded))
+    assert back._positions is None and back.token == loaded.token
+    np.testing.assert_array_equal(back.positions(["gene"]).get(("g003",)),
+                                  loaded.positions(["gene"]).get(("g003",)))
+
+
+def test_a_shuffled_unit_is_read_once_per_worker_process(tmp_path: Path) -> None:
+    df = make_genes(n_genes=12, shuffle=True)
+    f = tmp_path / "d.parquet"
+    df.to_parquet(f, index=False, row_group_size=100)
+    src, plan = prepare(str(f), [ms.ModelSpec("y ~ time", groups="subject")], "gene")
+    store = Store(str(tmp_path / "store"))
+    store.init()
+    key_unit = {s.key: i % 2 for i, s in enumerate(plan.slices)}  # two units
+    parts = [partition_to_store(src, src.row_groups, plan.columns, plan.split_by,
+                                Opaque(key_unit), store, "shuffle-test", 0)]
+    worker.forget_shuffled()
+    first = worker._merge({"unit": 0, "scratch": parts}, store)
+    assert worker._merge({"unit": 0, "scratch": parts}, store) is first
+    other = worker._merge({"unit": 1, "scratch": parts}, store)
+    assert other is not first and len(worker._SHUFFLED) == 1  # one unit held at a time
+    assert set(first.frame["gene"]) | set(other.frame["gene"]) == set(df["gene"])
+    worker.forget_shuffled()
+    assert not worker._SHUFFLED
+
+
+def test_task_outcomes_carry_their_phase_times() -> None:
+    df = make_genes(n_genes=10)
+    src, plan = prepare(df, [ms.ModelSpec("y ~ time", groups="subject")], "gene")
+    run = _Run(plan, src, None, None, RunOptions())
+    out = run_task(run.payload(plan.tasks[0]), Loaded(df, 0), None)
+    assert set(out.phases) == {"data", "fits", "tables", "write"}
+    assert sum(out.phases.values()) == pytest.approx(out.wall_seconds, rel=0.05, abs=1e-3)
+    assert out.phases["fits"] >= 0.9 * out.fit_seconds
