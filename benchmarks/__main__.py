@@ -267,6 +267,9 @@ def run(args: argparse.Namespace) -> int:
                                           keep_stores=args.keep_stores)
                     rec = runners.run_one(ctx, r)
                 rec["_order"] = i
+                # Rows from earlier invocations are kept: each names its own code.
+                rec["git_commit"] = meta["git_commit"] + ("+" if meta["mixedscale_modified"]
+                                                          else "")
                 rec["load_average"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
                 runs.append(rec)
                 meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")

@@ -249,6 +249,12 @@ def markdown(doc: dict[str, Any]) -> str:
             notes.append(f"load avg {max(la):.1f} on 2 cores")
         if r.get("store_publish_ms"):
             notes.append(f"{r['n_tasks']} tasks, publish {r['store_publish_ms']:.0f} ms/task")
+        ws = r.get("worker_seconds") or {}
+        if ws.get("task") and r.get("fit_seconds_sum"):
+            notes.append(f"worker s outside fits {ws['task'] - r['fit_seconds_sum']:.2f} "
+                         f"(write {ws.get('write', 0):.2f}, data {ws.get('data', 0):.2f})")
+        if r.get("git_commit"):
+            notes.append(f"@{r['git_commit']}")
         fps = r["fits_per_second"]
         if r["runner"].startswith("single-"):
             fps_s = f"{r['single_seconds']:.3f} s/fit"
@@ -276,7 +282,9 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc.get("scaling"):
         out += [doc["scaling"], ""]
     m = doc.get("meta", {})
-    out.append(f"Measured {m.get('finished', '')} on {m.get('machine', '')}; "
+    out.append("Rows carry the commit they were measured at (`@commit`; `+`: uncommitted "
+               "changes to mixedscale/); rows without one predate that stamp. "
+               f"Last run finished {m.get('finished', '')} on {m.get('machine', '')}; "
                f"mixedscale {m.get('mixedscale_version', '')} at commit "
                f"{m.get('git_commit', '')}"
                + (" with uncommitted changes to mixedscale/" if m.get("mixedscale_modified")

@@ -271,7 +271,7 @@ def _slices(src: Source, keys: pd.DataFrame, split_by: list[str], columns: list[
             if not fp:
                 blob = f"[[{', '.join([rg_json[i] for i in rg_idx])}], {flt_json}]"
                 fp = fp_by_rgs[rg_idx] = hashlib.sha256(blob.encode()).hexdigest()[:16]
-        out.append(SliceInfo(nkey, int(nrows), rg_idx, fp))
+        out.append(SliceInfo._make((nkey, int(nrows), rg_idx, fp)))  # C-level init
     return out
 
 
@@ -337,7 +337,7 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
                 cost = costs.get((pi, rows))
                 if cost is None:
                     cost = costs[(pi, rows)] = spec_cost_ms(costed[pi], rows)
-                items_cost.append((u.index, FitItem(fid, si, pi), cost))
+                items_cost.append((u.index, FitItem._make((fid, si, pi)), cost))
     total = sum(c for _, _, c in items_cost)
     target = min(TASK_TARGET_MS, max(total / TASK_MIN_TASKS, TASK_MIN_MS))
     tasks: list[Task] = []
