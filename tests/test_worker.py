@@ -90,3 +90,15 @@ def test_task_outcomes_carry_their_phase_times() -> None:
     assert set(out.phases) == {"data", "fits", "tables", "write"}
     assert sum(out.phases.values()) == pytest.approx(out.wall_seconds, rel=0.05, abs=1e-3)
     assert out.phases["fits"] >= 0.9 * out.fit_seconds
+
+
+def test_positions_take_concatenates_rows_in_key_order() -> None:
+    df = make_genes(n_genes=30, shuffle=True)
+    pos = Positions(df, ["gene"])
+    keys = [("g007",), ("nope",), ("g001",), ("g029",), ("g007",)]
+    rows, sizes = pos.take(keys)
+    want = [pos.get(k, np.zeros(0, dtype=np.intp)) for k in keys]
+    np.testing.assert_array_equal(rows, np.concatenate(want))
+    assert sizes.tolist() == [len(w) for w in want] and sizes[1] == 0
+    empty_rows, empty_sizes = pos.take([])
+    assert len(empty_rows) == 0 and len(empty_sizes) == 0
