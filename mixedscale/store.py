@@ -156,18 +156,8 @@ def table_schema(table: str, key_fields: Sequence[pa.Field]) -> pa.Schema:
     return pa.schema(head + list(BODY[table]))
 
 
-def to_table(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
-    cols = {}
-    for f in schema:
-        if f.name in df.columns:
-            cols[f.name] = pa.array(df[f.name].tolist(), type=f.type, from_pandas=True)
-        else:
-            cols[f.name] = pa.nulls(len(df), type=f.type)
-    return pa.table(cols, schema=schema)
-
-
 def nan_to_null(table: pa.Table) -> pa.Table:
-    """NaN in float columns as null, as ``to_table`` (pandas' missing values) stores it."""
+    """NaN in float columns as null, as every table's rows store missing values."""
     for i, f in enumerate(table.schema):
         if pa.types.is_floating(f.type):
             col = table.column(i)

@@ -37,7 +37,6 @@ from .store import (
     fault_rules,
     nan_to_null,
     table_schema,
-    to_table,
 )
 
 T = TypeVar("T")
@@ -390,15 +389,29 @@ def build_tables(payload: TaskPayload, items: Sequence[FitItem], results: Sequen
     kf = payload.key_fields
     out: dict[str, list[pa.Table]] = {t: list((extra or {}).get(t, []))
                                       for t in ("fits", "params", "variance")}
+    # Tidy rows gathered column by column and converted once per task: a table per fit
+    # (pandas assign, then Arrow) was ~3.6 ms per fit, more than many fits themselves.
+    tidy: dict[str, dict[str, list[Any]]] = {"params": {}, "variance": {}}
     for item, r in zip(items, results, strict=True):
         key = payload.keys[item.slice]
-        head = {"fit_id": item.fit_id, **dict(zip(payload.split_by, key, strict=True))}
+        head = {"fit_id": item.fit_id, **dict(zip(payload.split_by, key, strict=True)),
+                "spec_id": r.fit["spec_id"]}
         fits_rows.append({**head, **r.fit})
         for name, frame in (("params", r.params), ("variance", r.variance)):
-            if len(frame):
-                out[name].append(to_table(frame.assign(**head, spec_id=r.fit["spec_id"]),
-                                          table_schema(name, kf)))
-    if fits_rows:  # NaN as null, as to_table stores it (batched rows hold no NaN)
+            n = len(frame)
+            if n:
+                cols = tidy[name]
+                for f in table_schema(name, kf):
+                    vals = ([head[f.name]] * n if f.name in head
+                            else frame[f.name].tolist() if f.name in frame.columns
+                            else [None] * n)
+                    cols.setdefault(f.name, []).extend(vals)
+    for name, cols in tidy.items():
+        if cols:  # from_pandas: NaN as null (pandas' missing value)
+            out[name].append(pa.table({f.name: pa.array(cols[f.name], type=f.type,
+                                                         from_pandas=True)
+                                       for f in table_schema(name, kf)}))
+    if fits_rows:  # NaN as null, as in the tidy rows (batched rows hold no NaN)
         out["fits"].insert(0, nan_to_null(pa.Table.from_pylist(
             fits_rows, schema=table_schema("fits", kf))))
     tables = {}

@@ -13,7 +13,7 @@ import mixedscale as ms
 from mixedscale import worker
 from mixedscale.api import prepare
 from mixedscale.executor import RunOptions, _Run
-from mixedscale.plan import _norm_key
+from mixedscale.plan import Task, _norm_key
 from mixedscale.store import Store
 from mixedscale.worker import Loaded, Opaque, Positions, partition_to_store, run_task
 
@@ -102,3 +102,39 @@ def test_positions_take_concatenates_rows_in_key_order() -> None:
     assert sizes.tolist() == [len(w) for w in want] and sizes[1] == 0
     empty_rows, empty_sizes = pos.take([])
     assert len(empty_rows) == 0 and len(empty_sizes) == 0
+
+
+def test_per_fit_rows_become_the_same_tables_as_one_table_per_fit() -> None:
+    """build_tables gathers tidy rows column-wise; the result equals converting each
+    fit's frames on their own (the former per-fit path), NaN stored as null."""
+    import pyarrow as pa
+
+    from mixedscale.store import table_schema
+    from mixedscale.worker import _error_result, build_tables
+
+    df = make_genes(n_genes=6, n_subjects=8)
+    specs = [ms.ModelSpec("y ~ time", groups="subject", engine="statsmodels"),
+             ms.ModelSpec("y ~ time", groups="subject", re_formula="~time")]
+    src, plan = prepare(df, specs, "gene")
+    run = _Run(plan, src, None, None, RunOptions())
+    task = Task("all", 0, tuple(it for t in plan.tasks for it in t.items), 0.0)
+    payload = run.payload(task)
+    results = [ms.fit(df[df["gene"] == plan.slices[it.slice].key[0]], specs[it.spec])
+               for it in task.items]
+    results[1].params.loc[0, "std_error"] = np.nan  # a missing value survives as null
+    results[2] = _error_result(specs[0], "DataError", "boom")  # no tidy rows at all
+    got = build_tables(payload, task.items, results)
+    kf = payload.key_fields
+    for name in ("params", "variance"):
+        parts = []
+        for it, r in zip(task.items, results, strict=True):
+            frame = getattr(r, name)
+            if len(frame):
+                framed = frame.assign(fit_id=it.fit_id, gene=plan.slices[it.slice].key[0],
+                                      spec_id=r.fit["spec_id"])
+                schema = table_schema(name, kf)
+                parts.append(pa.table({f.name: pa.array(
+                    framed[f.name].tolist() if f.name in framed else [None] * len(framed),
+                    type=f.type, from_pandas=True) for f in schema}))
+        assert got[name].equals(pa.concat_tables(parts)), name
+    assert got["params"].column("std_error").null_count >= 1
