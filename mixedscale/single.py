@@ -172,7 +172,7 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
         scale=est.sigma2, engine=best.engine, method=best.method,
         n_attempts=len(all_attempts), attempts=_records(all_attempts, est.llf - best.llf),
         grad_max=float(best.grad_max), hessian_pd=bool(best.hessian_pd),
-        theta=[float(t) for t in theta], warnings=warns, fit_seconds=time.perf_counter() - t0,
+        theta=[float(t) for t in theta], warnings=warns,
     )
     if singular:
         rec["warnings"] = [*warns, "boundary (singular) fit: see isSingular"]
@@ -183,7 +183,9 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
         if not (best.hessian_pd or best.singular):
             why.append("Hessian is not positive definite")
         rec["error_message"] = "not verified: " + "; ".join(why)
-    return FitResult(rec, _params_table(d, est), _variance_table(d, spec, orig, est))
+    params, variance = _params_table(d, est), _variance_table(d, spec, orig, est)
+    rec["fit_seconds"] = time.perf_counter() - t0  # tidy rows included, as in a batch
+    return FitResult(rec, params, variance)
 
 
 def _data_scale_estimates(d: Design, prob_s: Problem, sc: Scaling, theta_s: np.ndarray,
