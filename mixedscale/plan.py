@@ -327,10 +327,13 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
     items_cost: list[tuple[int, FitItem, float]] = []
     # Spec-major within a load unit: a task then holds many slices of one spec, which
     # the batched engine fits together (bigger batches amortize its per-step cost).
+    # Costliest spec first, so a unit (and the run) ends on its cheapest fits.
     for u in units:
         tails = {si: f"{_json_list(slices[si].key)}, {_json_list((slices[si].fingerprint,))[1:]}"
                  for si in u.slices}
-        for pi in range(len(specs)):
+        mean_rows = max(1, round(u.rows / max(1, len(u.slices))))
+        for pi in sorted(range(len(specs)),
+                         key=lambda i: (-spec_cost_ms(costed[i], mean_rows), i)):
             for si in u.slices:
                 rows = slices[si].rows
                 fid = hashlib.sha256(f"[{heads[pi]}, {tails[si]}".encode()).hexdigest()[:20]
