@@ -9,6 +9,7 @@ key keeps every fit exactly once.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Sequence
@@ -322,45 +323,42 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
     costed = [sp.replace(engine=engine) if engine and sp.engine != engine else sp
               for sp in specs]
     # fit_id = _h(spec_id, key, fingerprint)[:20], with each slice's JSON built once.
-    heads = [json.dumps(sp.spec_id) for sp in specs]
+    # Items are kept column-wise (10^5+ of them): ids, slice, spec, unit, cost.
+    heads = [f"[{json.dumps(sp.spec_id)}, " for sp in specs]
     costs: dict[tuple[int, int], float] = {}
-    items_cost: list[tuple[int, FitItem, float]] = []
+    fids: list[str] = []
+    sis: list[int] = []
+    pis: list[int] = []
+    units_of: list[int] = []
+    item_costs: list[float] = []
     # Spec-major within a load unit: a task then holds many slices of one spec, which
     # the batched engine fits together (bigger batches amortize its per-step cost).
     # Costliest spec first, so a unit (and the run) ends on its cheapest fits.
     for u in units:
-        tails = {si: f"{_json_list(slices[si].key)}, {_json_list((slices[si].fingerprint,))[1:]}"
-                 for si in u.slices}
+        tails = [f"{_json_list(slices[si].key)}, {_json_list((slices[si].fingerprint,))[1:]}"
+                 for si in u.slices]
+        rows_u = [slices[si].rows for si in u.slices]
         mean_rows = max(1, round(u.rows / max(1, len(u.slices))))
         for pi in sorted(range(len(specs)),
                          key=lambda i: (-spec_cost_ms(costed[i], mean_rows), i)):
-            for si in u.slices:
-                rows = slices[si].rows
-                fid = hashlib.sha256(f"[{heads[pi]}, {tails[si]}".encode()).hexdigest()[:20]
-                cost = costs.get((pi, rows))
-                if cost is None:
-                    cost = costs[(pi, rows)] = spec_cost_ms(costed[pi], rows)
-                items_cost.append((u.index, FitItem._make((fid, si, pi)), cost))
-    total = sum(c for _, _, c in items_cost)
+            for r in set(rows_u):
+                if (pi, r) not in costs:
+                    costs[(pi, r)] = spec_cost_ms(costed[pi], r)
+            head = heads[pi]
+            fids.extend([hashlib.sha256((head + t).encode()).hexdigest()[:20] for t in tails])
+            item_costs.extend([costs[(pi, r)] for r in rows_u])
+            sis.extend(u.slices)
+            pis.extend([pi] * len(u.slices))
+            units_of.extend([u.index] * len(u.slices))
+    total = sum(item_costs)
     target = min(TASK_TARGET_MS, max(total / TASK_MIN_TASKS, TASK_MIN_MS))
-    tasks: list[Task] = []
-    cur: list[FitItem] = []
-    cur_cost = 0.0
-    cur_unit = -1
-
-    def flush() -> None:
-        nonlocal cur, cur_cost
-        if cur:
-            key = _h(sorted(it.fit_id for it in cur))[:24]
-            tasks.append(Task(key=key, unit=cur_unit, items=tuple(cur), cost_ms=cur_cost))
-        cur, cur_cost = [], 0.0
 
     # Within a unit, tasks are of equal size, cut where an item's midpoint crosses a
     # boundary (no sliver at the unit's end). Toward the end of the plan they shrink
     # (guided self-scheduling), so the last ones finish close together instead of one
     # worker idling through a full task.
     unit_cost: dict[int, float] = {}
-    for unit, _, cost in items_cost:
+    for unit, cost in zip(units_of, item_costs, strict=True):
         unit_cost[unit] = unit_cost.get(unit, 0.0) + cost
     remaining = total
     bounds: dict[int, np.ndarray] = {}
@@ -377,21 +375,21 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
             remaining -= size
         bounds[ui] = np.cumsum(sizes)[:-1]
     # Each item's task within its unit: the chunk holding the item's cost midpoint.
-    item_unit = np.fromiter((ui for ui, _, _ in items_cost), dtype=np.int64,
-                            count=len(items_cost))
-    item_cost = np.fromiter((c for _, _, c in items_cost), dtype=float, count=len(items_cost))
+    item_unit = np.asarray(units_of, dtype=np.int64)
+    item_cost = np.asarray(item_costs, dtype=float)
+    n = len(item_costs)
     starts = np.flatnonzero(np.r_[True, item_unit[1:] != item_unit[:-1]])
     done = np.cumsum(item_cost) - item_cost / 2
-    done -= np.repeat(done[starts] - item_cost[starts] / 2, np.diff(np.r_[starts, len(done)]))
-    chunk = np.empty(len(items_cost), dtype=np.int64)
-    for a, b in zip(starts, np.r_[starts[1:], len(done)], strict=True):
+    done -= np.repeat(done[starts] - item_cost[starts] / 2, np.diff(np.r_[starts, n]))
+    chunk = np.empty(n, dtype=np.int64)
+    for a, b in zip(starts, np.r_[starts[1:], n], strict=True):
         chunk[a:b] = np.searchsorted(bounds[int(item_unit[a])], done[a:b], side="right")
-    new_task = np.r_[True, (item_unit[1:] != item_unit[:-1]) | (chunk[1:] != chunk[:-1])]
-    for k, (unit, item, cost) in enumerate(items_cost):
-        if new_task[k]:
-            flush()
-        cur_unit = unit
-        cur.append(item)
-        cur_cost += cost
-    flush()
+    first = np.r_[True, (item_unit[1:] != item_unit[:-1]) | (chunk[1:] != chunk[:-1])]
+    cuts = [*np.flatnonzero(first).tolist(), n]
+    tasks: list[Task] = []
+    for lo, hi in itertools.pairwise(cuts):
+        ids = fids[lo:hi]
+        items = tuple(map(FitItem._make, zip(ids, sis[lo:hi], pis[lo:hi], strict=True)))
+        tasks.append(Task(key=_h(sorted(ids))[:24], unit=units_of[lo], items=items,
+                          cost_ms=sum(item_costs[lo:hi])))
     return tasks
