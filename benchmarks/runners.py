@@ -306,7 +306,7 @@ def run_mixedscale(ctx: Context, runner: str, engine: str, layout: str) -> dict[
         bytes_read=run.bytes_read, bytes_scan=run.bytes_scan, bytes_one_pass=run.bytes_one_pass,
         read_ratio=run.bytes_read / run.bytes_one_pass if run.bytes_one_pass else None,
         n_tasks=run.n_tasks, by_status=dict(run.by_status), state=run.state, n_split=run.n_split,
-        worker_seconds={k: round(v, 4) for k, v in getattr(run, "task_seconds", {}).items()},
+        worker_seconds={k: round(v, 4) for k, v in run.task_seconds.items()},
         n_units=len(res.plan.units), shuffle=bool(res.plan.shuffle),
         n_row_groups=None, input_bytes=dir_bytes(ctx.paths[layout]),
         memory_limit=suite.cluster.get("memory_limit"),

@@ -322,8 +322,9 @@ class Store:
         fits = self._read_parts([(i, committed[n]) for i, n in enumerate(order)])
         if fits is None:
             return [pd.DataFrame() for _ in names]
-        if ids is not None:  # in Arrow: pandas' isin on Arrow strings is 100x slower
-            fits = fits.filter(pc.is_in(fits.column("fit_id"), value_set=pa.array(ids)))
+        wanted = None if ids is None else pa.array(ids, type=pa.string())
+        if wanted is not None:  # in Arrow: pandas' isin on Arrow strings is 100x slower
+            fits = fits.filter(pc.is_in(fits.column("fit_id"), value_set=wanted))
         winners: pa.Table | None = None
         fit_ids = fits.column("fit_id")
         if pc.count_distinct(fit_ids).as_py() < fits.num_rows:
@@ -337,8 +338,8 @@ class Store:
             if name != "fits":
                 have = self._parts(name, tasks)
                 tab = self._read_parts([(i, have[n]) for i, n in enumerate(order) if n in have])
-                if tab is not None and ids is not None:
-                    tab = tab.filter(pc.is_in(tab.column("fit_id"), value_set=pa.array(ids)))
+                if tab is not None and wanted is not None:
+                    tab = tab.filter(pc.is_in(tab.column("fit_id"), value_set=wanted))
                 if tab is not None and winners is not None:
                     tab = tab.join(winners, "fit_id", join_type="inner", use_threads=False)
                     tab = tab.filter(pc.equal(tab.column("_part"), tab.column("_win")))

@@ -176,17 +176,16 @@ def _restrict(df: pd.DataFrame, split_by: Sequence[str], keys: Sequence[tuple[An
 
 
 def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
-              split_by: Sequence[str], units: Opaque[dict[tuple[Any, ...], int]]
+              split_by: Sequence[str], key_unit: Opaque[dict[tuple[Any, ...], int]]
               ) -> dict[int, Loaded]:
     """Shuffle step for data not sorted by the split key: one read, rows bucketed by unit."""
-    key_unit = units.value
     df, nbytes = src.read(columns, rgs)
     if df.empty:
         return {}
     groups = df.groupby(list(split_by), sort=False, dropna=False, observed=True).indices
     by_unit: dict[int, list[np.ndarray]] = {}
     for k, pos in groups.items():
-        u = key_unit.get(_norm_key(k if isinstance(k, tuple) else (k,)))
+        u = key_unit.value.get(_norm_key(k if isinstance(k, tuple) else (k,)))
         if u is not None:
             by_unit.setdefault(u, []).append(np.asarray(pos))
     out = {}
@@ -395,6 +394,7 @@ def build_tables(payload: TaskPayload, items: Sequence[FitItem], results: Sequen
     """The task's three tables; ``extra`` holds params/variance already keyed by fit_id."""
     fits_rows: list[dict[str, Any]] = []
     kf = payload.key_fields
+    schemas = {name: table_schema(name, kf) for name in ("fits", "params", "variance")}
     out: dict[str, list[pa.Table]] = {t: list((extra or {}).get(t, []))
                                       for t in ("fits", "params", "variance")}
     # Tidy rows gathered column by column and converted once per task: a table per fit
@@ -409,7 +409,7 @@ def build_tables(payload: TaskPayload, items: Sequence[FitItem], results: Sequen
             n = len(frame)
             if n:
                 cols = tidy[name]
-                for f in table_schema(name, kf):
+                for f in schemas[name]:
                     vals = ([head[f.name]] * n if f.name in head
                             else frame[f.name].tolist() if f.name in frame.columns
                             else [None] * n)
@@ -418,13 +418,13 @@ def build_tables(payload: TaskPayload, items: Sequence[FitItem], results: Sequen
         if cols:  # from_pandas: NaN as null (pandas' missing value)
             out[name].append(pa.table({f.name: pa.array(cols[f.name], type=f.type,
                                                          from_pandas=True)
-                                       for f in table_schema(name, kf)}))
+                                       for f in schemas[name]}))
     if fits_rows:  # NaN as null, as in the tidy rows (batched rows hold no NaN)
         out["fits"].insert(0, nan_to_null(pa.Table.from_pylist(
-            fits_rows, schema=table_schema("fits", kf))))
+            fits_rows, schema=schemas["fits"])))
     tables = {}
     for name, parts in out.items():
-        schema = table_schema(name, kf)
+        schema = schemas[name]
         tables[name] = (pa.concat_tables([t.select(schema.names).cast(schema) for t in parts])
                         if parts else schema.empty_table())
     return tables
