@@ -315,6 +315,8 @@ def run_mixedscale(ctx: Context, runner: str, engine: str, layout: str) -> dict[
     if len(errors):
         rec["error_types"] = {str(k): int(v) for k, v in
                               errors["error_type"].value_counts().items()}
+    if not own_cluster:
+        rec.update(dask_floor(client, res.plan, run.fit_seconds, workers))
     rec["results"] = _save(ctx, runner, _tidy_mixedscale(res, suite))
     rec["store_publish_ms"] = _publish_cost(store, 5 if ctx.quick else 20)
     n_parts = len(list((store / "fits").glob("part-*.parquet")))
@@ -571,6 +573,37 @@ def calibrate_dask(client: Any, n: int) -> dict[str, Any]:
     return {"noop_tasks": n, "noop_tasks_per_second": n / batch,
             "noop_ms_per_task_batch": 1000 * batch / n,
             "roundtrip_ms_serial": 1000 * serial / m}
+
+
+def _busy(seconds: float) -> float:
+    """Keep a worker thread busy for ``seconds`` of wall time (fits are timed that way)."""
+    t0 = time.perf_counter()
+    x = 0
+    while time.perf_counter() - t0 < seconds:
+        x += 1
+    return time.perf_counter() - t0
+
+
+def dask_floor(client: Any, plan: Any, fit_seconds: float, workers: int) -> dict[str, Any]:
+    """Dask's own overhead for a run's task layout: the plan's tasks, submitted in plan
+    order with its priorities, each busy for its share of the run's measured fit
+    seconds (shared out by the plan's cost estimates). No data, fits or writes: what is
+    left over is scheduling, round trips and the tail, the floor under RunSummary.overhead
+    on this machine."""
+    from distributed import wait
+
+    costs = [t.cost_ms for t in plan.tasks]
+    total = sum(costs)
+    if not costs or total <= 0 or fit_seconds <= 0:
+        return {}
+    t0 = time.perf_counter()
+    futs = [client.submit(_busy, fit_seconds * c / total, pure=False, priority=-i)
+            for i, c in enumerate(costs)]
+    wait(futs)
+    wall = time.perf_counter() - t0
+    busy = sum(client.gather(futs))
+    return {"dask_floor_overhead": wall / (busy / max(workers, 1)) - 1.0,
+            "dask_floor_tasks": len(costs)}
 
 
 RUNNERS = ("mixedscale", "pandas-loop", "process-pool", "dask-groupby", "lme4", "single")

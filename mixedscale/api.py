@@ -12,7 +12,14 @@ import pandas as pd
 import pyarrow as pa
 
 from .errors import SpecError
-from .executor import RunOptions, RunSummary, execute, local_cluster, pending
+from .executor import (
+    RunOptions,
+    RunSummary,
+    execute,
+    local_cluster,
+    long_lived_frozen,
+    pending,
+)
 from .plan import Plan, make_plan
 from .source import Source, open_source
 from .spec import ENGINES, ModelSpec
@@ -154,20 +161,21 @@ def fit_many(
         raise SpecError(f"engine must be one of {list(ENGINES)}; got (engine={engine!r})")
     if timeout is not None and not timeout > 0:
         raise SpecError(f"timeout must be a positive number of seconds; got (timeout={timeout!r})")
-    src, plan = prepare(data, specs, split_by, filter, engine)
-    st = Store(store) if store is not None else None
-    opts = options or RunOptions()
-    opts.timeout = timeout if timeout is not None else opts.timeout
-    opts.engine = engine or opts.engine
-    opts.progress = progress if progress is not None else opts.progress
-    log.info("planned %d fits in %d tasks (%.2f s)", plan.n_fits, len(plan.tasks),
-             plan.plan_seconds)
-    todo, _ = pending(plan, st)
-    if not todo:  # a complete job: nothing to fit, no cluster to start
-        summary = execute(plan, src, st, None, opts)
-    else:
-        with _client(client, scheduler, workers, security, memory_limit) as c:
-            summary = execute(plan, src, st, c, opts)
-    fits, params, variance = _tables(summary, plan, st)
-    return RunResult(fits=fits, params=params, variance=variance, run=summary, plan=plan,
-                     store=st)
+    with long_lived_frozen():
+        src, plan = prepare(data, specs, split_by, filter, engine)
+        st = Store(store) if store is not None else None
+        opts = options or RunOptions()
+        opts.timeout = timeout if timeout is not None else opts.timeout
+        opts.engine = engine or opts.engine
+        opts.progress = progress if progress is not None else opts.progress
+        log.info("planned %d fits in %d tasks (%.2f s)", plan.n_fits, len(plan.tasks),
+                 plan.plan_seconds)
+        todo, _ = pending(plan, st)
+        if not todo:  # a complete job: nothing to fit, no cluster to start
+            summary = execute(plan, src, st, None, opts)
+        else:
+            with _client(client, scheduler, workers, security, memory_limit) as c:
+                summary = execute(plan, src, st, c, opts)
+        fits, params, variance = _tables(summary, plan, st)
+        return RunResult(fits=fits, params=params, variance=variance, run=summary,
+                         plan=plan, store=st)

@@ -22,12 +22,15 @@ Statistics never happen here. Failure handling:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -107,6 +110,36 @@ class RunSummary:
         d = {k: v for k, v in self.__dict__.items() if k != "tables"}
         d.update(fits_per_second=self.fits_per_second, overhead=self.overhead)
         return d
+
+
+_FROZEN = {"depth": 0, "ours": False}
+_FROZEN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def long_lived_frozen() -> Iterator[None]:
+    """Keep the objects alive at entry out of the cyclic collector's full passes.
+
+    A run allocates a tuple or two per fit (plan items, keys, payloads), which triggers
+    full collections that re-scan the whole driver heap: 0.3-0.5 s of CPU per 10^5
+    fits, taken from the workers on a shared machine. The pre-existing heap (modules,
+    the source's metadata, the caller's data) is frozen for the run and thawed after,
+    unless the host application froze it itself. Nested and concurrent runs share one
+    freeze."""
+    with _FROZEN_LOCK:
+        if _FROZEN["depth"] == 0:
+            _FROZEN["ours"] = gc.get_freeze_count() == 0
+            if _FROZEN["ours"]:
+                gc.freeze()
+        _FROZEN["depth"] += 1
+    try:
+        yield
+    finally:
+        with _FROZEN_LOCK:
+            _FROZEN["depth"] -= 1
+            if _FROZEN["depth"] == 0 and _FROZEN["ours"]:
+                gc.unfreeze()
+                _FROZEN["ours"] = False
 
 
 def local_cluster(workers: int | None = None, memory_limit: str | None = None) -> Any:

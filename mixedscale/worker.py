@@ -8,6 +8,7 @@ executor then restarts that worker to reclaim the thread.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -437,9 +438,22 @@ def failure_tables(payload: TaskPayload, etype: str, msg: str) -> dict[str, pa.T
     return build_tables(payload, items, res)
 
 
+_HEAP_FROZEN = threading.Event()
+
+
+def _freeze_worker_heap() -> None:
+    """Once per Dask worker process, at its first task: move the heap as it is then
+    (modules, Dask's own state) out of the cyclic collector's full passes. It lives as
+    long as the process, and re-scanning it cost each worker 0.1-0.2 s per 10^5 fits."""
+    if not _HEAP_FROZEN.is_set() and _worker_address() is not None:
+        _HEAP_FROZEN.set()
+        gc.freeze()
+
+
 def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcome:
     """Fit every item of a task and commit its parts (or return them for in-memory runs)."""
     t0 = time.perf_counter()
+    _freeze_worker_heap()
     task = payload.task
     faults = bool(os.environ.get(_FAULTS_ENV))
     _maybe_inject(payload)

@@ -138,6 +138,9 @@ def test_unsorted_input_gives_the_same_results(cluster_client: Any, tmp_path: Pa
     # ...and no worker still holds a cached shuffled unit.
     assert cluster_client.run(lambda: len(worker_mod._SHUFFLED)) == {
         w: 0 for w in cluster_client.scheduler_info()["workers"]}
+    # Each worker froze its startup heap once, at its first task.
+    assert set(cluster_client.run(lambda: __import__("gc").get_freeze_count() > 0).values()
+               ) == {True}
     d = ms.fit_many(str(shuffled), [RI, RS], split_by="gene", client=cluster_client,
                     progress=False)
     assert d.plan.shuffle

@@ -138,3 +138,35 @@ def test_per_fit_rows_become_the_same_tables_as_one_table_per_fit() -> None:
                     type=f.type, from_pandas=True) for f in schema}))
         assert got[name].equals(pa.concat_tables(parts)), name
     assert got["params"].column("std_error").null_count >= 1
+
+
+def test_a_run_freezes_the_heap_it_starts_with_and_thaws_it_after() -> None:
+    import gc
+
+    from mixedscale.executor import long_lived_frozen
+
+    assert gc.get_freeze_count() == 0
+    with long_lived_frozen():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with long_lived_frozen():  # a nested run shares the freeze
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == 0
+    # A host application's own freeze is left as it was.
+    gc.freeze()
+    try:
+        host = gc.get_freeze_count()
+        with long_lived_frozen():
+            pass
+        assert gc.get_freeze_count() == host
+    finally:
+        gc.unfreeze()
+
+
+def test_the_worker_heap_is_frozen_only_inside_a_dask_worker() -> None:
+    import gc
+
+    before = gc.get_freeze_count()
+    test_task_outcomes_carry_their_phase_times()  # run_task outside any worker
+    assert gc.get_freeze_count() == before == 0
