@@ -44,6 +44,7 @@ from .source import CorruptFile, Source
 from .store import Store
 from .worker import (
     Opaque,
+    Packed,
     TaskOutcome,
     TaskPayload,
     failure_tables,
@@ -257,8 +258,8 @@ class _Run:
         self.n_submitted += 1
         priority = -self.n_submitted
         data = self.unit_data(task.unit, priority + 1)  # a unit's load runs before its fits
-        fn = run_task if self.store is None else run_marked
-        return self.client.submit(fn, self.payload(task), data, self.store, pure=False,
+        return self.client.submit(run_marked, Packed(self.payload(task)), data, self.store,
+                                  pure=False,
                                   priority=priority,
                                   key=f"mixedscale-fit-{task.key}-{uuid.uuid4().hex[:6]}")
 
@@ -648,12 +649,14 @@ def _start_dir(store: Store, run_id: str, task_key: str) -> str:
     return "/".join([_start_root(store, run_id), task_key])
 
 
-def run_marked(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcome:
+def run_marked(packed: Packed[TaskPayload] | TaskPayload, data: Any, store: Store | None
+               ) -> TaskOutcome:
     """``run_task``, after leaving a marker that this attempt started running.
 
     The executor counts the markers when Dask reports KilledWorker, to tell a task
     that was running when its workers died from one that was only queued there.
     """
+    payload = packed.unpack() if isinstance(packed, Packed) else packed
     if store is not None:
         d = _start_dir(store, payload.run_id, payload.task.key)
         try:

@@ -170,3 +170,24 @@ def test_the_worker_heap_is_frozen_only_inside_a_dask_worker() -> None:
     before = gc.get_freeze_count()
     test_task_outcomes_carry_their_phase_times()  # run_task outside any worker
     assert gc.get_freeze_count() == before == 0
+
+
+def test_a_packed_payload_is_only_unpickled_where_it_runs(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    from mixedscale import plan as plan_mod
+    from mixedscale.worker import Packed
+
+    df = make_genes(n_genes=6)
+    src, plan = prepare(df, [ms.ModelSpec("y ~ time", groups="subject")], "gene")
+    payload = _Run(plan, src, None, None, RunOptions()).payload(plan.tasks[0])
+    relayed = pickle.dumps(Packed(payload))  # what the scheduler receives and forwards
+
+    def boom(*_: object) -> None:
+        raise AssertionError("a relay unpickled the task")
+
+    monkeypatch.setattr(plan_mod, "_task", boom)
+    packed = pickle.loads(relayed)  # a relay: no task is rebuilt
+    with pytest.raises(AssertionError, match="unpickled the task"):
+        packed.unpack()
+    monkeypatch.undo()
+    assert pickle.loads(relayed).unpack() == payload
