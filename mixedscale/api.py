@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,10 +72,11 @@ def _as_specs(specs: ModelSpec | Sequence[ModelSpec]) -> list[ModelSpec]:
 
 
 def prepare(data: Any, specs: ModelSpec | Sequence[ModelSpec], split_by: Sequence[str] | str
-            | None = None, filter: Any = None, engine: str | None = None
-            ) -> tuple[Source, Plan]:
+            | None = None, filter: Any = None, engine: str | None = None,
+            workers: int | None = None) -> tuple[Source, Plan]:
     """Every plan-time check, no cluster and no fitting: (source, plan). ``engine`` is
-    the run-wide override, which the planner's cost model takes into account."""
+    the run-wide override, which the planner's cost model takes into account;
+    ``workers`` the parallelism its tasks are cut for."""
     spec_list = _as_specs(specs)
     split = [split_by] if isinstance(split_by, str) else list(split_by or [])
     hint: list[str] = list(split)
@@ -82,7 +84,22 @@ def prepare(data: Any, specs: ModelSpec | Sequence[ModelSpec], split_by: Sequenc
         if isinstance(s, ModelSpec):
             hint.extend(s.columns)
     src = open_source(data, filter=filter, columns_hint=hint)
-    return src, make_plan(src, spec_list, split, engine)
+    return src, make_plan(src, spec_list, split, engine, workers)
+
+
+def _parallelism(client: Any, workers: int | None) -> int:
+    """The worker count a plan is cut for: a given client's workers, else ``workers``,
+    else one per local core (the embedded cluster's default)."""
+    if client is not None:
+        try:
+            n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+        except (OSError, TimeoutError, AttributeError):
+            n = 0
+        if n:
+            return n
+    if workers:
+        return workers
+    return max(1, os.cpu_count() or 1)
 
 
 @contextlib.contextmanager
@@ -123,7 +140,8 @@ def _tables(summary: RunSummary, plan: Plan, store: Store | None
             ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     if store is not None:
         # Only this job's parts and fits: a shared store may hold many other jobs' results.
-        return store.run_tables({t.key for t in plan.tasks}, plan.fit_ids())
+        names = summary.parts if summary.parts is not None else {t.key for t in plan.tasks}
+        return store.run_tables(names, plan.fit_ids())
     out = []
     for t in ("fits", "params", "variance"):
         parts = summary.tables.get(t, [])
@@ -162,7 +180,8 @@ def fit_many(
     if timeout is not None and not timeout > 0:
         raise SpecError(f"timeout must be a positive number of seconds; got (timeout={timeout!r})")
     with long_lived_frozen():
-        src, plan = prepare(data, specs, split_by, filter, engine)
+        src, plan = prepare(data, specs, split_by, filter, engine,
+                            _parallelism(client, workers))
         st = Store(store) if store is not None else None
         opts = options or RunOptions()
         opts.timeout = timeout if timeout is not None else opts.timeout
@@ -170,8 +189,7 @@ def fit_many(
         opts.progress = progress if progress is not None else opts.progress
         log.info("planned %d fits in %d tasks (%.2f s)", plan.n_fits, len(plan.tasks),
                  plan.plan_seconds)
-        todo, _ = pending(plan, st)
-        if not todo:  # a complete job: nothing to fit, no cluster to start
+        if not pending(plan, st).todo:  # a complete job: nothing to fit, no cluster to start
             summary = execute(plan, src, st, None, opts)
         else:
             with _client(client, scheduler, workers, security, memory_limit) as c:

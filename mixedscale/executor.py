@@ -33,12 +33,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .errors import DataError, RunIncomplete, StoreError
-from .plan import Plan, Task
+from .plan import Plan, Task, task_key
 from .single import versions
 from .source import CorruptFile, Source
 from .store import Store
@@ -96,6 +97,9 @@ class RunSummary:
     # Worker seconds summed over tasks, by phase (see TaskOutcome.phases); "task" is
     # their total, so task - fit_seconds is the workers' time outside fitting.
     task_seconds: dict[str, float] = field(default_factory=dict)
+    # The store parts holding this run's fits (task keys also cover their split parts);
+    # None without a store.
+    parts: set[str] | None = None
 
     @property
     def fits_per_second(self) -> float:
@@ -108,7 +112,7 @@ class RunSummary:
         return self.wall_seconds / ideal - 1.0 if ideal > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "tables"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("tables", "parts")}
         d.update(fits_per_second=self.fits_per_second, overhead=self.overhead)
         return d
 
@@ -382,11 +386,33 @@ class _Run:
         })
 
 
-def pending(plan: Plan, store: Store | None) -> tuple[list[Task], int]:
-    """Tasks still to run; committed ones are skipped, split ones resume split."""
+class Resume(NamedTuple):
+    todo: list[Task]  # tasks still to run
+    n_skipped: int  # fits already committed
+    parts: set[str] | None  # store parts holding this plan's fits (None: no store)
+
+
+def pending(plan: Plan, store: Store | None) -> Resume:
+    """What is left to run of ``plan``, resuming by fit id.
+
+    A committed task is skipped whole, and a split one resumes split. Parts written
+    under other task keys (an earlier packing: another planner version or worker count,
+    or a smaller spec grid) are matched by the fit ids they hold, and the tasks that
+    share fits with them shrink to their missing fits."""
     if store is None:
-        return list(plan.tasks), 0
+        return Resume(list(plan.tasks), 0, None)
     done = store.committed_parts()
+    keys = {t.key for t in plan.tasks}
+    foreign = sorted(d for d in done if d.partition("-f")[0] not in keys)
+    done_ids: set[str] = set()
+    parts = {d for d in done if d.partition("-f")[0] in keys}
+    if foreign:
+        planned = pa.array(plan.fit_ids(), type=pa.string())
+        for name, ids in store.part_fit_ids(foreign).items():
+            hit = ids.filter(pc.is_in(ids, value_set=planned))
+            if len(hit):
+                parts.add(name)
+                done_ids.update(hit.to_pylist())
     todo: list[Task] = []
     skipped = 0
     for t in plan.tasks:
@@ -396,13 +422,21 @@ def pending(plan: Plan, store: Store | None) -> tuple[list[Task], int]:
         if any(d.startswith(t.key + "-f") for d in done):
             for it in t.items:
                 s = t.single(it)
-                if s.key in done:
+                if s.key in done or it.fit_id in done_ids:
                     skipped += 1
                 else:
                     todo.append(s)
             continue
+        if done_ids:
+            left = tuple(it for it in t.items if it.fit_id not in done_ids)
+            skipped += len(t.items) - len(left)
+            if not left:
+                continue
+            if len(left) < len(t.items):
+                t = Task(key=task_key([it.fit_id for it in left]), unit=t.unit, items=left,
+                         cost_ms=t.cost_ms * len(left) / len(t.items))
         todo.append(t)
-    return todo, skipped
+    return Resume(todo, skipped, parts)
 
 
 def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: RunOptions
@@ -414,7 +448,7 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
     run = _Run(plan, src, store, client, opts)
     if store is not None:
         store.init()
-    todo, n_skipped = pending(plan, store)
+    todo, n_skipped, parts = pending(plan, store)
     info = plan.describe()
     run.manifest("running", info, n_skipped=n_skipped)
     n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {}))) \
@@ -481,6 +515,7 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
         bytes_scan=plan.bytes_scan, bytes_one_pass=plan.bytes_one_pass,
         plan_seconds=plan.plan_seconds, wall_seconds=time.perf_counter() - run.t0,
         fit_seconds=run.fit_seconds, n_workers=n_workers, n_tasks=len(todo),
+        parts=None if parts is None else parts | {t.key for t in todo},
         n_split=run.n_split, message=message, tables=run.tables,
         task_seconds=dict(run.task_seconds))
 

@@ -36,12 +36,13 @@ _SM_FACTOR = 12.0  # the statsmodels engine is roughly this much slower
 _BATCH_FIXED_MS = 0.1
 _BATCH_PER_ROW_MS = 0.0003
 TASK_TARGET_MS = 2000.0  # big enough to amortize scheduling and batching, small to balance
-TASK_MIN_TASKS = 16  # split small jobs finely enough for parallelism
+TASKS_PER_WORKER = 4  # small jobs are split this finely for parallelism and balance...
 TASK_MIN_MS = 50.0  # ...but not below this: a task's fixed cost is ~10-20 ms
 UNIT_MAX_ROWS = 1_000_000  # rows loaded at once by one task: its fit peaks near 0.5 GB
-# Small data is still cut into a few units, at row-group boundaries, so several workers
-# load in parallel instead of waiting for one load and a transfer.
-UNIT_MIN_UNITS = 4
+# Small data is still cut into one unit per worker, at row-group boundaries, so the
+# workers load in parallel instead of waiting for one load and a transfer.
+UNITS_PER_WORKER = 1
+DEFAULT_WORKERS = 4  # the parallelism a plan is cut for when none is given
 TAIL_SHARE = 4.0  # near the end, a task holds at most this fraction of the work left
 SHUFFLE_RATIO = 1.3  # direct reads above this x one pass switch to a shuffle
 
@@ -207,11 +208,17 @@ def _norm_key(row: Sequence[Any]) -> tuple[Any, ...]:
 
 
 def make_plan(src: Source, specs: Sequence[ModelSpec], split_by: Sequence[str] = (),
-              engine: str | None = None) -> Plan:
+              engine: str | None = None, workers: int | None = None) -> Plan:
     """Check the schema against every spec, find the slices, and pack tasks.
 
     ``engine``: a run-wide engine override; it changes the cost model (and so the
-    packing), not the fits' identities."""
+    packing), not the fits' identities. ``workers``: the parallelism to cut load units
+    and tasks for (default ``DEFAULT_WORKERS``); it changes tasks, not fit ids, and a
+    store resumes by fit id (``executor.pending``)."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise SpecError(f"workers must be a positive integer; got (workers={workers!r})")
+    n_workers = workers or DEFAULT_WORKERS
     t0 = time.perf_counter()
     specs = unique_specs(specs)
     if not specs:
@@ -228,9 +235,9 @@ def make_plan(src: Source, specs: Sequence[ModelSpec], split_by: Sequence[str] =
     slices = _slices(src, keys, split_by, columns)
     rg_bytes = [rg.nbytes for rg in src.row_groups] or [0]
     one_pass = int(sum(rg_bytes)) if src.frame is None else 0
-    units = _units(slices, rg_bytes)
+    units = _units(slices, rg_bytes, UNITS_PER_WORKER * n_workers)
     shuffle = src.frame is None and sum(u.nbytes for u in units) > SHUFFLE_RATIO * max(one_pass, 1)
-    tasks = _tasks(slices, units, specs, engine)
+    tasks = _tasks(slices, units, specs, engine, TASKS_PER_WORKER * n_workers)
     return Plan(specs=specs, split_by=split_by, columns=columns, slices=slices, units=units,
                 tasks=tasks, shuffle=shuffle, bytes_scan=bytes_scan, bytes_one_pass=one_pass,
                 plan_seconds=time.perf_counter() - t0, skipped_files=dict(src.bad_files))
@@ -285,14 +292,14 @@ def _key_codes(keys: pd.DataFrame, split_by: list[str]) -> tuple[np.ndarray, pd.
     return codes.astype(np.intp), uniq
 
 
-def _units(slices: list[SliceInfo], rg_bytes: list[int]) -> list[LoadUnit]:
+def _units(slices: list[SliceInfo], rg_bytes: list[int], min_units: int) -> list[LoadUnit]:
     """Group consecutive slices (by first row group) into loads of bounded rows.
 
-    Above ``UNIT_MAX_ROWS`` a unit always ends; above 1/``UNIT_MIN_UNITS`` of all rows it
+    Above ``UNIT_MAX_ROWS`` a unit always ends; above 1/``min_units`` of all rows it
     ends only where the next slice starts a new row group, so no row group is read twice.
     """
     order = sorted(range(len(slices)), key=lambda i: (slices[i].row_groups[:1], i))
-    soft = min(UNIT_MAX_ROWS, -(-sum(s.rows for s in slices) // UNIT_MIN_UNITS))
+    soft = min(UNIT_MAX_ROWS, -(-sum(s.rows for s in slices) // max(1, min_units)))
     units: list[LoadUnit] = []
     cur: list[int] = []
     cur_rgs: set[int] = set()
@@ -319,7 +326,7 @@ def _units(slices: list[SliceInfo], rg_bytes: list[int]) -> list[LoadUnit]:
 
 
 def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec],
-           engine: str | None = None) -> list[Task]:
+           engine: str | None, min_tasks: int) -> list[Task]:
     costed = [sp.replace(engine=engine) if engine and sp.engine != engine else sp
               for sp in specs]
     # fit_id = _h(spec_id, key, fingerprint)[:20], with each slice's JSON built once.
@@ -351,7 +358,7 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
             pis.extend([pi] * len(u.slices))
             units_of.extend([u.index] * len(u.slices))
     total = sum(item_costs)
-    target = min(TASK_TARGET_MS, max(total / TASK_MIN_TASKS, TASK_MIN_MS))
+    target = min(TASK_TARGET_MS, max(total / max(1, min_tasks), TASK_MIN_MS))
 
     # Within a unit, tasks are of equal size, cut where an item's midpoint crosses a
     # boundary (no sliver at the unit's end). Toward the end of the plan they shrink
@@ -390,6 +397,11 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
     for lo, hi in itertools.pairwise(cuts):
         ids = fids[lo:hi]
         items = tuple(map(FitItem._make, zip(ids, sis[lo:hi], pis[lo:hi], strict=True)))
-        tasks.append(Task(key=_h(sorted(ids))[:24], unit=units_of[lo], items=items,
+        tasks.append(Task(key=task_key(ids), unit=units_of[lo], items=items,
                           cost_ms=sum(item_costs[lo:hi])))
     return tasks
+
+
+def task_key(fit_ids: Sequence[str]) -> str:
+    """A task's name in the store: a hash of the fit ids it holds, in any order."""
+    return _h(sorted(fit_ids))[:24]

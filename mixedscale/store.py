@@ -294,7 +294,20 @@ class Store:
             files = []
         out = {f.rsplit("/", 1)[-1][5:-8]: f for f in files}
         if tasks is not None:
-            out = {n: f for n, f in out.items() if n.split("-f")[0] in tasks}
+            out = {n: f for n, f in out.items() if n in tasks or n.split("-f")[0] in tasks}
+        return out
+
+    def part_fit_ids(self, names: Sequence[str]) -> dict[str, pa.Array]:
+        """The fit ids in each named committed part (its fit_id column only)."""
+        out = {}
+        for name in names:
+            f = self.path("fits", f"part-{name}.parquet")
+            try:
+                with self.fs.open(f, "rb") as fh:
+                    col = pq.read_table(fh, columns=["fit_id"]).column("fit_id")
+            except (OSError, pa.ArrowException, KeyError) as exc:
+                raise StoreError(f"store part {f!r} is unreadable: {exc}") from None
+            out[name] = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
         return out
 
     def _read_parts(self, files: list[tuple[int, str]]) -> pa.Table | None:

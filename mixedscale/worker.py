@@ -467,8 +467,18 @@ _HEAP_FROZEN = threading.Event()
 def _freeze_worker_heap() -> None:
     """Once per Dask worker process, at its first task: move the heap as it is then
     (modules, Dask's own state) out of the cyclic collector's full passes. It lives as
-    long as the process, and re-scanning it cost each worker 0.1-0.2 s per 10^5 fits."""
-    if not _HEAP_FROZEN.is_set() and _worker_address() is not None:
+    long as the process, and re-scanning it cost each worker 0.1-0.2 s per 10^5 fits.
+    Only in a process of its own (started by a nanny): a threaded worker shares the
+    caller's process, whose heap is not ours to freeze."""
+    if _HEAP_FROZEN.is_set():
+        return
+    try:
+        from distributed import get_worker
+
+        own_process = get_worker().nanny is not None
+    except (ImportError, ValueError, AttributeError):
+        own_process = False
+    if own_process:
         _HEAP_FROZEN.set()
         gc.freeze()
 

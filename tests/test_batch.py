@@ -4,6 +4,7 @@ and fsspec ``memory://`` URLs."""
 
 from __future__ import annotations
 
+import gc
 import signal
 import uuid
 from pathlib import Path
@@ -87,6 +88,25 @@ def test_fit_many_on_a_cluster_store_none_equals_store(cluster_client: Any,
     assert again.summary()["n_resumed"] == 40
     assert len(again.fits) == 40
     assert [r["state"] for r in manifests(store)] == ["complete", "complete"]
+
+
+def test_a_grown_spec_grid_resumes_by_fit_id(cluster_client: Any, genes_parquet: Path,
+                                             tmp_path: Path) -> None:
+    """Adding a spec to a job repacks its tasks; the fits already in the store are kept,
+    not fitted again, and the job reads back every fit once."""
+    store = str(tmp_path / "store")
+    first = ms.fit_many(str(genes_parquet), [RI], split_by="gene", store=store,
+                        client=cluster_client, progress=False)
+    grown = ms.fit_many(str(genes_parquet), [RI, RS], split_by="gene", store=store,
+                        client=cluster_client, progress=False)
+    assert not {t.key for t in first.plan.tasks} & {t.key for t in grown.plan.tasks}
+    assert grown.summary()["n_resumed"] == len(first.fits) == 20
+    assert grown.summary()["n_fitted_this_run"] == 20
+    assert len(grown.fits) == 40 and grown.fits["fit_id"].is_unique
+    kept = grown.fits.set_index("fit_id").loc[first.fits["fit_id"]]
+    np.testing.assert_array_equal(kept["fit_seconds"].to_numpy(),
+                                  first.fits["fit_seconds"].to_numpy())  # not refitted
+    check_invariant(Path(store), grown.plan.fit_ids())
 
 
 def test_duckdb_reads_the_store_folders(cluster_client: Any, genes_parquet: Path,
@@ -178,6 +198,8 @@ def test_memory_url_as_data_and_store() -> None:
         again = ms.fit_many(f"{root}/data", [RI], split_by="gene", store=f"{root}/store",
                             client=client, progress=False)
         assert again.summary()["n_fitted_this_run"] == 0
+    # A threaded worker shares this process: its heap is left unfrozen.
+    assert gc.get_freeze_count() == 0
     fs.rm(root, recursive=True)
 
 

@@ -160,12 +160,13 @@ def test_resume_skips_committed_tasks(tmp_path: Path) -> None:
     _, plan = prepare(df, [RI, RS], "gene")
     store = Store(str(tmp_path / "store"))
     store.init()
-    todo, skipped = pending(plan, store)
+    todo, skipped, _ = pending(plan, store)
     assert len(todo) == len(plan.tasks) and skipped == 0
     (tmp_path / "store" / "fits" / f"part-{plan.tasks[0].key}.parquet").write_bytes(b"")
-    todo, skipped = pending(plan, store)
+    todo, skipped, parts = pending(plan, store)
     assert skipped == len(plan.tasks[0].items)
     assert plan.tasks[0].key not in {t.key for t in todo}
+    assert parts == {plan.tasks[0].key}
 
 
 def test_run_wide_engine_changes_packing_not_ids() -> None:
@@ -223,7 +224,7 @@ def test_small_sorted_data_loads_in_units_cut_at_row_groups(tmp_path: Path) -> N
     f = tmp_path / "d.parquet"
     df.to_parquet(f, index=False, row_group_size=5 * 48)  # 8 row groups of 5 genes
     _, plan = prepare(str(f), [RI, RS], "gene")
-    assert len(plan.units) == plan_mod.UNIT_MIN_UNITS
+    assert len(plan.units) == plan_mod.UNITS_PER_WORKER * plan_mod.DEFAULT_WORKERS
     seen: set[int] = set()
     for u in plan.units:
         assert not seen & set(u.row_groups)  # no row group read by two units
@@ -242,13 +243,14 @@ def test_tasks_shrink_toward_the_end_without_slivers() -> None:
     _, plan = prepare(df, [RI, RS], "gene")
     costs = [t.cost_ms for t in plan.tasks]
     n = len(costs)
-    assert n >= plan_mod.TASK_MIN_TASKS
+    assert n >= plan_mod.TASKS_PER_WORKER * plan_mod.DEFAULT_WORKERS
     items = [it for t in plan.tasks for it in t.items]
     assert len(items) == len({it.fit_id for it in items}) == plan.n_fits
     # The tail is made of smaller tasks; no task is a sliver of a few fits.
     assert max(costs[-3:]) < 0.5 * max(costs)
     assert costs[-4] >= costs[-3] - 1e-9 and costs[-3] >= costs[-2] - 1e-9
-    floor = min(plan_mod.TASK_MIN_MS, sum(costs) / plan_mod.TASK_MIN_TASKS) / 2
+    min_tasks = plan_mod.TASKS_PER_WORKER * plan_mod.DEFAULT_WORKERS
+    floor = min(plan_mod.TASK_MIN_MS, sum(costs) / min_tasks) / 2
     assert min(costs[:-1]) >= floor
     # Before the tail, a unit's tasks are of equal size (within one fit's cost).
     head = [c for c in costs if c > 0.9 * max(costs)]
@@ -266,3 +268,59 @@ def test_tasks_pickle_column_wise_and_round_trip() -> None:
     assert pickle.loads(pickle.dumps(single)) == single
     empty = Task("k", 0, (), 0.0)
     assert pickle.loads(pickle.dumps(empty)) == empty
+
+
+def test_the_worker_count_cuts_units_and_tasks_not_fit_ids(tmp_path: Path) -> None:
+    df = make_genes(n_genes=64)
+    f = tmp_path / "d.parquet"
+    df.to_parquet(f, index=False, row_group_size=4 * 48)  # 16 row groups of 4 genes
+    _, two = prepare(str(f), [RI, RS], "gene", workers=2)
+    _, eight = prepare(str(f), [RI, RS], "gene", workers=8)
+    assert sorted(two.fit_ids()) == sorted(eight.fit_ids())
+    assert len(two.units) == 2 and len(eight.units) == 8
+    assert len(two.tasks) < len(eight.tasks)
+    with pytest.raises(ms.SpecError, match=r"workers must be a positive integer; "
+                                           r"got \(workers=0\)"):
+        prepare(str(f), [RI], "gene", workers=0)
+
+
+def _commit(plan: plan_mod.Plan, src: object, store: Store, tasks: list[Task]) -> None:
+    from mixedscale.executor import RunOptions, _Run
+    from mixedscale.worker import Loaded, run_task
+
+    run = _Run(plan, src, store, None, RunOptions())  # type: ignore[arg-type]
+    frame = src.frame  # type: ignore[attr-defined]
+    for t in tasks:
+        assert run_task(run.payload(t), Loaded(frame, 0), store).committed
+
+
+def test_resume_matches_fits_committed_under_another_packing(tmp_path: Path) -> None:
+    """A store written by a plan cut differently (other worker count, planner version,
+    or a smaller spec grid) resumes by fit id: nothing committed is fitted again."""
+    df = make_genes(n_genes=40, n_subjects=10)
+    store = Store(str(tmp_path / "store"))
+    store.init()
+    # Costed for statsmodels, the old plan has several tasks; half of them committed.
+    src, old = prepare(df, [RI], "gene", engine="statsmodels", workers=2)
+    assert len(old.tasks) >= 4
+    _commit(old, src, store, old.tasks[: len(old.tasks) // 2])
+    done = store.committed_parts()
+    committed = {i for ids in store.part_fit_ids(sorted(done)).values()
+                 for i in ids.to_pylist()}
+    assert 0 < len(committed) < old.n_fits
+    # The grid grows by a spec and the plan is cut for more workers.
+    _, new = prepare(df, [RI, RS], "gene", workers=6)
+    assert not {t.key for t in new.tasks} & done
+    todo, skipped, parts = pending(new, store)
+    left = [it.fit_id for t in todo for it in t.items]
+    assert skipped == len(committed)
+    assert sorted(left) == sorted(set(new.fit_ids()) - committed)
+    assert parts == done
+    # Shrunk tasks are named by what they hold, so a later resume finds them.
+    for t in todo:
+        assert t.key == plan_mod.task_key([it.fit_id for it in t.items])
+    _commit(new, src, store, todo)
+    todo2, skipped2, parts2 = pending(new, store)
+    assert todo2 == [] and skipped2 == new.n_fits
+    fits, _, _ = store.run_tables(parts2, new.fit_ids())
+    assert sorted(fits["fit_id"]) == sorted(new.fit_ids())
