@@ -127,6 +127,12 @@ def _selected(runner: str, wanted: list[str]) -> bool:
     return not wanted or any(runner == w or runner.startswith(w) for w in wanted)
 
 
+def _runners(suite: Any, wanted: list[str]) -> list[str]:
+    """The suite's runners selected by --runners; optional ones only when named."""
+    optional = [r for r in suite.optional_runners if wanted and _selected(r, wanted)]
+    return [r for r in suite.runners if _selected(r, wanted)] + optional
+
+
 def _run_child(job: dict[str, Any], out: Path, timeout: float) -> dict[str, Any]:
     jobs = out / "jobs"
     jobs.mkdir(parents=True, exist_ok=True)
@@ -233,21 +239,18 @@ def run(args: argparse.Namespace) -> int:
     import mixedscale
 
     meta["mixedscale_version"] = mixedscale.__version__
-    need_cluster = any(_uses_cluster(s, r) and _selected(r, wanted)
-                       for s in suites for r in s.runners)
+    need_cluster = any(_uses_cluster(s, r) for s in suites for r in _runners(s, wanted))
     shared: _Cluster | None = None
     calib: dict[str, Any] = dict(prev_doc.get("calibration") or {})
     if need_cluster:
         shared = _Cluster(runners.N_WORKERS)
         calib = runners.calibrate_dask(shared.client, 200 if quick else 2000)
         print(f"[calibration] {calib}", file=sys.stderr, flush=True)
-    done = {(s.name, r) for s in suites for r in s.runners if _selected(r, wanted)}
+    done = {(s.name, r) for s in suites for r in _runners(s, wanted)}
     runs = [r for r in prev if (r["suite"], r["runner"]) not in done]
     try:
         for s in suites:
-            for i, r in enumerate(s.runners):
-                if not _selected(r, wanted):
-                    continue
+            for r in _runners(s, wanted):
                 load0 = os.getloadavg()[0]
                 if isolate:
                     if shared is not None and _uses_cluster(s, r):
@@ -266,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
                                           client=shared.client if shared else None,
                                           keep_stores=args.keep_stores)
                     rec = runners.run_one(ctx, r)
-                rec["_order"] = i
+                rec["_order"] = (*s.runners, *s.optional_runners).index(r)
                 # Rows from earlier invocations are kept: each names its own code.
                 rec["git_commit"] = meta["git_commit"] + ("+" if meta["mixedscale_modified"]
                                                           else "")

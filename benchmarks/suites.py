@@ -31,6 +31,9 @@ class Suite:
     chunk_rows: int = 0  # generation chunk (big only): rows held in memory at once
     single_spec: ms.ModelSpec | None = None  # timed alone with mixedscale.fit
     cluster: dict[str, Any] = field(default_factory=dict)  # own cluster (big): workers, memory
+    # Runners too slow for the default run (tiny with statsmodels: ~20 min); they run
+    # only when --runners names them.
+    optional_runners: tuple[str, ...] = ()
 
     @property
     def n_rows(self) -> int:
@@ -119,6 +122,7 @@ def tiny(quick: bool) -> Suite:
         name="tiny", key="unit", n_slices=200 if quick else 100_000, rows_per_slice=20,
         row_group_rows=1000 if quick else 100_000, specs=specs, truth=truth,
         runners=(*_ms_runners(engines=False), *PEERS),
+        optional_runners=("mixedscale-statsmodels-sorted",),
         peer_slices={"pandas-loop": 50 if quick else 2000, "process-pool": 100 if quick else 4000,
                      "dask-groupby": 100 if quick else 4000, "lme4": 50 if quick else 1000},
     )

@@ -68,6 +68,9 @@ def test_quick_run_writes_json_and_markdown(quick_run: Path) -> None:
             assert r["agreement"]["n_fits"] > 0
             assert {"fe_max_abs_diff", "llf_max_abs_diff"} <= set(r["agreement"])
     assert runs[("genes", "pandas-loop")]["subsampled"] is True
+    assert ("tiny", "mixedscale-statsmodels-sorted") not in runs  # optional: not by default
+    # Shared-cluster runs carry Dask's own floor for their task layout.
+    assert runs[("genes", "mixedscale-auto-sorted")]["dask_floor_overhead"] is not None
     names = " ".join(t["target"] for t in doc["targets"])
     for word in ("overhead", "planning", "driver memory", "one pass", "once per worker",
                  "2,000 fits/s", "0.1 s"):
@@ -117,3 +120,13 @@ def _has_r() -> bool:
     import shutil
 
     return shutil.which("Rscript") is not None
+
+
+def test_optional_runners_run_only_when_named() -> None:
+    from benchmarks.__main__ import _runners
+    from benchmarks.suites import get_suite
+
+    tiny = get_suite("tiny", quick=True)
+    assert "mixedscale-statsmodels-sorted" not in _runners(tiny, [])
+    assert "mixedscale-statsmodels-sorted" not in _runners(tiny, ["mixedscale-auto"])
+    assert _runners(tiny, ["mixedscale-statsmodels"]) == ["mixedscale-statsmodels-sorted"]
