@@ -584,6 +584,9 @@ def _busy(seconds: float) -> float:
     return time.perf_counter() - t0
 
 
+FLOOR_MAX_S = 60.0  # longer runs are not replayed: their floor is negligible, the replay not
+
+
 def dask_floor(client: Any, plan: Any, fit_seconds: float, workers: int) -> dict[str, Any]:
     """Dask's own overhead for a run's task layout: the plan's tasks, submitted in plan
     order with its priorities, each busy for its share of the run's measured fit
@@ -594,7 +597,7 @@ def dask_floor(client: Any, plan: Any, fit_seconds: float, workers: int) -> dict
 
     costs = [t.cost_ms for t in plan.tasks]
     total = sum(costs)
-    if not costs or total <= 0 or fit_seconds <= 0:
+    if not costs or total <= 0 or fit_seconds <= 0 or fit_seconds / max(workers, 1) > FLOOR_MAX_S:
         return {}
     t0 = time.perf_counter()
     futs = [client.submit(_busy, fit_seconds * c / total, pure=False, priority=-i)

@@ -1,7 +1,7 @@
 """A wall-time model for more workers, fits and data, from the measured per-fit and
 per-task costs of the mixedscale runs and the planner's own packing rule.
 
-    T        = max(TASKS_PER_WORKER * W, est_total_ms / TASK_TARGET_MS)   planner's tasks
+    T        = max(TASK_MIN_TASKS, est_total_ms / TASK_TARGET_MS)   planner's task count
     task     = fits_per_task * (c_fit + c_out) + c_publish           one task's worker time
     wall(W)  = prepare(S) + max(ceil(T / W) * task, T * c_central) + readback(F)
 
@@ -9,9 +9,8 @@ per-task costs of the mixedscale runs and the planner's own packing rule.
 outside the fits (output tables, gathering rows, loading), ``c_central`` the cluster's
 measured per-task cost (no-op tasks) plus the driver's CPU per task. ``prepare``
 (footer scan + plan on the driver) and ``readback`` (fit_many reading the store
-back into the driver) do not shrink with W. The planner cuts at least
-``TASKS_PER_WORKER`` tasks per worker (while tasks stay above ``TASK_MIN_MS``), so
-small jobs spread over big clusters until the task floor stops them.
+back into the driver) do not shrink with W. Packing is independent of the cluster
+size, so no more than T workers are ever busy.
 """
 
 from __future__ import annotations
@@ -44,20 +43,20 @@ def constants(r: dict[str, Any], calib: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def planned_tasks(est_ms_per_fit: float, n_fits: float, workers: int) -> int:
+def planned_tasks(est_ms_per_fit: float, n_fits: float) -> int:
     """The planner's task count for a job (its packing rule, ignoring load-unit breaks)."""
     try:
-        from mixedscale.plan import TASK_MIN_MS, TASK_TARGET_MS, TASKS_PER_WORKER
+        from mixedscale.plan import TASK_MIN_MS, TASK_MIN_TASKS, TASK_TARGET_MS
     except ImportError:
-        TASK_MIN_MS, TASK_TARGET_MS, TASKS_PER_WORKER = 50.0, 2000.0, 4
+        TASK_MIN_MS, TASK_MIN_TASKS, TASK_TARGET_MS = 50.0, 8, 2000.0
     total = est_ms_per_fit * n_fits
-    target = min(TASK_TARGET_MS, max(total / (TASKS_PER_WORKER * workers), TASK_MIN_MS))
+    target = min(TASK_TARGET_MS, max(total / TASK_MIN_TASKS, TASK_MIN_MS))
     return max(1, math.ceil(total / target))
 
 
 def predict(k: dict[str, float], n_fits: float, n_slices: float, est_ms: float,
             workers: int) -> dict[str, Any]:
-    tasks = planned_tasks(est_ms, n_fits, workers)
+    tasks = planned_tasks(est_ms, n_fits)
     per_task = n_fits / tasks * (k["c_fit"] + k["c_out"]) + k["c_publish"]
     prepare = k["prepare_per_slice"] * n_slices
     readback = k["readback_per_fit"] * n_fits

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,11 +71,10 @@ def _as_specs(specs: ModelSpec | Sequence[ModelSpec]) -> list[ModelSpec]:
 
 
 def prepare(data: Any, specs: ModelSpec | Sequence[ModelSpec], split_by: Sequence[str] | str
-            | None = None, filter: Any = None, engine: str | None = None,
-            workers: int | None = None) -> tuple[Source, Plan]:
+            | None = None, filter: Any = None, engine: str | None = None
+            ) -> tuple[Source, Plan]:
     """Every plan-time check, no cluster and no fitting: (source, plan). ``engine`` is
-    the run-wide override, which the planner's cost model takes into account;
-    ``workers`` the parallelism its tasks are cut for."""
+    the run-wide override, which the planner's cost model takes into account."""
     spec_list = _as_specs(specs)
     split = [split_by] if isinstance(split_by, str) else list(split_by or [])
     hint: list[str] = list(split)
@@ -84,22 +82,7 @@ def prepare(data: Any, specs: ModelSpec | Sequence[ModelSpec], split_by: Sequenc
         if isinstance(s, ModelSpec):
             hint.extend(s.columns)
     src = open_source(data, filter=filter, columns_hint=hint)
-    return src, make_plan(src, spec_list, split, engine, workers)
-
-
-def _parallelism(client: Any, workers: int | None) -> int:
-    """The worker count a plan is cut for: a given client's workers, else ``workers``,
-    else one per local core (the embedded cluster's default)."""
-    if client is not None:
-        try:
-            n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
-        except (OSError, TimeoutError, AttributeError):
-            n = 0
-        if n:
-            return n
-    if workers:
-        return workers
-    return max(1, os.cpu_count() or 1)
+    return src, make_plan(src, spec_list, split, engine)
 
 
 @contextlib.contextmanager
@@ -180,8 +163,7 @@ def fit_many(
     if timeout is not None and not timeout > 0:
         raise SpecError(f"timeout must be a positive number of seconds; got (timeout={timeout!r})")
     with long_lived_frozen():
-        src, plan = prepare(data, specs, split_by, filter, engine,
-                            _parallelism(client, workers))
+        src, plan = prepare(data, specs, split_by, filter, engine)
         st = Store(store) if store is not None else None
         opts = options or RunOptions()
         opts.timeout = timeout if timeout is not None else opts.timeout

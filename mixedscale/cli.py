@@ -205,7 +205,7 @@ def validate(job_file: Annotated[Path, typer.Argument(metavar="JOB.yaml")]) -> N
     try:
         job = load_job(job_file)
         src, plan = prepare(job.data.path, job.specs(), job.data.split_by, job.data.filter,
-                            job.fit.engine, job.cluster.workers)
+                            job.fit.engine)
     except MixedscaleError as exc:
         raise _exit_for(exc) from None
     d = plan.describe()

@@ -171,7 +171,7 @@ def test_continuous_chaos_killworker_run_completes(tmp_path: Path) -> None:
                     tmp_path / "store")
     ids = planned(job).fit_ids()
     # Every task sleeps first, so the run outlasts KillWorker's 2 s delay however few
-    # tasks the planner cuts for 2 workers.
+    # tasks the planner cuts.
     env = faults_env({"at": "task_start", "do": "sleep", "seconds": 0.8})
     with dask_cluster(tmp_path / "cluster", 2, worker_env=env, allowed_failures=10,
                       preload=["mixedscale.executor"]) as cl:

@@ -224,7 +224,7 @@ def test_small_sorted_data_loads_in_units_cut_at_row_groups(tmp_path: Path) -> N
     f = tmp_path / "d.parquet"
     df.to_parquet(f, index=False, row_group_size=5 * 48)  # 8 row groups of 5 genes
     _, plan = prepare(str(f), [RI, RS], "gene")
-    assert len(plan.units) == plan_mod.UNITS_PER_WORKER * plan_mod.DEFAULT_WORKERS
+    assert len(plan.units) == plan_mod.UNIT_MIN_UNITS
     seen: set[int] = set()
     for u in plan.units:
         assert not seen & set(u.row_groups)  # no row group read by two units
@@ -243,18 +243,19 @@ def test_tasks_shrink_toward_the_end_without_slivers() -> None:
     _, plan = prepare(df, [RI, RS], "gene")
     costs = [t.cost_ms for t in plan.tasks]
     n = len(costs)
-    assert n >= plan_mod.TASKS_PER_WORKER * plan_mod.DEFAULT_WORKERS
+    assert n >= plan_mod.TASK_MIN_TASKS
     items = [it for t in plan.tasks for it in t.items]
     assert len(items) == len({it.fit_id for it in items}) == plan.n_fits
     # The tail is made of smaller tasks; no task is a sliver of a few fits.
     assert max(costs[-3:]) < 0.5 * max(costs)
     assert costs[-4] >= costs[-3] - 1e-9 and costs[-3] >= costs[-2] - 1e-9
-    min_tasks = plan_mod.TASKS_PER_WORKER * plan_mod.DEFAULT_WORKERS
+    min_tasks = plan_mod.TASK_MIN_TASKS
     floor = min(plan_mod.TASK_MIN_MS, sum(costs) / min_tasks) / 2
     assert min(costs[:-1]) >= floor
     # Before the tail, a unit's tasks are of equal size (within one fit's cost).
     head = [c for c in costs if c > 0.9 * max(costs)]
-    assert len(head) >= n // 2
+    assert len(head) >= plan_mod.TASK_MIN_TASKS // 2
+    assert max(head) - min(head) <= max(spec_cost_ms(s, 40) for s in (RI, RS)) + 1e-9
 
 
 def test_tasks_pickle_column_wise_and_round_trip() -> None:
@@ -270,20 +271,6 @@ def test_tasks_pickle_column_wise_and_round_trip() -> None:
     assert pickle.loads(pickle.dumps(empty)) == empty
 
 
-def test_the_worker_count_cuts_units_and_tasks_not_fit_ids(tmp_path: Path) -> None:
-    df = make_genes(n_genes=64)
-    f = tmp_path / "d.parquet"
-    df.to_parquet(f, index=False, row_group_size=4 * 48)  # 16 row groups of 4 genes
-    _, two = prepare(str(f), [RI, RS], "gene", workers=2)
-    _, eight = prepare(str(f), [RI, RS], "gene", workers=8)
-    assert sorted(two.fit_ids()) == sorted(eight.fit_ids())
-    assert len(two.units) == 2 and len(eight.units) == 8
-    assert len(two.tasks) < len(eight.tasks)
-    with pytest.raises(ms.SpecError, match=r"workers must be a positive integer; "
-                                           r"got \(workers=0\)"):
-        prepare(str(f), [RI], "gene", workers=0)
-
-
 def _commit(plan: plan_mod.Plan, src: object, store: Store, tasks: list[Task]) -> None:
     from mixedscale.executor import RunOptions, _Run
     from mixedscale.worker import Loaded, run_task
@@ -295,21 +282,21 @@ def _commit(plan: plan_mod.Plan, src: object, store: Store, tasks: list[Task]) -
 
 
 def test_resume_matches_fits_committed_under_another_packing(tmp_path: Path) -> None:
-    """A store written by a plan cut differently (other worker count, planner version,
-    or a smaller spec grid) resumes by fit id: nothing committed is fitted again."""
+    """A store written under another packing (an older planner, another cost model, or
+    a smaller spec grid) resumes by fit id: nothing committed is fitted again."""
     df = make_genes(n_genes=40, n_subjects=10)
     store = Store(str(tmp_path / "store"))
     store.init()
     # Costed for statsmodels, the old plan has several tasks; half of them committed.
-    src, old = prepare(df, [RI], "gene", engine="statsmodels", workers=2)
+    src, old = prepare(df, [RI], "gene", engine="statsmodels")
     assert len(old.tasks) >= 4
     _commit(old, src, store, old.tasks[: len(old.tasks) // 2])
     done = store.committed_parts()
     committed = {i for ids in store.part_fit_ids(sorted(done)).values()
                  for i in ids.to_pylist()}
     assert 0 < len(committed) < old.n_fits
-    # The grid grows by a spec and the plan is cut for more workers.
-    _, new = prepare(df, [RI, RS], "gene", workers=6)
+    # The grid grows by a spec (and the packing follows the default cost model).
+    _, new = prepare(df, [RI, RS], "gene")
     assert not {t.key for t in new.tasks} & done
     todo, skipped, parts = pending(new, store)
     left = [it.fit_id for t in todo for it in t.items]
