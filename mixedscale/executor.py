@@ -396,9 +396,10 @@ def pending(plan: Plan, store: Store | None) -> Resume:
     """What is left to run of ``plan``, resuming by fit id.
 
     A committed task is skipped whole, and a split one resumes split. Parts written
-    under other task keys (an earlier packing: another planner version or worker count,
+    under other task keys (an earlier packing: another planner version or cost model,
     or a smaller spec grid) are matched by the fit ids they hold, and the tasks that
-    share fits with them shrink to their missing fits."""
+    share fits with them shrink to their missing fits, named by what they hold. Only
+    those parts' fit_id columns are read, and only when such parts exist."""
     if store is None:
         return Resume(list(plan.tasks), 0, None)
     done = store.committed_parts()
