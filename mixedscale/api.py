@@ -171,11 +171,12 @@ def fit_many(
         opts.progress = progress if progress is not None else opts.progress
         log.info("planned %d fits in %d tasks (%.2f s)", plan.n_fits, len(plan.tasks),
                  plan.plan_seconds)
-        if not pending(plan, st).todo:  # a complete job: nothing to fit, no cluster to start
-            summary = execute(plan, src, st, None, opts)
+        resume = pending(plan, st)  # read once: it may read parts of an earlier packing
+        if not resume.todo:  # a complete job: nothing to fit, no cluster to start
+            summary = execute(plan, src, st, None, opts, resume)
         else:
             with _client(client, scheduler, workers, security, memory_limit) as c:
-                summary = execute(plan, src, st, c, opts)
+                summary = execute(plan, src, st, c, opts, resume)
         fits, params, variance = _tables(summary, plan, st)
         return RunResult(fits=fits, params=params, variance=variance, run=summary,
                          plan=plan, store=st)

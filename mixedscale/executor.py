@@ -440,16 +440,18 @@ def pending(plan: Plan, store: Store | None) -> Resume:
     return Resume(todo, skipped, parts)
 
 
-def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: RunOptions
-            ) -> RunSummary:
-    """Run every pending task of ``plan`` on ``client``; raise RunIncomplete if cut short."""
+def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: RunOptions,
+            resume: Resume | None = None) -> RunSummary:
+    """Run every pending task of ``plan`` on ``client``; raise RunIncomplete if cut short.
+
+    ``resume``: ``pending(plan, store)`` if the caller already has it."""
     from distributed import as_completed
     from distributed.client import FutureCancelledError
 
     run = _Run(plan, src, store, client, opts)
     if store is not None:
         store.init()
-    todo, n_skipped, parts = pending(plan, store)
+    todo, n_skipped, parts = resume if resume is not None else pending(plan, store)
     info = plan.describe()
     run.manifest("running", info, n_skipped=n_skipped)
     n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {}))) \
