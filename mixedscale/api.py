@@ -123,8 +123,7 @@ def _tables(summary: RunSummary, plan: Plan, store: Store | None
             ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     if store is not None:
         # Only this job's parts and fits: a shared store may hold many other jobs' results.
-        names = summary.parts if summary.parts is not None else {t.key for t in plan.tasks}
-        return store.run_tables(names, plan.fit_ids())
+        return store.run_tables(summary.parts or set(), plan.fit_ids())
     out = []
     for t in ("fits", "params", "variance"):
         parts = summary.tables.get(t, [])

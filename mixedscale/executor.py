@@ -414,13 +414,14 @@ def pending(plan: Plan, store: Store | None) -> Resume:
             if len(hit):
                 parts.add(name)
                 done_ids.update(hit.to_pylist())
+    split = {d.partition("-f")[0] for d in done if "-f" in d}  # tasks split into fits
     todo: list[Task] = []
     skipped = 0
     for t in plan.tasks:
         if t.key in done:
             skipped += len(t.items)
             continue
-        if any(d.startswith(t.key + "-f") for d in done):
+        if t.key in split:
             for it in t.items:
                 s = t.single(it)
                 if s.key in done or it.fit_id in done_ids:

@@ -42,8 +42,8 @@ from .store import (
 
 T = TypeVar("T")
 
-__all__ = ["Opaque", "TaskOutcome", "TaskPayload", "forget_shuffled", "load_shuffled",
-           "load_unit", "partition", "partition_to_store", "piece", "run_task"]
+__all__ = ["Opaque", "Packed", "TaskOutcome", "TaskPayload", "forget_shuffled",
+           "load_shuffled", "load_unit", "partition", "partition_to_store", "piece", "run_task"]
 
 log = logging.getLogger(__name__)
 
