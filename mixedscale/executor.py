@@ -482,7 +482,7 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
             if not batch:
                 if client.status not in ("running", "connecting"):
                     raise RunIncomplete(_lost_scheduler(client, f"client {client.status}"))
-                time.sleep(0.01)
+                _wait_for_results(ac)
                 continue
             for fut in batch:
                 task = inflight[fut]
@@ -522,6 +522,19 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
         parts=None if parts is None else parts | {t.key for t in todo},
         n_split=run.n_split, message=message, tables=run.tables,
         task_seconds=dict(run.task_seconds))
+
+
+def _wait_for_results(ac: Any, timeout: float = 0.1) -> None:
+    """Block until a future finishes (or ``timeout``, to check for a stop request and a
+    lost scheduler). Waking on Dask's notification, not a polling sleep, keeps the run's
+    end and each refill of the submission window from waiting out a tick."""
+    cond = getattr(ac, "thread_condition", None)
+    if cond is None:  # an as_completed without it (another distributed version): poll
+        time.sleep(0.01)
+        return
+    with cond:  # as_completed queues a result, then notifies under this lock
+        if not ac.has_ready():
+            cond.wait(timeout)
 
 
 def _is_comm_error(exc: BaseException) -> bool:
