@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import pandas as pd
 import pyarrow as pa
 
@@ -21,7 +23,7 @@ from .executor import (
     pending,
 )
 from .plan import Plan, make_plan
-from .source import Source, open_source
+from .source import Source, _hidden, open_source
 from .spec import ENGINES, ModelSpec
 from .store import Store
 
@@ -70,13 +72,49 @@ def _as_specs(specs: ModelSpec | Sequence[ModelSpec]) -> list[ModelSpec]:
     return list(specs)
 
 
+def _split_columns(split_by: Any) -> list[str]:
+    if split_by is None:
+        return []
+    split = [split_by] if isinstance(split_by, str) else split_by
+    if not isinstance(split, Sequence) or not all(isinstance(c, str) for c in split):
+        raise SpecError("split_by must be a column name or a list of column names; "
+                        f"got (split_by={split_by!r})")
+    return list(split)
+
+
+def check_store_outside_data(data: Any, store: str | None) -> None:
+    """Raise SpecError if the store lies inside the data folder: its result parts
+    would be read as input on the next run."""
+    if store is None or not isinstance(data, (str, os.PathLike)):
+        return
+    try:
+        dfs, droot = fsspec.core.url_to_fs(os.fspath(data))
+        sfs, sroot = fsspec.core.url_to_fs(os.fspath(store))
+    except (ImportError, ValueError):
+        return  # the source and the store report their own bad URLs
+    if dfs.protocol != sfs.protocol:
+        return
+    droot, sroot = droot.rstrip("/"), sroot.rstrip("/")
+    if any(ch in droot for ch in "*?["):  # a glob: the folder it starts from
+        droot = droot.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
+    elif not dfs.isdir(droot):
+        return  # a single file
+    if sroot == droot or (sroot.startswith(droot + "/") and not _hidden(sroot[len(droot):])):
+        raise SpecError(f"the store is inside the data folder, so its result files would "
+                        f"be read as input data; put the store outside {data!r} (or in a "
+                        f"folder whose name starts with '_' there); "
+                        f"got (store={store!r})")
+
+
 def prepare(data: Any, specs: ModelSpec | Sequence[ModelSpec], split_by: Sequence[str] | str
-            | None = None, filter: Any = None, engine: str | None = None
-            ) -> tuple[Source, Plan]:
+            | None = None, filter: Any = None, engine: str | None = None,
+            store: str | None = None) -> tuple[Source, Plan]:
     """Every plan-time check, no cluster and no fitting: (source, plan). ``engine`` is
-    the run-wide override, which the planner's cost model takes into account."""
+    the run-wide override, which the planner's cost model takes into account; with
+    ``store``, the store is checked against the data's location too."""
     spec_list = _as_specs(specs)
-    split = [split_by] if isinstance(split_by, str) else list(split_by or [])
+    split = _split_columns(split_by)
+    check_store_outside_data(data, store)
     hint: list[str] = list(split)
     for s in spec_list:
         if isinstance(s, ModelSpec):
@@ -159,11 +197,13 @@ def fit_many(
     """
     if engine is not None and engine not in ENGINES:
         raise SpecError(f"engine must be one of {list(ENGINES)}; got (engine={engine!r})")
-    if timeout is not None and not timeout > 0:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+            timeout, (int, float)) or not timeout > 0):
         raise SpecError(f"timeout must be a positive number of seconds; got (timeout={timeout!r})")
+    _check_cluster_args(client, scheduler, workers, memory_limit)
     with long_lived_frozen():
-        src, plan = prepare(data, specs, split_by, filter, engine)
         st = Store(store) if store is not None else None
+        src, plan = prepare(data, specs, split_by, filter, engine, store)
         opts = options or RunOptions()
         opts.timeout = timeout if timeout is not None else opts.timeout
         opts.engine = engine or opts.engine
@@ -174,8 +214,50 @@ def fit_many(
         if not resume.todo:  # a complete job: nothing to fit, no cluster to start
             summary = execute(plan, src, st, None, opts, resume)
         else:
+            _check_shared(src, st, client)
             with _client(client, scheduler, workers, security, memory_limit) as c:
                 summary = execute(plan, src, st, c, opts, resume)
         fits, params, variance = _tables(summary, plan, st)
         return RunResult(fits=fits, params=params, variance=variance, run=summary,
                          plan=plan, store=st)
+
+
+def _check_cluster_args(client: Any, scheduler: Any, workers: Any, memory_limit: Any) -> None:
+    """Wrong cluster arguments fail here, before planning, not in Dask."""
+    if client is not None:
+        from distributed import Client
+
+        if not isinstance(client, Client):
+            raise SpecError("client must be a distributed.Client; "
+                            f"got (client={type(client).__name__})")
+        return
+    if scheduler is not None:
+        if not isinstance(scheduler, str) or ":" not in scheduler:
+            raise SpecError("scheduler must be an address such as 'tcp://host:8786'; "
+                            f"got (scheduler={scheduler!r})")
+        return
+    from .cluster import parse_cluster_config
+
+    cfg = {"workers": workers, "memory_limit": memory_limit}
+    parse_cluster_config({k: v for k, v in cfg.items() if v is not None}, source="fit_many")
+
+
+def _check_shared(src: Source, store: Store | None, client: Any) -> None:
+    """memory:// data or stores live in this process: workers in other processes would
+    read nothing and write where nobody looks."""
+    where = [(what, url) for what, fs, url in (
+        ("data", src.fs, src.path), ("store", store.fs if store else None,
+                                     store.url if store else None))
+        if fs is not None and "memory" in (fs.protocol if isinstance(fs.protocol, tuple)
+                                           else (fs.protocol,))]
+    if not where:
+        return
+    if client is not None:
+        pids = client.run(os.getpid)
+        if pids and set(pids.values()) == {os.getpid()}:  # threads of this process
+            return
+    what, url = where[0]
+    raise SpecError(f"the {what} is in this process's memory (memory://), which Dask "
+                    "workers in other processes cannot see; use a folder or a shared "
+                    "filesystem, or a client whose workers run in this process "
+                    f"(LocalCluster(processes=False)); got ({what}={url!r})")

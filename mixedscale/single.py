@@ -97,7 +97,12 @@ def _counts(d: Design) -> dict[str, Any]:
 
 
 def fit(data: pd.DataFrame, spec: ModelSpec) -> FitResult:
-    """Fit one model to a DataFrame. Raises SpecError for input errors only."""
+    """Fit one model to a DataFrame. Raises SpecError/DataError for input errors only:
+    the same checks as ``fit_many``'s planner (columns, their types, names)."""
+    if isinstance(data, pd.DataFrame) and isinstance(spec, ModelSpec):
+        from .source import open_source
+
+        open_source(data).check_specs([spec], [])
     return fit_shared(data, spec, None)
 
 

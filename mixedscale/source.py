@@ -71,6 +71,8 @@ class Source:
     filter: list[tuple[str, str, Any]] | None = None
     row_groups: list[RowGroup] = field(default_factory=list)
     bad_files: dict[str, str] = field(default_factory=dict)
+    # DataFrame columns Arrow cannot type (mixed values) -> why; an error only if used.
+    untyped: dict[str, str] = field(default_factory=dict)
 
     @property
     def columns(self) -> list[str]:
@@ -88,17 +90,24 @@ class Source:
                 spec.check_columns(cols)
             except SpecError as exc:
                 raise SpecError(f"model {spec.label!r}: {exc}") from None
+        for c in self.needed_columns(specs, split_by):
+            if c in self.untyped:
+                raise DataError(
+                    f"column {c!r} mixes value types ({self.untyped[c]}); convert it to one "
+                    f"type, e.g. df[{c!r}].astype(str) or pd.to_numeric(df[{c!r}]); "
+                    f"got ({c}={self.frame[c].dtype if self.frame is not None else '?'})")
+        for spec in specs:
             resp = self.schema.field(spec.response).type
             if not (pa.types.is_integer(resp) or pa.types.is_floating(resp)
                     or pa.types.is_decimal(resp)):
                 raise DataError(
                     f"model {spec.label!r}: the response must be numeric; "
-                    f"got ({spec.response}={resp})"
+                    f"got ({spec.response}={_type_name(resp)})"
                 )
-        if self.filter:
-            for col, _, _ in self.filter:
-                if col not in cols:
-                    raise missing_column_error(col, cols, "(from filter)")
+        for col, op, val in self.filter or []:
+            if col not in cols:
+                raise missing_column_error(col, cols, "(from filter)")
+            _check_filter_value(col, op, val, self.schema.field(col).type)
 
     def needed_columns(self, specs: Sequence[ModelSpec], split_by: Sequence[str]) -> list[str]:
         cols: list[str] = list(split_by)
@@ -149,7 +158,66 @@ class Source:
         for k, v in part.items():
             if k in columns:
                 t = t.append_column(k, pa.array([v] * t.num_rows))
-        return t.select([c for c in dict.fromkeys(columns) if c in t.column_names])
+        t = t.select([c for c in dict.fromkeys(columns) if c in t.column_names])
+        return _decode_mixed_dictionaries(t, self.schema)
+
+
+def _decode_mixed_dictionaries(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Dictionary (categorical) columns the dataset's schema holds as plain values
+    (because other files store them plain) are decoded, so files concatenate."""
+    for i, f in enumerate(t.schema):
+        if pa.types.is_dictionary(f.type) and f.name in schema.names:
+            want = schema.field(f.name).type
+            if not pa.types.is_dictionary(want):
+                t = t.set_column(i, pa.field(f.name, f.type.value_type),
+                                 t.column(i).cast(f.type.value_type))
+    return t
+
+
+def _check_filter_value(col: str, op: str, val: Any, typ: pa.DataType) -> None:
+    """Raise SpecError unless ``col op val`` can be evaluated on a column of ``typ``: a
+    value of another type would otherwise fail every read (or, with pandas' ``==``,
+    silently match nothing). Checked by evaluating the filter on an empty column."""
+    # Each value of a list on its own: Arrow would cast ["1"] to [1] for an integer
+    # column, where pandas (for a DataFrame) would silently match nothing.
+    tests = [[col, "==", v] for v in val] if op in ("in", "not in") else [[col, op, val]]
+    try:
+        empty = pa.table({col: pa.array([], type=typ)})
+        for t in tests:
+            empty.filter(pq.filters_to_expression([t]))
+    except (pa.ArrowException, TypeError, ValueError):
+        pass
+    else:
+        return
+    vals = list(val) if op in ("in", "not in") else [val]
+    shown = ", ".join(f"{v!r} ({type(v).__name__})" for v in vals[:3])
+    hint = ""
+    numeric = pa.types.is_integer(typ) or pa.types.is_floating(typ)
+    if numeric and any(isinstance(v, str) and _parses_as_number(v) for v in vals):
+        hint = "; write numbers unquoted (in YAML: 1, not '1')"
+    elif (pa.types.is_string(typ) or pa.types.is_large_string(typ)) and not any(
+            isinstance(v, str) for v in vals):
+        hint = "; quote text values (in YAML: '1', not 1)"
+    raise SpecError(f"filter value {shown} does not match column {col!r} of type "
+                    f"{_type_name(typ)}"
+                    f"{hint}; got (filter=[{col!r}, {op!r}, {val!r}])")
+
+
+def _type_name(typ: pa.DataType) -> str:
+    """Arrow's type name, with text and categorical types named as users know them."""
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        return "text"
+    if pa.types.is_dictionary(typ):
+        return f"categorical of {_type_name(typ.value_type)}"
+    return str(typ)
+
+
+def _parses_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _apply_filter_frame(df: pd.DataFrame, flt: list[tuple[str, str, Any]] | None
@@ -185,6 +253,11 @@ def normalize_filter(flt: Any) -> list[tuple[str, str, Any]] | None:
         col, op, val = item
         if op not in FILTER_OPS:
             raise SpecError(f"filter op must be one of {list(FILTER_OPS)}; got (op={op!r})")
+        if op in ("in", "not in") and not isinstance(val, (list, tuple, set, frozenset)):
+            raise SpecError(f"filter op {op!r} needs a list of values; "
+                            f"got (filter=[{col!r}, {op!r}, {val!r}])")
+        if isinstance(val, (set, frozenset)):
+            val = list(val)
         out.append((str(col), str(op), val))
     return out
 
@@ -195,12 +268,25 @@ def open_source(data: Any, *, filter: Any = None, columns_hint: Sequence[str] = 
     if isinstance(data, pd.DataFrame):
         df = data.copy(deep=False)
         df.columns = [str(c) for c in df.columns]
+        dups = sorted(set(df.columns[df.columns.duplicated()]))
+        if dups:
+            raise DataError(f"column names repeat in the DataFrame: {dups}; rename them so "
+                            f"each is unique; got (columns={list(df.columns)})")
+        untyped: dict[str, str] = {}
         try:
             schema = pa.Schema.from_pandas(df, preserve_index=False)
-        except (pa.ArrowException, TypeError, ValueError) as exc:
-            raise DataError(f"DataFrame columns cannot be typed: {exc}") from None
+        except (pa.ArrowException, TypeError, ValueError):
+            # Type column by column: a column no spec uses may mix types harmlessly.
+            fields_ = []
+            for c in df.columns:
+                try:
+                    fields_.append(pa.Schema.from_pandas(df[[c]], preserve_index=False)[0])
+                except (pa.ArrowException, TypeError, ValueError) as exc:
+                    untyped[c] = str(exc)
+                    fields_.append(pa.field(c, pa.null()))
+            schema = pa.schema(fields_)
         return Source(path=None, frame=df, fs=None, files=[], schema=schema, partition_cols=[],
-                      filter=flt)
+                      filter=flt, untyped=untyped)
     if not isinstance(data, (str, bytes)) and not hasattr(data, "__fspath__"):
         raise SpecError(
             f"data must be a path, URL or DataFrame; got (data={type(data).__name__})"
@@ -308,12 +394,19 @@ def _scan_footers(src: Source, fs: Any, files: list[str], part_schema: pa.Schema
         for name in schema.names:
             typ = schema.field(name).type
             typ = pa.string() if pa.types.is_large_string(typ) else typ
-            if name in unified and unified[name][0] != typ and not _compatible(
-                    unified[name][0], typ):
-                raise DataError(
-                    f"column {name!r} has type {typ} in {f!r} but {unified[name][0]} in "
-                    f"{unified[name][1]!r}; rewrite the files with one schema"
-                )
+            if name in unified and unified[name][0] != typ:
+                prev = unified[name][0]
+                if not _compatible(prev, typ):
+                    raise DataError(
+                        f"column {name!r} has type {typ} in {f!r} but {prev} in "
+                        f"{unified[name][1]!r}; rewrite the files with one schema"
+                    )
+                if pa.types.is_dictionary(prev) != pa.types.is_dictionary(typ):
+                    # Categorical in some files, plain in others: read as plain values
+                    # (Arrow cannot concatenate the two); see Source._read_file.
+                    plain = prev.value_type if pa.types.is_dictionary(prev) else prev
+                    plain = pa.string() if pa.types.is_large_string(plain) else plain
+                    unified[name] = (plain, unified[name][1])
             unified.setdefault(name, (typ, f))
         stamp = f"{f}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or ''}"
         stamp += f"|{info.get('ETag') or info.get('etag') or ''}"
@@ -392,6 +485,7 @@ def read_split_keys(src: Source, split_by: Sequence[str], extra: Sequence[str] =
         for c, v in part.items():
             if c in cols:
                 t = t.append_column(c, pa.array([v] * t.num_rows))
+        t = _decode_mixed_dictionaries(t, src.schema)
         if expr is not None:
             t = t.filter(expr)
         if not split_by:

@@ -177,7 +177,10 @@ class Store:
     """A results store at a local path or fsspec URL."""
 
     def __init__(self, url: str) -> None:
-        self.url = str(url).rstrip("/")
+        if not isinstance(url, (str, os.PathLike)):
+            raise StoreError("the store must be a folder path or URL; "
+                             f"got (store={url!r})")
+        self.url = os.fspath(url).rstrip("/")
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
         except (ImportError, ValueError) as exc:
@@ -208,6 +211,10 @@ class Store:
             names = self.fs.ls(self.path("fits"), detail=False)
         except FileNotFoundError:
             return set()
+        except NotADirectoryError:  # the store path, or a folder above it, is a file
+            raise StoreError(f"the store must be a folder, but {self.url!r} is a file or "
+                             f"lies under one; give a folder path; got (store={self.url!r})"
+                             ) from None
         out = set()
         for n in names:
             base = str(n).rsplit("/", 1)[-1]
@@ -319,6 +326,9 @@ class Store:
                     t = pq.read_table(fh)
             except (OSError, pa.ArrowException) as exc:
                 raise StoreError(f"store part {f!r} is unreadable: {exc}") from None
+            if "fit_id" not in t.column_names:
+                raise StoreError(f"{f!r} is not a mixedscale part (it has no fit_id column); "
+                                 "move files other than mixedscale's out of the store")
             parts.append(t.append_column("_part", pa.array(np.full(t.num_rows, i))))
         return pa.concat_tables(parts, promote_options="permissive") if parts else None
 

@@ -12,7 +12,7 @@ import pytest
 import statsmodels.formula.api as smf
 
 import mixedscale
-from mixedscale import ModelSpec, SpecError
+from mixedscale import DataError, ModelSpec, SpecError
 from mixedscale.single import FIT_COLUMNS, PARAM_COLUMNS, VARIANCE_COLUMNS
 
 ENGINES = ("auto", "fast", "statsmodels")
@@ -242,10 +242,11 @@ def test_infinite_values(column: str, value: float) -> None:
 
 
 def test_factor_response() -> None:
+    # An input error, as fit_many's planner says it: raised, not an error row.
     df = _panel()
     df["y"] = np.where(df["y"] > 1, "hi", "lo")
-    res = _fit_error(df, ModelSpec("y ~ x", groups="g"))
-    assert "response" in res.fit["error_message"]
+    with pytest.raises(DataError, match=r"the response must be numeric; got \(y=text\)"):
+        mixedscale.fit(df, ModelSpec("y ~ x", groups="g"))
 
 
 @pytest.mark.parametrize("re_formula", [None, "x"])

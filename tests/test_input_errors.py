@@ -1,0 +1,144 @@
+"""Bad arguments, stores and filters fail before any cluster work, as MixedscaleErrors
+that name the problem; odd but usable input (mixed categorical/text files, an unused
+mixed-type column) just works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import mixedscale as ms
+from mixedscale import api
+from mixedscale.errors import DataError, SpecError, StoreError
+from mixedscale.source import open_source, read_split_keys
+from mixedscale.store import Store
+
+SPEC = ms.ModelSpec("y ~ time", groups="subject")
+
+
+def _frame(n: int = 240, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"y": rng.normal(size=n), "time": rng.normal(size=n),
+                         "subject": rng.choice(list("ABCDEFGH"), n),
+                         "site": rng.integers(1, 3, n)})
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    _frame().to_parquet(d / "a.parquet", index=False)
+    return d
+
+
+@pytest.mark.parametrize(("kwargs", "err", "words"), [
+    ({"split_by": 5}, SpecError, "split_by must be a column name"),
+    ({"split_by": [5]}, SpecError, "split_by must be a column name"),
+    ({"timeout": "10"}, SpecError, "timeout must be a positive number"),
+    ({"workers": 0}, SpecError, "workers"),
+    ({"memory_limit": "lots"}, SpecError, "memory_limit"),
+    ({"client": "abc"}, SpecError, "client must be a distributed.Client"),
+    ({"scheduler": "notaurl"}, SpecError, "scheduler must be an address"),
+    ({"store": 5}, StoreError, "got (store=5)"),
+    ({"store": "memory://bucket/s"}, SpecError, "memory://"),
+])
+def test_bad_arguments_fail_before_any_cluster(data_dir: Path, kwargs: dict[str, Any],
+                                               err: type[Exception], words: str) -> None:
+    # Each would otherwise start (or fail to start) a cluster: the error comes first.
+    with pytest.raises(err) as info:
+        ms.fit_many(data_dir, SPEC, progress=False, **kwargs)
+    assert words in str(info.value)
+
+
+def test_store_path_that_is_a_file_is_a_store_error(data_dir: Path, tmp_path: Path) -> None:
+    f = tmp_path / "afile"
+    f.write_text("")
+    for store in (f, f / "sub"):
+        with pytest.raises(StoreError, match="the store must be a folder"):
+            ms.fit_many(data_dir, SPEC, store=str(store), progress=False)
+
+
+def test_store_inside_the_data_folder_is_refused_unless_hidden(data_dir: Path) -> None:
+    with pytest.raises(SpecError, match="the store is inside the data folder"):
+        api.prepare(data_dir, SPEC, store=str(data_dir / "results"))
+    with pytest.raises(SpecError, match="the store is inside the data folder"):
+        api.prepare(str(data_dir / "*.parquet"), SPEC, store=str(data_dir / "results"))
+    # A folder the data listing skips (leading "_"), a single file's folder, elsewhere.
+    api.prepare(data_dir, SPEC, store=str(data_dir / "_results"))
+    api.prepare(data_dir / "a.parquet", SPEC, store=str(data_dir / "results"))
+    api.prepare(data_dir, SPEC, store=str(data_dir.parent / "results"))
+
+
+def test_foreign_file_in_the_store_is_a_store_error(tmp_path: Path) -> None:
+    st = Store(str(tmp_path / "store"))
+    st.init()
+    pq.write_table(pa.table({"x": [1]}), st.path("fits", "part-foreign.parquet"))
+    with pytest.raises(StoreError, match="not a mixedscale part"):
+        st.fits()
+
+
+@pytest.mark.parametrize(("flt", "words"), [
+    ([["time", ">", "abc"]], "does not match column 'time' of type double"),
+    ([["time", ">", "1.5"]], "write numbers unquoted"),
+    ([["subject", "==", 1]], "quote text values"),
+    ([["subject", "in", "A"]], "needs a list of values"),
+    ([["site", "in", ["1", "2"]]], "does not match column 'site'"),
+])
+def test_filter_values_of_the_wrong_type_fail_at_plan_time(data_dir: Path, flt: list[Any],
+                                                           words: str) -> None:
+    for data in (data_dir, _frame()):
+        with pytest.raises(SpecError, match="filter") as info:
+            api.prepare(data, SPEC, filter=flt)
+        assert words in str(info.value)
+
+
+def test_hive_key_filter_quoted_is_named(tmp_path: Path) -> None:
+    df = _frame()
+    df.to_parquet(tmp_path / "hive", partition_cols=["site"], index=False)
+    with pytest.raises(SpecError, match="write numbers unquoted"):
+        api.prepare(tmp_path / "hive", SPEC, split_by="site", filter=[["site", "==", "1"]])
+    _, plan = api.prepare(tmp_path / "hive", SPEC, split_by="site",
+                          filter=[["site", "in", {1}]])
+    assert [s.key for s in plan.slices] == [(1,)]
+
+
+def test_categorical_in_one_file_and_text_in_another_reads_as_text(tmp_path: Path) -> None:
+    d = tmp_path / "mixed"
+    d.mkdir()
+    a, b = _frame(seed=1), _frame(seed=2)
+    a["subject"] = a["subject"].astype("category")
+    a.to_parquet(d / "a.parquet", index=False)
+    b.to_parquet(d / "b.parquet", index=False)
+    src, plan = api.prepare(d, SPEC, split_by="subject")
+    assert src.schema.field("subject").type == pa.string()
+    df, _ = src.read(plan.columns)
+    assert len(df) == len(a) + len(b)
+    assert sorted(df["subject"].astype(str).unique()) == sorted(b["subject"].unique())
+    keys, _ = read_split_keys(src, ["subject"])
+    assert int(keys["_rows"].sum()) == len(a) + len(b)
+
+
+def test_dataframe_column_checks(tmp_path: Path) -> None:
+    df = _frame()
+    with pytest.raises(DataError, match=r"column names repeat in the DataFrame: \['time'\]"):
+        api.prepare(pd.concat([df, df[["time"]]], axis=1), SPEC)
+    mixed = df.assign(junk=[1, "a"] * (len(df) // 2))
+    assert api.prepare(mixed, SPEC)[1].n_fits == 1  # unused: harmless
+    assert open_source(mixed).untyped.keys() == {"junk"}
+    with pytest.raises(DataError, match="column 'junk' mixes value types"):
+        api.prepare(mixed, ms.ModelSpec("y ~ junk", groups="subject"))
+
+
+def test_single_fit_checks_input_like_fit_many() -> None:
+    df = _frame()
+    with pytest.raises(DataError, match=r"the response must be numeric; got \(y=text\)"):
+        ms.fit(df.assign(y="a"), SPEC)
+    with pytest.raises(DataError, match="column names repeat"):
+        ms.fit(pd.concat([df, df[["time"]]], axis=1), SPEC)
+    assert ms.fit(df.assign(junk=[1, "a"] * (len(df) // 2)), SPEC).fit["status"] == "ok"
