@@ -152,6 +152,9 @@ def run(
     opts = RunOptions()
     _install_sigterm(opts.stop)
     try:
+        if timeout is not None and not timeout > 0:  # also NaN
+            raise SpecError(f"--timeout must be a positive number of seconds; "
+                            f"got (timeout={timeout!r})")
         job = load_job(job_file, {"store": store})
         kind = (cluster.value if cluster else job.cluster.kind)
         cfg_path = cluster_config or (Path(job.cluster.config) if job.cluster.config else None)
@@ -180,8 +183,9 @@ def run(
                 job.data.path, job.specs(), split_by=job.data.split_by, store=job.store,
                 client=client, filter=job.data.filter,
                 scheduler=scheduler or job.cluster.address,
-                workers=workers or job.cluster.workers, engine=engine or job.fit.engine,
-                timeout=timeout or job.fit.timeout, security=security,
+                workers=workers or job.cluster.workers,
+                engine=engine if engine is not None else job.fit.engine,
+                timeout=timeout if timeout is not None else job.fit.timeout, security=security,
                 memory_limit=job.cluster.memory_limit, options=opts)
         finally:
             if client is not None:
@@ -204,8 +208,13 @@ def validate(job_file: Annotated[Path, typer.Argument(metavar="JOB.yaml")]) -> N
 
     try:
         job = load_job(job_file)
+        if job.cluster.config is not None:
+            # `run` reads it (and its TLS files) before any work: so must validate.
+            from .cluster import load_cluster_config
+
+            _security(None, None, None, load_cluster_config(job.cluster.config))
         src, plan = prepare(job.data.path, job.specs(), job.data.split_by, job.data.filter,
-                            job.fit.engine)
+                            job.fit.engine, job.store)
     except MixedscaleError as exc:
         raise _exit_for(exc) from None
     d = plan.describe()

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import patsy
 
-from .formula import eval_namespace
+from .formula import ParsedFormula, eval_namespace
 from .spec import ModelSpec
 
 __all__ = ["Design", "ModelFailure", "build_design"]
@@ -84,17 +84,84 @@ def _cached(source: Any, key: tuple[Any, ...], build: Any) -> Any:
     return entries[key]
 
 
-def _matrix(formula: str, data: pd.DataFrame, env: patsy.EvalEnvironment, lhs: bool
-            ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+def _matrix(formula: str, data: pd.DataFrame, env: patsy.EvalEnvironment, lhs: bool,
+            ctx: _Context) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     try:
         if lhs:
             yv, xm = patsy.dmatrices(formula, data, eval_env=env, NA_action="raise")
-            return np.asarray(xm, dtype=float), np.asarray(yv, dtype=float), list(
-                xm.design_info.column_names)
-        xm = patsy.dmatrix(formula, data, eval_env=env, NA_action="raise")
-        return np.asarray(xm, dtype=float), None, list(xm.design_info.column_names)
+            X, y = np.asarray(xm, dtype=float), np.asarray(yv, dtype=float)
+            names = list(xm.design_info.column_names)
+            ctx.check_finite(y, list(yv.design_info.column_names))
+        else:
+            xm = patsy.dmatrix(formula, data, eval_env=env, NA_action="raise")
+            X, y, names = np.asarray(xm, dtype=float), None, list(xm.design_info.column_names)
     except patsy.PatsyError as exc:
-        raise ModelFailure(f"design matrix could not be built: {exc}") from None
+        raise ctx.explain(exc) from None
+    ctx.check_finite(X, names)
+    return X, y, names
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Which user formula a matrix comes from, to word patsy's errors in its terms.
+
+    patsy only ever sees the generated identifiers (``_ms0_`` ...), so its messages
+    and term names are mapped back to the user's columns here."""
+
+    parsed: ParsedFormula
+    role: str
+    columns: list[str]  # column i is identifier _ms{i}_
+    text_columns: frozenset[str]  # columns patsy sees as categorical
+
+    def locate(self, term: str) -> tuple[str, str]:
+        """The term as the user wrote it, and a caret mark under it in their formula.
+
+        patsy's text is whitespace-normalized, so the term is matched loosely; a term
+        not found (Q("...") quoting) is shown as patsy has it, unmarked."""
+        text = self.parsed.text
+        chars = [re.escape(c) for c in term if not c.isspace()]
+        m = re.search(r"\s*".join(chars), text) if chars else None
+        if m is None:
+            return term, ""
+        return m.group(), f"\n    {text}\n    {' ' * m.start()}{'^' * (m.end() - m.start())}"
+
+    def fail(self, rule: str, mark: str, got: str) -> ModelFailure:
+        return ModelFailure(f"design matrix could not be built: {rule}; got ({got}) "
+                            f"(from {self.role} {self.parsed.text!r}){mark}")
+
+    def check_finite(self, M: np.ndarray, names: list[str]) -> None:
+        bad = ~np.isfinite(M)
+        if not bad.any():
+            return
+        j = int(np.flatnonzero(bad.any(axis=0))[0])
+        term, mark = self.locate(_rename_back(names[j], self.columns))
+        raise self.fail(f"{term} has infinite values (log of 0, or division by 0?); "
+                        "transform differently or filter those rows", mark,
+                        f"term={term!r}, n_rows={int(bad[:, j].sum())}")
+
+    def explain(self, exc: patsy.PatsyError) -> ModelFailure:
+        message = _rename_back(exc.message, self.columns)
+        origin = exc.origin
+        raw = origin.code[origin.start:origin.end] if origin is not None else ""
+        if not raw:
+            return self.fail(message, "", f"{self.role}={self.parsed.text!r}")
+        term, mark = self.locate(_rename_back(raw, self.columns))
+        used = [self.columns[int(i)] for i in _IDENT.findall(raw)]
+        text = [c for c in used if c in self.text_columns]
+        func = raw.split("(")[0].strip() if "(" in raw else ""
+        if "factor contains missing values" in message:
+            rule = (f"{term} produced missing (NaN) values for some rows, where the "
+                    "transform is undefined (log or sqrt of values <= 0?); filter those "
+                    "rows or transform differently")
+        elif text and func not in {"C", "Q"}:
+            rule = (f"{term} needs numbers but column {text[0]!r} is text; use "
+                    f"C({text[0]}) for a categorical term or recode it as numbers")
+        elif "Error converting data to categorical" in message:
+            rule = (f"{term}: {message.split(': ', 1)[-1]}; list every value of the "
+                    "column in levels=[...], or drop levels=")
+        else:
+            rule = f"{term}: {message}"
+        return self.fail(rule, mark, f"term={term!r}")
 
 
 def _patsy_column(s: pd.Series) -> np.ndarray | pd.Categorical:
@@ -103,7 +170,14 @@ def _patsy_column(s: pd.Series) -> np.ndarray | pd.Categorical:
     distinct values, as patsy would find them."""
     if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s) or isinstance(
             s.dtype, pd.CategoricalDtype):
-        return s.to_numpy() if not isinstance(s.dtype, pd.CategoricalDtype) else s.array
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            return s.array
+        arr = s.to_numpy()
+        # A nullable dtype may come out as objects: Python ints, which ** would let grow
+        # without bound (formula.py bounds only constants).
+        if arr.dtype == object and not pd.api.types.is_bool_dtype(s):
+            return arr.astype(float)
+        return arr
     try:
         return pd.Categorical(s.to_numpy(dtype=object))
     except TypeError:  # values that do not sort together: let patsy decide
@@ -140,8 +214,17 @@ def build_design(data: pd.DataFrame, spec: ModelSpec, source: Any = None) -> Des
     env = patsy.EvalEnvironment([eval_namespace()])
     p = spec.parsed
     ck = tuple(cols)
+    text_cols = frozenset(c for c in cols
+                          if isinstance(frame[idents[c]].dtype, pd.CategoricalDtype))
+
+    def ctx(key: str) -> _Context:
+        role = ("formula" if key == "formula" else "re_formula" if key == "re"
+                else f"vc_formula[{key[3:]!r}]")
+        return _Context(p[key], role, cols, text_cols)
+
     fx = p["formula"].render(idents)
-    X, y, x_names = _cached(source, ("x", ck, fx), lambda: _matrix(fx, frame, env, lhs=True))
+    X, y, x_names = _cached(source, ("x", ck, fx),
+                            lambda: _matrix(fx, frame, env, lhs=True, ctx=ctx("formula")))
     if y is None:
         raise ModelFailure("the formula has no response")
     y = y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
@@ -149,13 +232,14 @@ def build_design(data: pd.DataFrame, spec: ModelSpec, source: Any = None) -> Des
         raise ModelFailure("the response must be one numeric column; got a factor response")
     if "re" in p:
         fz = p["re"].render(idents)
-        Z, _, z_names = _cached(source, ("z", ck, fz), lambda: _matrix(fz, frame, env, lhs=False))
+        Z, _, z_names = _cached(source, ("z", ck, fz),
+                                lambda: _matrix(fz, frame, env, lhs=False, ctx=ctx("re")))
     else:
         Z, z_names = np.zeros((len(sub), 0)), []
     vc: list[tuple[str, np.ndarray]] = []
     for key, pf in p.items():
         if key.startswith("vc:"):
-            m, _, _ = _matrix(pf.render(idents), frame, env, lhs=False)
+            m, _, _ = _matrix(pf.render(idents), frame, env, lhs=False, ctx=ctx(key))
             vc.append((key[3:], m))
     if spec.groups is not None:
         codes, uniques = pd.factorize(sub[spec.groups], sort=True)

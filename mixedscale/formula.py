@@ -47,6 +47,28 @@ _TOKEN_RE = re.compile(
 
 _BINOPS = {"+", "-", "*", "/", ":", "**"}
 
+# Inside a call the text is Python, so "**" is exponentiation evaluated eagerly on
+# constants: 9**9**9 would hold the GIL for hours. Exponents must be literals this
+# small, and a constant integer may not grow past _MAX_CONST_BITS (nested powers).
+MAX_EXPONENT = 10
+_MAX_CONST_BITS = 10_000
+
+
+@dataclass(frozen=True)
+class _Val:
+    """What an evaluated sub-expression can be, as far as resource use goes.
+
+    ``bits``: an upper bound on the size of the integer it evaluates to when it is a
+    constant (None: it depends on the data, so numpy bounds it); ``seq``: a string
+    or list literal, which ``*`` would repeat.
+    """
+
+    bits: int | None = None
+    seq: bool = False
+
+
+_DATA = _Val()
+
 
 @dataclass(frozen=True)
 class _Tok:
@@ -99,7 +121,10 @@ def _tokenize(text: str) -> list[_Tok]:
         m = _TOKEN_RE.match(text, pos)
         if m is None:
             bad = _Tok("bad", text[pos], pos, pos + 1)
-            raise _error(text, bad, "formula contains a character that is not allowed", "token")
+            rule = "formula contains a character that is not allowed"
+            if bad.text == "^":
+                rule += "; write powers as I(x**2) and interactions as (a + b)**2"
+            raise _error(text, bad, rule, "token")
         kind = m.lastgroup or "bad"
         if kind != "ws":
             toks.append(_Tok(kind, m.group(), m.start(), m.end()))
@@ -110,8 +135,9 @@ def _tokenize(text: str) -> list[_Tok]:
 class _Parser:
     """Recursive-descent check of patsy's formula grammar plus I() arithmetic."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, role: str = "formula") -> None:
         self.text = text
+        self.role = role
         self.toks = _tokenize(text)
         self.i = 0
         self.out: list[str] = []
@@ -142,7 +168,7 @@ class _Parser:
     # -- grammar
     def parse(self) -> None:
         if not self.toks:
-            raise SpecError(f"formula is empty; got (formula={self.text!r})")
+            raise SpecError(f"formula is empty; got ({self.role}={self.text!r})")
         tildes = [t for t in self.toks if t.text == "~"]
         if len(tildes) > 1:
             raise _error(self.text, tildes[1], "a formula has at most one '~'", "token")
@@ -159,36 +185,96 @@ class _Parser:
         if tok is not None:
             raise _error(self.text, tok, "unexpected token", "token")
 
-    def expr(self, in_call: str | None) -> None:
-        self.unary(in_call)
+    def expr(self, in_call: str | None) -> _Val:
+        starts = [self.peek()]
+        vals = [self.unary(in_call)]
+        ops: list[_Tok] = []  # ops[i] follows operand i (powers are checked apart)
         while (tok := self.peek()) is not None and tok.text in _BINOPS:
-            self.out.append(f" {self.take().text} ")
-            self.unary(in_call)
+            op = self.take()
+            self.out.append(f" {op.text} ")
+            if op.text == "**" and in_call is not None:
+                vals[-1] = self.power(vals[-1], starts[-1], op)
+                continue
+            ops.append(op)
+            starts.append(self.peek())
+            vals.append(self.unary(in_call))
+        if in_call is not None and ops:
+            for i, v in enumerate(vals):
+                if v.seq:
+                    # 'a' * 10**9 or [1] * 10**9 would allocate gigabytes in patsy.
+                    raise _error(self.text, ops[min(i, len(ops) - 1)],
+                                 "string literals and lists cannot be combined with "
+                                 "operators; write the value out", "operator")
+        known = [v.bits for v in vals if v.bits is not None]
+        if not known or (len(known) < len(vals) and in_call is not None):
+            return _DATA  # an array: numpy bounds the size of every element
+        # A sum or product of constants: at most the sum of the sizes (plus carries).
+        return _Val(bits=sum(known) + len(known))
 
-    def unary(self, in_call: str | None) -> None:
+    def power(self, base: _Val, base_tok: _Tok | None, op: _Tok) -> _Val:
+        """Check ``base ** exponent`` in evaluated Python; the '**' is already emitted."""
+        start = self.i
         while (tok := self.peek()) is not None and tok.text in {"-", "+"}:
             self.out.append(self.take().text)
-        self.atom(in_call)
+        tok = self.peek()
+        if tok is None:
+            raise _error(self.text, None, "formula ends where an exponent was expected",
+                         "formula")
+        hint = (f"the exponent of ** must be a number between -{MAX_EXPONENT} and "
+                f"{MAX_EXPONENT}, e.g. I(x**2) or I(x**0.5); for other powers write "
+                "exp(k * log(x))")
+        if tok.kind != "number":
+            raise _error(self.text, tok, hint, "exponent")
+        self.take()
+        self.out.append(tok.text)
+        span = _Tok("span", self.text[self.toks[start].start:tok.end],
+                    self.toks[start].start, tok.end)
+        if float(tok.text) > MAX_EXPONENT:
+            raise _error(self.text, span, hint, "exponent")
+        if (nxt := self.peek()) is not None and nxt.text == "**":
+            # Python's ** is right-associative: x**2**9 is x**(2**9).
+            after = self.toks[self.i + 1] if self.i + 1 < len(self.toks) else nxt
+            chain = _Tok("span", self.text[span.start:after.end], span.start, after.end)
+            raise _error(self.text, chain,
+                         "chained powers are not allowed (Python reads x**2**3 as "
+                         "x**(2**3)); add parentheses, e.g. I((x**2)**3)", "exponent")
+        if base.bits is None:
+            return base
+        bits = base.bits * max(1, int(float(tok.text)))
+        if bits > _MAX_CONST_BITS:
+            whole_start = base_tok.start if base_tok is not None else op.start
+            whole = _Tok("span", self.text[whole_start:tok.end], whole_start, tok.end)
+            raise _error(self.text, whole,
+                         "this constant power is too large to compute; write a smaller "
+                         "number", "token")
+        return _Val(bits=bits)
 
-    def atom(self, in_call: str | None) -> None:
+    def unary(self, in_call: str | None) -> _Val:
+        while (tok := self.peek()) is not None and tok.text in {"-", "+"}:
+            self.out.append(self.take().text)
+        return self.atom(in_call)
+
+    def atom(self, in_call: str | None) -> _Val:
         tok = self.peek()
         if tok is None:
             raise _error(self.text, None, "formula ends where a term was expected", "formula")
         if tok.kind == "number":
             self.out.append(self.take().text)
-            return
+            if re.fullmatch(r"\d+", tok.text):
+                return _Val(bits=4 * len(tok.text))  # log2(10) < 4 bits per digit
+            return _DATA  # a float: overflows instead of growing
         if tok.text == "(":
             self.out.append(self.take().text)
-            self.expr(in_call)
+            val = self.expr(in_call)
             self.expect(")")
-            return
+            return val
         if tok.kind == "string":
             if in_call not in _STRING_CALLS:
                 raise _error(
                     self.text, tok, "string literals are allowed only inside C(...)", "token"
                 )
             self.out.append(repr(self.take().text[1:-1]))
-            return
+            return _Val(seq=True)
         if tok.text == "[" and in_call in _STRING_CALLS:
             self.out.append(self.take().text)
             while (nxt := self.peek()) is not None and nxt.text != "]":
@@ -197,12 +283,12 @@ class _Parser:
                     continue
                 self.atom(in_call)
             self.expect("]")
-            return
+            return _Val(seq=True)
         if tok.kind != "name":
             raise _error(self.text, tok, "expected a column name, number or '('", "token")
-        self.name_or_call(in_call)
+        return self.name_or_call(in_call)
 
-    def name_or_call(self, in_call: str | None) -> None:
+    def name_or_call(self, in_call: str | None) -> _Val:
         tok = self.take()
         name = tok.text
         parts = re.split(r"[. ]", name)
@@ -219,8 +305,7 @@ class _Parser:
                     self.text, tok, f"function is not allowed; allowed functions: {allowed}",
                     "function",
                 )
-            self.call(name)
-            return
+            return self.call(name)
         if "." in name and name.split(".")[0] in {"np", "numpy"}:
             raise _error(self.text, tok, "attribute access is not allowed in a formula", "token")
         if in_call in _STRING_CALLS and (n2 := self.peek()) is not None and n2.text == "=":
@@ -228,14 +313,14 @@ class _Parser:
                 raise _error(self.text, tok, "keyword argument is not allowed", "token")
             self.out.append(name)
             self.out.append(self.take().text)
-            self.unary(in_call)
-            return
+            return self.unary(in_call)
         if in_call == "C" and name in {"Treatment", "Sum", "Diff", "Poly"}:
             self.out.append(name)  # bare contrast class, e.g. C(x, Sum)
-            return
+            return _DATA
         self.emit_name(name)
+        return _DATA
 
-    def call(self, name: str) -> None:
+    def call(self, name: str) -> _Val:
         if name == "Q":
             # Q("col name") is patsy's quoting: treat the string as a column name.
             self.take()
@@ -248,16 +333,19 @@ class _Parser:
                 raise _error(self.text, close, "Q() takes one quoted column name", "token")
             self.take()
             self.emit_name(tok.text[1:-1])
-            return
+            return _DATA
         self.out.append(name.split(".")[-1] if "." in name else name)
         self.out.append(self.take().text)  # "("
         if (tok := self.peek()) is not None and tok.text == ")":
             raise _error(self.text, tok, f"{name}() needs an argument", "token")
-        self.expr(name)
+        vals = [self.expr(name)]
         while (tok := self.peek()) is not None and tok.text == ",":
             self.out.append(self.take().text + " ")
-            self.expr(name)
+            vals.append(self.expr(name))
         self.expect(")")
+        # abs() or I() of a constant is that constant; a string argument stays inside.
+        known = [v.bits for v in vals if v.bits is not None]
+        return _Val(bits=max(known)) if known and name not in _STRING_CALLS else _DATA
 
 
 def parse_formula(text: str, *, role: str = "formula") -> ParsedFormula:
@@ -265,7 +353,7 @@ def parse_formula(text: str, *, role: str = "formula") -> ParsedFormula:
     if not isinstance(text, str):
         raise SpecError(f"{role} must be a string; got ({role}={text!r})")
     try:
-        p = _Parser(text)  # tokenizes: a bad character raises here
+        p = _Parser(text, role)  # tokenizes: a bad character raises here
         p.parse()
     except SpecError as exc:
         raise SpecError(f"invalid {role}: {exc}") from None

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from .errors import SpecError, suggest
 from .spec import ModelSpec, grid
@@ -19,6 +19,11 @@ from .spec import ModelSpec, grid
 __all__ = ["Job", "job_schema", "load_job"]
 
 _Scalar = str | int | float | bool | None
+# pydantic's lax mode would read reml: "yes" as True and maxiter: "10" as 10, which
+# ModelSpec refuses: job files and the Python API must accept the same values.
+_Bool = Annotated[bool, Strict()]
+_Int = Annotated[int, Strict()]
+_Float = Annotated[float, Strict()]  # strict floats still take ints
 
 
 class _Strict(BaseModel):
@@ -43,11 +48,11 @@ class ModelConfig(_Strict):
     groups: str | None = None
     re_formula: str | None = None
     vc_formula: dict[str, str] | None = None
-    reml: bool = True
+    reml: _Bool = True
     cov_structure: Literal["unstructured", "diagonal"] = "unstructured"
     engine: Literal["auto", "fast", "statsmodels"] | None = None
     optimizers: list[str] | None = None
-    maxiter: int | None = None
+    maxiter: _Int | None = None
 
 
 class GridConfig(_Strict):
@@ -56,14 +61,14 @@ class GridConfig(_Strict):
     groups: str | list[str | None] | None = None
     re_formula: str | list[str | None] | None = None
     vc_formula: dict[str, str] | list[dict[str, str] | None] | None = None
-    reml: bool | list[bool] = True
+    reml: _Bool | list[_Bool] = True
     cov_structure: str | list[str] = "unstructured"
     engine: str | list[str] | None = None
 
 
 class ClusterConfigRef(_Strict):
     address: str | None = Field(default=None, description="scheduler address; none: embedded")
-    workers: int | None = Field(default=None, ge=1, description="embedded cluster size")
+    workers: _Int | None = Field(default=None, ge=1, description="embedded cluster size")
     kind: Literal["local", "slurm", "pbs"] = "local"
     config: str | None = Field(default=None, description="cluster config YAML (jobqueue, TLS)")
     memory_limit: str | None = None
@@ -71,8 +76,8 @@ class ClusterConfigRef(_Strict):
 
 class FitOptions(_Strict):
     engine: Literal["auto", "fast", "statsmodels"] | None = None
-    timeout: float | None = Field(default=None, gt=0, description="per-fit timeout, seconds")
-    maxiter: int | None = Field(default=None, ge=1)
+    timeout: _Float | None = Field(default=None, gt=0, description="per-fit timeout, seconds")
+    maxiter: _Int | None = Field(default=None, ge=1)
     optimizers: list[str] | None = None
 
 
@@ -126,9 +131,29 @@ def _resolve(base: Path, p: str | None) -> str | None:
     return str((base / p).resolve())
 
 
+_TYPE_TAGS = {"bool", "int", "float", "str", "list", "dict", "tuple", "none", "literal"}
+
+
+def _loc(parts: tuple[int | str, ...]) -> str:
+    """('models', 0, 'formula') -> 'models[0].formula', without pydantic's union tags
+    such as 'bool' or 'list[bool]' (no job field has such a name)."""
+    out = ""
+    for x in parts:
+        if isinstance(x, str) and (x in _TYPE_TAGS or "[" in x or "-" in x):
+            continue
+        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+    return out
+
+
 def _pretty(err: ValidationError, model: type[BaseModel], where: str) -> SpecError:
     e = err.errors()[0]
-    loc = ".".join(str(x) for x in e["loc"])
+    loc = _loc(tuple(e["loc"]))
+    if e["type"] == "missing":
+        # The input is the parent mapping: name the field, not the mapping.
+        parent = _loc(tuple(e["loc"][:-1]))
+        at = f"{parent}: " if parent else ""
+        return SpecError(f"{where}: {at}missing required field {str(e['loc'][-1])!r}; "
+                         f"add it to the job file")
     if e["type"] == "extra_forbidden":
         # Suggest the closest allowed key at that level.
         node: Any = model
@@ -162,10 +187,12 @@ def load_job(path: str | os.PathLike[str], overrides: dict[str, Any] | None = No
         raise SpecError(f"{where} cannot be read: {exc.strerror or exc}") from None
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except yaml.constructor.ConstructorError as exc:
         # safe_load refuses python/* tags: nothing in a job file can construct objects.
         raise SpecError(f"{where} is not valid YAML for a job "
                         f"(tags such as !!python/... are refused): {exc}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{where} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{where} must be a mapping with `data` and `models`; "
                         f"got ({type(raw).__name__})")

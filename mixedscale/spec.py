@@ -57,7 +57,12 @@ class ModelSpec:
         if self.groups is not None and (not isinstance(self.groups, str) or not self.groups):
             raise SpecError(f"groups must be a column name or None; got (groups={self.groups!r})")
         user_re = self.re_formula
-        re_text = "1" if user_re is None else str(user_re).strip()
+        if user_re is not None and not isinstance(user_re, str):
+            raise SpecError(
+                f"re_formula must be a formula string or None, e.g. '~x'; "
+                f"got (re_formula={user_re!r})"
+            )
+        re_text = "1" if user_re is None else user_re.strip()
         if self.groups is None:
             if user_re is not None and re_text not in {"0", "-1", "~0"}:
                 raise SpecError(
@@ -79,8 +84,15 @@ class ModelSpec:
                     "vc_formula must map a name to a formula; "
                     f"got (vc_formula={self.vc_formula!r})"
                 )
+            for k, v in self.vc_formula.items():
+                # str() would turn None or 5 into a formula naming a column "None" or "5".
+                if not isinstance(k, str) or not k or not isinstance(v, str):
+                    raise SpecError(
+                        "vc_formula must map a non-empty name to a formula string, e.g. "
+                        f"{{'plot': '0 + C(plot)'}}; got (vc_formula={dict(self.vc_formula)!r})"
+                    )
             for k, v in sorted(self.vc_formula.items()):
-                text = str(v).strip().lstrip("~").strip()
+                text = v.strip().lstrip("~").strip()
                 pf = parse_formula(text, role=f"vc_formula[{k!r}]")
                 if pf.has_lhs:
                     raise SpecError(f"vc_formula takes no response; got (vc_formula[{k!r}]={v!r})")
@@ -104,12 +116,19 @@ class ModelSpec:
                 "cov_structure must be 'unstructured' or 'diagonal'; "
                 f"got (cov_structure={self.cov_structure!r})"
             )
-        opts = (self.optimizers,) if isinstance(self.optimizers, str) else self.optimizers
+        opts = self.optimizers
+        if isinstance(opts, str):
+            opts = (opts,)
+        if not isinstance(opts, (list, tuple)):
+            raise SpecError(
+                f"optimizers must be a non-empty list of names from {list(OPTIMIZERS)}; "
+                f"got (optimizers={opts!r})"
+            )
         opts = tuple(opts)
-        bad = [o for o in opts if o not in OPTIMIZERS]
+        bad = [o for o in opts if not isinstance(o, str) or o not in OPTIMIZERS]
         if not opts or bad:
             raise SpecError(
-                f"optimizers must be a non-empty list from {list(OPTIMIZERS)}; "
+                f"optimizers must be a non-empty list of names from {list(OPTIMIZERS)}; "
                 f"got (optimizers={list(opts)!r})"
             )
         set_(self, "optimizers", opts)
@@ -183,7 +202,8 @@ class ModelSpec:
         """Raise SpecError naming the first referenced column the data lacks."""
         cols = list(columns)
         for key, pf in self._parsed.items():
-            role = "formula" if key == "formula" else ("re_formula" if key == "re" else key)
+            role = ("formula" if key == "formula" else "re_formula" if key == "re"
+                    else f"vc_formula[{key[3:]!r}]")
             pf.resolve(cols, where=f"(from {role} {pf.text!r})")
         if self.groups is not None and self.groups not in cols:
             from .errors import missing_column_error

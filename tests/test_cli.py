@@ -230,3 +230,80 @@ def test_fit_command(tmp_path: Path, address: str) -> None:
     params = pd.read_csv(io.StringIO("\n".join(lines[:7])))  # header + 3 genes x 2 terms
     assert {"term", "estimate"} <= set(params.columns) and len(params) == 6
     assert len(pd.read_parquet(out / "fits")) == 3
+
+
+# -- job-file and option validation: `validate` and `run` agree with the Python API ----
+
+
+def test_validate_checks_the_cluster_config_file(tmp_path: Path) -> None:
+    job = _job(tmp_path, cluster={"config": "no-such-cluster.yaml"})
+    for cmd in (["validate", str(job)], ["run", str(job), "--scheduler", "tcp://127.0.0.1:1"]):
+        code, _, err = invoke(cmd)
+        assert code == 2, (cmd, err)
+        assert "cluster config file not found" in err and "no-such-cluster.yaml" in err, err
+    (tmp_path / "no-such-cluster.yaml").write_text("kind: local\n")
+    code, out, err = invoke(["validate", str(job)])
+    assert code == 0 and out.startswith("ok: "), err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_run_rejects_a_non_positive_timeout(value: str, tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    code, _, err = invoke(["run", str(job), "--timeout", value, "--scheduler",
+                           "tcp://127.0.0.1:1"])
+    assert code == 2, err
+    assert "--timeout must be a positive number of seconds; got (timeout=" in err, err
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("changes, loc", [
+    ({"models": [{"formula": "y ~ time", "groups": "subject", "reml": "yes"}]},
+     "models[0].reml"),
+    ({"models": [{"formula": "y ~ time", "groups": "subject", "reml": 1}]}, "models[0].reml"),
+    ({"models": [{"formula": "y ~ time", "groups": "subject", "maxiter": "10"}]},
+     "models[0].maxiter"),
+    ({"models": [], "grid": {"formula": "y ~ time", "groups": "subject", "reml": "no"}},
+     "grid.reml"),
+    ({"fit": {"maxiter": 10.5}}, "fit.maxiter"),
+    ({"fit": {"maxiter": True}}, "fit.maxiter"),
+    ({"fit": {"timeout": "5"}}, "fit.timeout"),
+    ({"cluster": {"workers": "2"}}, "cluster.workers"),
+    ({"cluster": {"workers": True}}, "cluster.workers"),
+])
+def test_job_booleans_and_numbers_are_strict(changes: dict[str, Any], loc: str,
+                                             tmp_path: Path) -> None:
+    code, _, err = invoke(["validate", str(_job(tmp_path, **changes))])
+    assert code == 2, err
+    assert f": {loc}: " in err and f"got ({loc}=" in err, err
+
+
+def test_job_numbers_accept_ints_for_floats(tmp_path: Path) -> None:
+    code, out, err = invoke(["validate", str(_job(tmp_path, fit={"timeout": 5}))])
+    assert code == 0 and out.startswith("ok: "), err
+
+
+@pytest.mark.parametrize("changes, expect", [
+    ({"models": [{"groups": "subject"}]}, "models[0]: missing required field 'formula'"),
+    ({"data": {"split_by": ["gene"]}}, "data: missing required field 'path'"),
+    ({"grid": {"groups": "subject"}}, "grid: missing required field 'formula'"),
+])
+def test_missing_field_names_the_field(changes: dict[str, Any], expect: str,
+                                       tmp_path: Path) -> None:
+    code, _, err = invoke(["validate", str(_job(tmp_path, **changes))])
+    assert code == 2 and expect in err, err
+    assert "{...}" not in err, err
+
+
+def test_missing_top_level_field(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"models": [{"formula": "y ~ time", "groups": "g"}]}))
+    code, _, err = invoke(["validate", str(job)])
+    assert code == 2 and "missing required field 'data'" in err, err
+
+
+def test_yaml_syntax_error_does_not_blame_tags(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    job.write_text("data:\n  path: x\n    split_by: gene\n")
+    code, _, err = invoke(["validate", str(job)])
+    assert code == 2 and "is not valid YAML" in err and "line 3" in err, err
+    assert "!!python" not in err, err

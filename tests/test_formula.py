@@ -276,3 +276,86 @@ def test_generated_identifiers_are_all_patsy_sees() -> None:
     pf = parse_formula("reaction time ~ log(body.mass) + C(class, Treatment('b')) + yield")
     text = pf.render({n: f"_ms{i}_" for i, n in enumerate(pf.names)})
     assert text.replace(" ", "") == "_ms0_~log(_ms1_)+C(_ms2_,Treatment('b'))+_ms3_"
+
+
+# -- resource limits: evaluated Python cannot compute gigantic values ------------------
+
+
+@pytest.mark.parametrize("formula, token", [
+    ("Points ~ I(9**9**9)", "9**9"),
+    ("y ~ I(x**2**3)", "2**3"),
+    ("y ~ I(x**11)", "11"),
+    ("y ~ I(x ** -99)", "-99"),
+    ("y ~ I(x**1e400)", "1e400"),
+    ("y ~ I(2**x)", "x"),
+    ("y ~ I(x**(1/2))", "("),
+    ("y ~ log(9**9**9)", "9**9"),
+    ("y ~ C(f, levels=9**9**9)", "9**9"),
+    ("y ~ I((((((9**10)**10)**10)**10)**10))", "(((9**10)**10)**10)**10"),
+    ("y ~ I(abs(abs(abs(abs(9**10)**10)**10)**10)**10)", "abs(abs(abs(9**10)**10)**10)**10"),
+    ("y ~ C(f, levels=['a']*10**9)", "*"),
+    ("y ~ C(f, 'a'*99999999999)", "*"),
+    ("y ~ C(f, levels=99999999*['a'])", "*"),
+])
+def test_huge_powers_and_repetitions_rejected_with_token_marked(formula: str,
+                                                                token: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        ModelSpec(formula, groups="g")
+    msg = str(exc.value)
+    text, start, width = _caret(msg)
+    assert text == formula
+    assert formula[start:start + width] == token, msg
+    assert f"={token!r})" in msg
+
+
+@pytest.mark.parametrize("formula, term", [
+    ("y ~ I(x**2)", "I(x ** 2)"),
+    ("y ~ I(x ** -1)", "I(x ** -1)"),
+    ("y ~ I(x**0.5)", "I(x ** 0.5)"),
+    ("y ~ I((x**2)**3)", "I((x ** 2) ** 3)"),
+    ("y ~ I(x * 10**3)", "I(x * 10 ** 3)"),
+    ("y ~ log(x**2)", "log(x ** 2)"),
+    ("y ~ (x + z)**2", "x:z"),
+    ("y ~ C(f, levels=['c', 'b', 'a'])", "C(f, levels=['c', 'b', 'a'])[T.b]"),
+])
+def test_ordinary_powers_still_work(formula: str, term: str) -> None:
+    res = mixedscale.fit(_data(), ModelSpec(formula, groups="g"))
+    assert res.status == "ok", res
+    assert term in list(res.params["term"])
+
+
+def test_caret_suggests_the_power_operator() -> None:
+    with pytest.raises(SpecError, match=r"write powers as I\(x\*\*2\)"):
+        ModelSpec("y ~ x ^ 2", groups="g")
+
+
+# -- design errors speak the user's column names ---------------------------------------
+
+
+def _design_error(df: pd.DataFrame, formula: str, **kw: object) -> str:
+    res = mixedscale.fit(df, ModelSpec(formula, groups="g", **kw))
+    assert res.status == "error", res
+    msg = str(res.fit["error_message"])
+    assert "_ms" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("formula, kw, term, cause", [
+    ("y ~ log(x2)", {}, "log(x2)", "missing (NaN) values"),
+    ("y ~ sqrt(x2)", {}, "sqrt(x2)", "missing (NaN) values"),
+    ("y ~ center(g)", {}, "center(g)", "column 'g' is text"),
+    ("y ~ log(f)", {}, "log(f)", "column 'f' is text"),
+    ("y ~ C(f, levels=[1, 2])", {}, "C(f, levels=[1, 2])", "list every value"),
+    ("y ~ x", {"re_formula": "log(x2)"}, "log(x2)", "missing (NaN) values"),
+    ("y ~ x", {"vc_formula": {"v": "0 + log(x2)"}}, "log(x2)", "missing (NaN) values"),
+    ("y ~ log(zero one)", {}, "log(zero one)", "infinite values"),
+])
+def test_design_errors_name_user_columns_and_cause(formula: str, kw: dict, term: str,
+                                                    cause: str) -> None:
+    df = _data().assign(x2=lambda d: d["z"], **{"zero one": lambda d: (d["x"] > 2) * 1.0})
+    msg = _design_error(df, formula, **kw)
+    assert cause in msg and f"got (term={term!r}" in msg, msg
+    role = "re_formula" if "re_formula" in kw else "vc_formula['v']" if kw else "formula"
+    text, start, width = _caret(msg)
+    assert f"(from {role} {text!r})" in msg
+    assert text[start:start + width] == term, msg

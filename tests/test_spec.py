@@ -37,6 +37,22 @@ BAD_FIELDS = [
     ({"maxiter": True}, "maxiter", "positive integer"),
     ({"engine": "gpu"}, "engine", "one of"),
     ({"name": 7}, "name", "must be a string"),
+    # wrong types: a SpecError in house style, never a bare TypeError
+    ({"optimizers": None}, "optimizers", "list of names from"),
+    ({"optimizers": 5}, "optimizers", "list of names from"),
+    ({"optimizers": [1]}, "optimizers", "list of names from"),
+    ({"optimizers": {"lbfgs": 1}}, "optimizers", "list of names from"),
+    ({"re_formula": 5}, "re_formula", "formula string or None"),
+    ({"re_formula": ["x"]}, "re_formula", "formula string or None"),
+    ({"re_formula": ""}, "re_formula", "empty"),
+    ({"vc_formula": {"b": None}}, "vc_formula", "formula string"),
+    ({"vc_formula": {"b": 5}}, "vc_formula", "formula string"),
+    ({"vc_formula": {1: "0 + C(b)"}}, "vc_formula", "non-empty name"),
+    ({"vc_formula": {"": "0 + C(b)"}}, "vc_formula", "non-empty name"),
+    ({"vc_formula": {"b": "0 + C(b)", 2: "0 + C(c)"}}, "vc_formula", "non-empty name"),
+    ({"vc_formula": {"b": ""}}, "vc_formula['b']", "empty"),
+    ({"groups": ["g"]}, "groups", "column name or None"),
+    ({"name": ["n"]}, "name", "must be a string"),
 ]
 
 
@@ -59,6 +75,18 @@ def test_bad_field_raises_rule_and_got(kwargs: dict, param: str, rule: str) -> N
     value = kwargs.get(param, kwargs.get(param.split("[")[0]))
     if isinstance(value, str) and value and param != "vc_formula['b']":
         assert repr(value) in msg or value in msg
+
+
+def test_missing_column_names_the_role() -> None:
+    s = _spec(re_formula="x", vc_formula={"plot": "0 + C(b)"})
+    cases = [("y", "formula 'y ~ x'"), ("x", "formula 'y ~ x'"),
+             ("b", "vc_formula['plot'] '0 + C(b)'")]
+    for drop, where in cases:
+        cols = [c for c in ("y", "x", "b", "g") if c != drop]
+        with pytest.raises(SpecError) as exc:
+            s.check_columns(cols)
+        assert f"(from {where})" in str(exc.value), str(exc.value)
+        assert "vc:" not in str(exc.value)
 
 
 def test_spec_error_is_value_error() -> None:
