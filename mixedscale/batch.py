@@ -542,8 +542,11 @@ def _prepare(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
     full_rank = eig[:, 0] > 1e-11 * np.maximum(eig[:, -1], 1e-300)
     # design.check_design's rules, per slice (lme4's nobs-vs-levels checks included);
     # a slice failing one goes to fit(), which words the error.
+    # design._check_residual_df's cheap bound: [X Z] may interpolate the data (an
+    # unbounded likelihood) only if n <= p + sum(min(group size, q)); fit() decides.
+    interp_bound = p + np.bincount(seg_slice, weights=np.minimum(sizes, q), minlength=F)
     good = ((n_groups >= 2) & (ptp > 0) & (n_rows > p) & full_rank & (n_groups < n_rows)
-            & (n_groups * q < n_rows))
+            & (n_groups * q < n_rows) & (n_rows > interp_bound))
     Gm = int(n_groups.max())
     ZtZ = np.zeros((F, Gm, q, q))
     ZtX = np.zeros((F, Gm, q, p))
@@ -599,22 +602,32 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
         th, conv, n_evals = newton(prob, maxiter=min(spec.maxiter, 50))
         dev, gmax, hpd = verify(prob, th)
         singular_s: np.ndarray = np.asarray((th[:, np.isfinite(prob.lower)] < 1e-4).any(axis=1))
-        # A boundary optimum may be one of several KKT points: restart those fits from
-        # other starting points and keep the lowest verified deviance.
+        # The deviance may have several local optima (KKT points on the boundary, or an
+        # interior optimum below a boundary one): restart from other starting points and
+        # keep the lowest verified deviance. Boundary fits try two more starts, the
+        # others one; all restarts run in one vectorized Newton. With one parameter,
+        # only interior fits the boundary beats restart (a deviance at 0, not a Newton).
         sing = np.flatnonzero(singular_s & conv)
-        if sing.size:  # both restarts in one vectorized run
-            starts_ = (0.25, 4.0)
-            p2 = problem(np.tile(idx[sing], len(starts_)))
+        regular = np.flatnonzero(~singular_s & conv)
+        if prob.k == 1 and regular.size:
+            at0 = prob.subset(regular).deviance(np.zeros((regular.size, 1)))
+            regular = regular[at0 < dev[regular] - 1e-9]
+        groups = [(sing, 0.25), (sing, 4.0), (regular, 0.25)]
+        rj = np.concatenate([g for g, _ in groups])
+        if rj.size:
+            p2 = problem(idx[rj])
             th2, conv2, n2 = newton(p2, maxiter=min(spec.maxiter, 50),
-                                    start=np.repeat(starts_, sing.size))
+                                    start=np.concatenate([np.full(g.size, v) for g, v in groups]))
             dev2, g2, h2 = verify(p2, th2)
             n_evals += n2
             s2: np.ndarray = np.asarray((th2[:, np.isfinite(p2.lower)] < 1e-4).any(axis=1))
             ok2 = conv2 & (g2 <= GRAD_TOL) & (h2 | s2)
-            for r in range(len(starts_)):
-                sl_ = slice(r * sing.size, (r + 1) * sing.size)
-                better = ok2[sl_] & (dev2[sl_] < dev[sing] - 1e-9)
-                j, b = sing[better], np.flatnonzero(better) + r * sing.size
+            at = 0
+            for g, _ in groups:
+                sl_ = slice(at, at + g.size)
+                at += g.size
+                better = ok2[sl_] & (dev2[sl_] < dev[g] - 1e-9)
+                j, b = g[better], np.flatnonzero(better) + sl_.start
                 th[j], dev[j], gmax[j], hpd[j], singular_s[j] = (th2[b], dev2[b], g2[b],
                                                                    h2[b], s2[b])
         verified = conv & np.isfinite(dev) & (gmax <= GRAD_TOL) & (hpd | singular_s)

@@ -147,6 +147,10 @@ def _run_engine(engine: str, d: Design, spec: ModelSpec) -> tuple[Problem, Any, 
                                      spec.maxiter)
 
 
+# A kept optimum this much below another point's log-likelihood is not the maximum.
+LLF_TOL = 1e-3
+
+
 def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
     engines = ["fast", "statsmodels"] if spec.engine == "auto" else [spec.engine]
     runs: list[tuple[Problem, Any, list[Attempt]]] = []
@@ -162,6 +166,17 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
                                                      a.message)), t0, d, all_attempts)
     verified = [c for c in candidates if c[2].verified]
     prob_s, sc, best = max(verified or candidates, key=lambda c: c[2].llf)
+    if spec.engine == "statsmodels" and best.verified:
+        # statsmodels' optimizers can pass every check at a lower local optimum than
+        # lme4's: cross-check with the fast engine (a few % of the fit's cost). Its
+        # attempts are recorded; they are not kept, as the engine asked for is.
+        check = _run_engine("fast", d, spec)[2]
+        all_attempts += check
+        candidates += [(prob_s, sc, a) for a in check if a.verified and np.isfinite(a.llf)]
+    # Any point with a higher likelihood means the kept fit is no maximum, whatever its
+    # checks say (scaled llfs of one design differ from the data's by one constant).
+    top = max(candidates, key=lambda c: c[2].llf)[2]
+    beaten = top.llf - best.llf > LLF_TOL
     orig = prob_s  # same structure; only its theta layout is used for the original scale
     theta = transform_theta(prob_s, orig, best.theta, sc.A)
     est = _data_scale_estimates(d, prob_s, sc, best.theta, theta)
@@ -171,7 +186,7 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
     warns = list(dict.fromkeys(w for a in all_attempts for w in a.warnings))
     singular = orig.is_singular(theta)
     rec.update(
-        status="ok" if best.verified else "not_converged",
+        status="ok" if best.verified and not beaten else "not_converged",
         converged=bool(best.converged), singular=singular, llf=est.llf,
         aic=-2 * est.llf + 2 * n_par, bic=-2 * est.llf + np.log(d.n) * n_par,
         scale=est.sigma2, engine=best.engine, method=best.method,
@@ -181,12 +196,15 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
     )
     if singular:
         rec["warnings"] = [*warns, "boundary (singular) fit: see isSingular"]
-    if not best.verified:
+    if not best.verified or beaten:
         why = [] if best.converged else ["the optimizer did not report convergence"]
         if best.grad_max > 2e-3:
             why.append(f"scaled gradient {best.grad_max:.3g} > 2e-3")
         if not (best.hessian_pd or best.singular):
             why.append("Hessian is not positive definite")
+        if beaten:
+            why.append(f"a local optimum: {top.engine} {top.method} reached a log-likelihood "
+                       f"higher by {top.llf - best.llf:.3g}")
         rec["error_message"] = "not verified: " + "; ".join(why)
     params, variance = _params_table(d, est), _variance_table(d, spec, orig, est)
     rec["fit_seconds"] = time.perf_counter() - t0  # tidy rows included, as in a batch

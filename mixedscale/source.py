@@ -268,6 +268,7 @@ def open_source(data: Any, *, filter: Any = None, columns_hint: Sequence[str] = 
     if isinstance(data, pd.DataFrame):
         df = data.copy(deep=False)
         df.columns = [str(c) for c in df.columns]
+        df.index = pd.RangeIndex(len(df))  # row labels play no part; repeats broke lookups
         dups = sorted(set(df.columns[df.columns.duplicated()]))
         if dups:
             raise DataError(f"column names repeat in the DataFrame: {dups}; rename them so "

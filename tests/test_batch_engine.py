@@ -161,3 +161,41 @@ def test_shared_designs_are_found_exactly(monkeypatch: pytest.MonkeyPatch) -> No
     _batch(df, spec)
     assert list(seen["rep"]) == [0, 0, 0, 0, 4, 0]
     assert _compare(df, spec) == 6  # and the estimates are still each slice's own
+
+
+# Found by an audit against brute-force optima (60 random starts on the original scale):
+# this slice has an interior local optimum (llf -26.7927) below a boundary one (-26.7519).
+_TWO_OPTIMA = pd.DataFrame({
+    "g": [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6],
+    "x": [0.0692, -0.8107, 1.7305, 1.3089, -1.2229, 0.0824, 1.2789, -0.1753, -1.7268, 1.6098,
+          0.5799, -2.2714, -0.0694, 2.7834, 0.3462, 1.5438, 1.0476, -2.2343, 0.3945, -0.5495,
+          -0.0324, 1.1843, -1.3463, 0.2468],
+    "y": [2.184, 0.9676, 0.5983, 1.8023, 0.9728, 0.7717, 1.9696, 0.6504, -0.8393, 2.8816,
+          1.9058, -0.5921, -0.1522, 3.006, 0.3867, 1.9853, 0.8449, -1.4684, -0.1359, 0.058,
+          0.8523, 1.8944, -1.4302, 0.073]})
+
+
+def test_batch_restarts_find_the_higher_of_two_optima() -> None:
+    spec = ms.ModelSpec("y ~ x", groups="g", re_formula="~x", reml=False,
+                        cov_structure="diagonal")
+    df = pd.concat([_TWO_OPTIMA.assign(s=f"s{i}") for i in range(4)], ignore_index=True)
+    fits = _batch(df, spec, key="s")[0].fits.to_pandas()
+    assert len(fits) == 4 and (fits["status"] == "ok").all()
+    np.testing.assert_allclose(fits["llf"], -26.751931, atol=1e-5)
+    assert fits["singular"].all()
+    assert ms.fit(_TWO_OPTIMA, spec).fit["llf"] == pytest.approx(-26.751931, abs=1e-5)
+
+
+def test_batch_leaves_interpolating_designs_to_fit() -> None:
+    # [X Z] can reach rank n (9 groups of 2 rows, 1 of 3; p=3, q=2): the ML likelihood
+    # is unbounded. fit() says so; the batch must not return an "ok" optimum for it.
+    rng = np.random.default_rng(3)
+    one = pd.DataFrame({"g": np.r_[np.repeat(np.arange(9), 2), [9, 9, 9]],
+                        "x": rng.normal(size=21), "x2": rng.normal(size=21),
+                        "y": rng.normal(size=21)})
+    spec = ms.ModelSpec("y ~ x + x2", groups="g", re_formula="~x", reml=False)
+    df = pd.concat([one.assign(s=f"s{i}") for i in range(4)], ignore_index=True)
+    out = _batch(df, spec, key="s")[0]
+    assert out.fallback == [0, 1, 2, 3] and out.fits.num_rows == 0
+    res = ms.fit(one, spec)
+    assert res.fit["status"] == "error" and "interpolate the data" in res.fit["error_message"]

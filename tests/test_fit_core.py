@@ -396,3 +396,22 @@ def test_design_matrices_shared_only_with_a_source(monkeypatch: pytest.MonkeyPat
     for s in specs:
         a, b = fit_shared(df, s, df), mixedscale.fit(df, s)
         assert a.fit["llf"] == pytest.approx(b.fit["llf"], abs=1e-9)
+
+
+def test_statsmodels_engine_at_a_lower_optimum_is_not_ok() -> None:
+    # statsmodels passes every check at a singular local optimum 0.16 below the maximum
+    # (found by an audit; brute force agrees with the fast engine's -28.4733).
+    df = pd.DataFrame({
+        "g": [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 4, 4],
+        "x": [1.2093, -1.5201, -0.3659, 0.0875, -0.6735, -0.3122, -0.2635, 0.6564, -1.051,
+              -0.2952, -0.6036, -0.2461, 0.0474, -0.1726, -0.4265, 0.7426, 1.6626, -0.233,
+              1.0204],
+        "y": [0.9289, 2.0105, 3.3371, 0.773, 1.3496, 2.3643, 0.9383, 3.383, -1.1353, 0.3824,
+              0.8456, 0.4608, -0.9466, 0.3835, 2.0531, 2.0056, 4.0431, 0.5432, 2.8567]})
+    spec = ModelSpec("y ~ x", groups="g", re_formula="~x", reml=True)
+    sm = mixedscale.fit(df, spec.replace(engine="statsmodels")).fit
+    assert sm["status"] == "not_converged" and "a local optimum" in sm["error_message"]
+    assert "fast" in {a["engine"] for a in sm["attempts"]}  # the cross-check is recorded
+    for engine in ("auto", "fast"):
+        rec = mixedscale.fit(df, spec.replace(engine=engine)).fit
+        assert rec["status"] == "ok" and rec["llf"] == pytest.approx(-28.473289, abs=1e-5)

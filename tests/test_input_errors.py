@@ -142,3 +142,9 @@ def test_single_fit_checks_input_like_fit_many() -> None:
     with pytest.raises(DataError, match="column names repeat"):
         ms.fit(pd.concat([df, df[["time"]]], axis=1), SPEC)
     assert ms.fit(df.assign(junk=[1, "a"] * (len(df) // 2)), SPEC).fit["status"] == "ok"
+
+
+def test_dataframe_with_a_repeated_index_plans_normally() -> None:
+    df = pd.concat([_frame().assign(s=f"s{i}") for i in range(3)])  # index 0..239 x 3
+    _, plan = api.prepare(df, SPEC, split_by="s")
+    assert plan.n_fits == 3 and sum(s.rows for s in plan.slices) == len(df)
