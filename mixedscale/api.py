@@ -215,6 +215,9 @@ def fit_many(
             summary = execute(plan, src, st, None, opts, resume)
         else:
             _check_shared(src, st, client)
+            if client is None and scheduler is None and opts.no_workers_timeout is None:
+                # The embedded cluster's workers restart within seconds, or never.
+                opts.no_workers_timeout = 120.0
             with _client(client, scheduler, workers, security, memory_limit) as c:
                 summary = execute(plan, src, st, c, opts, resume)
         fits, params, variance = _tables(summary, plan, st)

@@ -469,6 +469,26 @@ def job_script(cfg: ClusterConfig, security: Security | None = None) -> str:
 # -- any kind
 
 
+def _nanny_cluster(base: type) -> type:
+    """``LocalCluster`` that leaves crashed workers to their nannies.
+
+    SpecCluster closes a worker's nanny for good when no worker of that name is back
+    ``distributed.deploy.lost-worker-timeout`` (15 s) after a removal. A fit that
+    kills its worker on every attempt makes the nanny restart it over and over, and
+    one check landing mid-restart closed the nanny: the run then waited forever with
+    no workers. The nanny restarts its worker itself; nothing here needs closing."""
+    from distributed.deploy.cluster import Cluster
+
+    class NannyCluster(base):  # type: ignore[valid-type,misc]
+        def _update_worker_status(self, op: str, msg: Any) -> None:
+            if op == "remove":
+                Cluster._update_worker_status(self, op, msg)
+                return
+            super()._update_worker_status(op, msg)
+
+    return NannyCluster
+
+
 def make_cluster(
     cfg: ClusterConfig,
     security: Security | None = None,
@@ -506,7 +526,7 @@ def make_cluster(
 
         # Environment set before each worker process starts, so BLAS reads it at import.
         with dask.config.set({"distributed.nanny.pre-spawn-environ": BLAS_ENV}):
-            return LocalCluster(**kwargs)
+            return _nanny_cluster(LocalCluster)(**kwargs)
     cluster = make_jobqueue_cluster(cfg, security, scheduler_options=scheduler_options)
     if cfg.jobs is not None:
         cluster.scale(jobs=cfg.jobs)

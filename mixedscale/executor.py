@@ -73,6 +73,9 @@ class RunOptions:
     progress: bool | None = None  # None: on when stderr is a TTY
     stop: threading.Event = field(default_factory=threading.Event)
     job: dict[str, Any] | None = None
+    # Seconds with no worker connected before the run fails (None: wait, warning each
+    # minute, as for a batch-queue cluster whose jobs have not started yet).
+    no_workers_timeout: float | None = None
 
 
 @dataclass
@@ -463,6 +466,7 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
     queue = list(reversed(todo))
     run.expect(todo)
     inflight: dict[Any, Task] = {}
+    watch = _WorkerWatch(client, opts.no_workers_timeout)
     ac = as_completed(loop=client.loop) if todo else None
     state, message = "complete", ""
     if plan.shuffle and todo:
@@ -482,6 +486,7 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
             if not batch:
                 if client.status not in ("running", "connecting"):
                     raise RunIncomplete(_lost_scheduler(client, f"client {client.status}"))
+                watch.check()
                 _wait_for_results(ac)
                 continue
             for fut in batch:
@@ -507,7 +512,8 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
             message = f"infrastructure failure: {type(exc).__name__}: {exc}"
         raise RunIncomplete(message) from exc
     except KeyboardInterrupt:
-        state, message = "interrupted", "interrupted by the user"
+        state, message = "interrupted", ("interrupted by the user; rerun the job to resume "
+                                          "(committed fits are kept)")
         raise RunIncomplete(message) from None
     finally:
         bar.close()
@@ -522,6 +528,41 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
         parts=None if parts is None else parts | {t.key for t in todo},
         n_split=run.n_split, message=message, tables=run.tables,
         task_seconds=dict(run.task_seconds))
+
+
+class _WorkerWatch:
+    """Notices a cluster left with no workers while fits are pending (e.g. every
+    worker process gone for good): fail after ``timeout`` s, or warn each minute."""
+
+    INTERVAL = 2.0
+
+    def __init__(self, client: Any, timeout: float | None) -> None:
+        self.client, self.timeout = client, timeout
+        self.next_check = time.monotonic() + self.INTERVAL
+        self.none_since: float | None = None
+        self.warned = 0.0
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + self.INTERVAL
+        try:
+            n = len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
+        except (OSError, TimeoutError):
+            return  # the scheduler itself: the main loop reports a lost one
+        if n:
+            self.none_since = None
+            return
+        self.none_since = self.none_since or now
+        idle = now - self.none_since
+        if self.timeout is not None and idle > self.timeout:
+            raise RunIncomplete(
+                f"no Dask workers for {idle:.0f} s while fits are pending: every worker "
+                "process is gone; rerun the job to resume (committed fits are kept)")
+        if idle >= 30.0 and now - self.warned >= 60.0:  # not for a nanny's quick restart
+            self.warned = now
+            log.warning("no Dask workers connected for %.0f s; waiting for workers", idle)
 
 
 def _wait_for_results(ac: Any, timeout: float = 0.1) -> None:
