@@ -26,6 +26,7 @@ import contextlib
 import gc
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -385,7 +386,7 @@ class _Run:
             "n_skipped": n_skipped, "n_run": self.n_run, "by_status": self.by_status,
             "bytes_read": self.bytes_read + self.plan.bytes_scan,
             "wall_seconds": time.perf_counter() - self.t0, "message": message,
-            "pid": os.getpid(),
+            "pid": os.getpid(), "host": socket.gethostname(),
         })
 
 

@@ -89,7 +89,7 @@ class Source:
             try:
                 spec.check_columns(cols)
             except SpecError as exc:
-                raise SpecError(f"model {spec.label!r}: {exc}") from None
+                raise SpecError(f"model {spec.shown!r}: {exc}") from None
         for c in self.needed_columns(specs, split_by):
             if c in self.untyped:
                 raise DataError(
@@ -101,7 +101,7 @@ class Source:
             if not (pa.types.is_integer(resp) or pa.types.is_floating(resp)
                     or pa.types.is_decimal(resp)):
                 raise DataError(
-                    f"model {spec.label!r}: the response must be numeric; "
+                    f"model {spec.shown!r}: the response must be numeric; "
                     f"got ({spec.response}={_type_name(resp)})"
                 )
         for col, op, val in self.filter or []:

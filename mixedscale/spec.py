@@ -175,6 +175,11 @@ class ModelSpec:
     def label(self) -> str:
         return self.name or self.spec_id
 
+    @property
+    def shown(self) -> str:
+        """How messages name this model: its name, else its formula (not the hash)."""
+        return self.name or self.formula
+
     # -- structure
     @property
     def parsed(self) -> Mapping[str, ParsedFormula]:
@@ -275,7 +280,7 @@ def unique_specs(specs: Iterable[ModelSpec]) -> list[ModelSpec]:
         prev = seen.get(s.spec_id)
         if prev is not None:
             raise SpecError(
-                f"specs {prev.label!r} and {s.label!r} define the same model; "
+                f"specs {prev.shown!r} and {s.shown!r} define the same model; "
                 f"got (spec_id={s.spec_id})"
             )
         seen[s.spec_id] = s

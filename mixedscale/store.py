@@ -23,6 +23,7 @@ import errno
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -398,7 +399,24 @@ class Store:
                     rows.append(json.load(fh))
             except (OSError, ValueError) as exc:
                 log.warning("unreadable run manifest %s: %s", f, exc)
+        here = socket.gethostname()
+        for r in rows:
+            # A driver killed outright never closes its manifest: say so when we can tell.
+            if (r.get("state") == "running" and r.get("host") == here
+                    and isinstance(r.get("pid"), int) and not _alive(r["pid"])):
+                r["state"] = "abandoned"
+                r["message"] = "its driver died without closing the run; rerun to resume"
         return pd.DataFrame(rows)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
 
 
 def open_store(path: str) -> Store:

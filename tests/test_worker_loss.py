@@ -57,3 +57,23 @@ def test_run_with_no_workers_fails_after_its_timeout(monkeypatch: pytest.MonkeyP
     waiting.check()
     time.sleep(0.3)
     waiting.check()
+
+
+def test_manifest_of_a_killed_driver_reads_as_abandoned(tmp_path: Any) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from mixedscale.store import Store
+
+    st = Store(str(tmp_path / "store"))
+    st.init()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    here = socket.gethostname()
+    for run_id, pid, host in (("r-dead", int(dead.stdout), here), ("r-live", os.getpid(), here),
+                              ("r-elsewhere", int(dead.stdout), "another-host")):
+        st.write_manifest(run_id, {"run_id": run_id, "state": "running", "pid": pid,
+                                   "host": host, "message": ""})
+    states = dict(zip(st.runs()["run_id"], st.runs()["state"], strict=True))
+    assert states == {"r-dead": "abandoned", "r-live": "running", "r-elsewhere": "running"}
