@@ -233,9 +233,33 @@ class Store:
             # A fit split out of a task that another writer (a zombie of a killed
             # driver) has committed whole in the meantime: already there.
             return False
-        for t in ("params", "variance", "fits"):
-            if self._publish_one(t, name, tables[t]) is False and t == "fits":
-                return False
+        mine: list[str] = []  # parts this call put under their final names
+        try:
+            for t in ("params", "variance", "fits"):
+                done = self._publish_one(t, name, tables[t])
+                if t == "fits" and not done:
+                    return False
+                if done and t != "fits":
+                    mine.append(t)
+        except StoreError:
+            # A commit that failed (e.g. a full disk) takes back its params and
+            # variance parts, so that readers of the folders never see rows of fits
+            # that are not committed (and a rerun under another packing cannot add a
+            # second copy of them).
+            if not self.fs.exists(final_fits):
+                for t in mine:
+                    with contextlib.suppress(OSError):
+                        self.fs.rm(self.path(t, f"part-{name}.parquet"))
+                if self.fs.exists(final_fits):  # another writer committed meanwhile
+                    for t in mine:
+                        with contextlib.suppress(StoreError):
+                            self._publish_one(t, name, tables[t])
+            raise
+        # Another writer of this task whose commit failed may have just taken back the
+        # parts this call found in place: committed fits must keep their rows.
+        for t in ("params", "variance"):
+            if t not in mine and not self.fs.exists(self.path(t, f"part-{name}.parquet")):
+                self._publish_one(t, name, tables[t])
         return True
 
     def _publish_one(self, table: str, name: str, data: pa.Table) -> bool:

@@ -148,3 +148,50 @@ def test_dataframe_with_a_repeated_index_plans_normally() -> None:
     df = pd.concat([_frame().assign(s=f"s{i}") for i in range(3)])  # index 0..239 x 3
     _, plan = api.prepare(df, SPEC, split_by="s")
     assert plan.n_fits == 3 and sum(s.rows for s in plan.slices) == len(df)
+
+
+def _task_tables() -> dict[str, pa.Table]:
+    def t(**cols: Any) -> pa.Table:
+        return pa.table({"fit_id": ["f1"], **{k: [v] for k, v in cols.items()}})
+    return {"fits": t(status="ok"), "params": t(term="x"), "variance": t(kind="residual")}
+
+
+def test_failed_commit_takes_back_its_params_and_variance(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    # A full disk at the fits part: no params/variance rows of uncommitted fits remain
+    # for readers of the folders (and no second copy after a rerun under another name).
+    import json
+
+    from mixedscale.store import FAULTS_ENV
+
+    st = Store(str(tmp_path / "store"))
+    st.init()
+    monkeypatch.setenv(FAULTS_ENV, json.dumps([{"at": "publish", "table": "fits",
+                                                "do": "enospc", "after_bytes": 10}]))
+    with pytest.raises(StoreError, match="No space left"):
+        st.publish("t1", _task_tables())
+    for table in ("fits", "params", "variance"):
+        assert list((tmp_path / "store" / table).iterdir()) == []
+    monkeypatch.delenv(FAULTS_ENV)
+    assert st.publish("t1", _task_tables())  # the retry commits all three
+    assert len(st.params()) == 1 and len(st.fits()) == 1
+
+
+def test_commit_restores_parts_another_writer_took_back(tmp_path: Path) -> None:
+    st = Store(str(tmp_path / "store"))
+    st.init()
+    tables = _task_tables()
+    st._publish_one("params", "t1", tables["params"])  # a writer that will fail...
+    st._publish_one("variance", "t1", tables["variance"])
+    real = st._publish_one
+
+    def take_back_then_publish(table: str, name: str, data: pa.Table) -> bool:
+        if table == "fits":  # ...takes its parts back just before this commit
+            for t in ("params", "variance"):
+                (tmp_path / "store" / t / f"part-{name}.parquet").unlink()
+        return real(table, name, data)
+
+    st._publish_one = take_back_then_publish  # type: ignore[method-assign]
+    assert st.publish("t1", tables)
+    assert len(st.params()) == 1 and len(st.variance()) == 1
