@@ -31,7 +31,7 @@ class Suite:
     chunk_rows: int = 0  # generation chunk (big only): rows held in memory at once
     single_spec: ms.ModelSpec | None = None  # timed alone with mixedscale.fit
     cluster: dict[str, Any] = field(default_factory=dict)  # own cluster (big): workers, memory
-    # Runners too slow for the default run (tiny with statsmodels: ~20 min); they run
+    # Runners too slow for the default run (tiny with statsmodels: 25-40 min); they run
     # only when --runners names them.
     optional_runners: tuple[str, ...] = ()
 

@@ -23,9 +23,9 @@ from .executor import (
     pending,
 )
 from .plan import Plan, make_plan
-from .source import Source, _hidden, open_source
+from .source import Source, _base_dir, _hidden, open_source
 from .spec import ENGINES, ModelSpec
-from .store import Store
+from .store import Store, protocols
 
 __all__ = ["RunResult", "fit_many", "prepare"]
 
@@ -92,11 +92,11 @@ def check_store_outside_data(data: Any, store: str | None) -> None:
         sfs, sroot = fsspec.core.url_to_fs(os.fspath(store))
     except (ImportError, ValueError):
         return  # the source and the store report their own bad URLs
-    if dfs.protocol != sfs.protocol:
+    if protocols(dfs) != protocols(sfs):
         return
     droot, sroot = droot.rstrip("/"), sroot.rstrip("/")
     if any(ch in droot for ch in "*?["):  # a glob: the folder it starts from
-        droot = droot.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
+        droot = _base_dir(dfs, droot)
     elif not dfs.isdir(droot):
         return  # a single file
     if sroot == droot or (sroot.startswith(droot + "/") and not _hidden(sroot[len(droot):])):
@@ -251,8 +251,7 @@ def _check_shared(src: Source, store: Store | None, client: Any) -> None:
     where = [(what, url) for what, fs, url in (
         ("data", src.fs, src.path), ("store", store.fs if store else None,
                                      store.url if store else None))
-        if fs is not None and "memory" in (fs.protocol if isinstance(fs.protocol, tuple)
-                                           else (fs.protocol,))]
+        if fs is not None and "memory" in protocols(fs)]
     if not where:
         return
     if client is not None:

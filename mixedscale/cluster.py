@@ -469,7 +469,7 @@ def job_script(cfg: ClusterConfig, security: Security | None = None) -> str:
 # -- any kind
 
 
-def _nanny_cluster(base: type) -> type:
+def _nanny_cluster() -> type:
     """``LocalCluster`` that leaves crashed workers to their nannies.
 
     SpecCluster closes a worker's nanny for good when no worker of that name is back
@@ -477,9 +477,10 @@ def _nanny_cluster(base: type) -> type:
     kills its worker on every attempt makes the nanny restart it over and over, and
     one check landing mid-restart closed the nanny: the run then waited forever with
     no workers. The nanny restarts its worker itself; nothing here needs closing."""
+    from distributed import LocalCluster
     from distributed.deploy.cluster import Cluster
 
-    class NannyCluster(base):  # type: ignore[valid-type,misc]
+    class NannyCluster(LocalCluster):  # type: ignore[misc]
         def _update_worker_status(self, op: str, msg: Any) -> None:
             if op == "remove":
                 Cluster._update_worker_status(self, op, msg)
@@ -503,7 +504,6 @@ def make_cluster(
     """
     security = _security_for(cfg, security)
     if cfg.kind == "local":
-        from distributed import LocalCluster
 
         n = cfg.workers or max(1, (os.cpu_count() or 1) // cfg.threads_per_worker)
         opts: dict[str, Any] = dict(scheduler_options or {})
@@ -526,7 +526,7 @@ def make_cluster(
 
         # Environment set before each worker process starts, so BLAS reads it at import.
         with dask.config.set({"distributed.nanny.pre-spawn-environ": BLAS_ENV}):
-            return _nanny_cluster(LocalCluster)(**kwargs)
+            return _nanny_cluster()(**kwargs)
     cluster = make_jobqueue_cluster(cfg, security, scheduler_options=scheduler_options)
     if cfg.jobs is not None:
         cluster.scale(jobs=cfg.jobs)

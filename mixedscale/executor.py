@@ -408,9 +408,9 @@ def pending(plan: Plan, store: Store | None) -> Resume:
         return Resume(list(plan.tasks), 0, None)
     done = store.committed_parts()
     keys = {t.key for t in plan.tasks}
-    foreign = sorted(d for d in done if d.partition("-f")[0] not in keys)
-    done_ids: set[str] = set()
     parts = {d for d in done if d.partition("-f")[0] in keys}
+    foreign = sorted(done - parts)
+    done_ids: set[str] = set()
     if foreign:
         planned = pa.array(plan.fit_ids(), type=pa.string())
         for name, ids in store.part_fit_ids(foreign).items():
@@ -459,8 +459,7 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
     todo, n_skipped, parts = resume if resume is not None else pending(plan, store)
     info = plan.describe()
     run.manifest("running", info, n_skipped=n_skipped)
-    n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {}))) \
-        if client is not None else 0
+    n_workers = max(1, _n_workers(client)) if client is not None else 0
     window = max(8 * n_workers, 32)
     enabled = sys.stderr.isatty() if opts.progress is None else opts.progress
     bar = _Progress(sum(len(t.items) for t in todo), enabled)
@@ -549,7 +548,7 @@ class _WorkerWatch:
             return
         self.next_check = now + self.INTERVAL
         try:
-            n = len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
+            n = _n_workers(self.client)
         except (OSError, TimeoutError):
             return  # the scheduler itself: the main loop reports a lost one
         if n:
@@ -564,6 +563,10 @@ class _WorkerWatch:
         if idle >= 30.0 and now - self.warned >= 60.0:  # not for a nanny's quick restart
             self.warned = now
             log.warning("no Dask workers connected for %.0f s; waiting for workers", idle)
+
+
+def _n_workers(client: Any) -> int:
+    return len(client.scheduler_info(n_workers=-1).get("workers", {}))
 
 
 def _wait_for_results(ac: Any, timeout: float = 0.1) -> None:
@@ -743,14 +746,13 @@ def _start_dir(store: Store, run_id: str, task_key: str) -> str:
     return "/".join([_start_root(store, run_id), task_key])
 
 
-def run_marked(packed: Packed[TaskPayload] | TaskPayload, data: Any, store: Store | None
-               ) -> TaskOutcome:
+def run_marked(packed: Packed[TaskPayload], data: Any, store: Store | None) -> TaskOutcome:
     """``run_task``, after leaving a marker that this attempt started running.
 
     The executor counts the markers when Dask reports KilledWorker, to tell a task
     that was running when its workers died from one that was only queued there.
     """
-    payload = packed.unpack() if isinstance(packed, Packed) else packed
+    payload = packed.unpack()
     if store is not None:
         d = _start_dir(store, payload.run_id, payload.task.key)
         try:

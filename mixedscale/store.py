@@ -32,6 +32,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pandas as pd
+import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -167,6 +168,11 @@ def nan_to_null(table: pa.Table) -> pa.Table:
     return table
 
 
+def protocols(fs: Any) -> tuple[str, ...]:
+    """An fsspec filesystem's protocol names (fsspec gives a str or a tuple)."""
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+
 def _to_pandas(tab: pa.Table) -> pd.DataFrame:
     """List columns stay Arrow-backed (``pd.ArrowDtype``): an element is still a Python
     list, but 10^5 rows convert in milliseconds instead of seconds."""
@@ -186,8 +192,7 @@ class Store:
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
         except (ImportError, ValueError) as exc:
             raise StoreError(f"cannot open store {self.url!r}: {exc}") from None
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
-                                else (self.fs.protocol,))
+        self.local = "file" in protocols(self.fs)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"url": self.url}
@@ -242,18 +247,7 @@ class Store:
                 if done and t != "fits":
                     mine.append(t)
         except StoreError:
-            # A commit that failed (e.g. a full disk) takes back its params and
-            # variance parts, so that readers of the folders never see rows of fits
-            # that are not committed (and a rerun under another packing cannot add a
-            # second copy of them).
-            if not self.fs.exists(final_fits):
-                for t in mine:
-                    with contextlib.suppress(OSError):
-                        self.fs.rm(self.path(t, f"part-{name}.parquet"))
-                if self.fs.exists(final_fits):  # another writer committed meanwhile
-                    for t in mine:
-                        with contextlib.suppress(StoreError):
-                            self._publish_one(t, name, tables[t])
+            self._take_back(name, mine, tables)
             raise
         # Another writer of this task whose commit failed may have just taken back the
         # parts this call found in place: committed fits must keep their rows.
@@ -261,6 +255,22 @@ class Store:
             if t not in mine and not self.fs.exists(self.path(t, f"part-{name}.parquet")):
                 self._publish_one(t, name, tables[t])
         return True
+
+    def _take_back(self, name: str, mine: list[str], tables: dict[str, pa.Table]) -> None:
+        """After a failed commit (e.g. a full disk), remove the params and variance
+        parts it published, so readers of the folders never see rows of fits that are
+        not committed (nor a second copy after a rerun under another packing). Unless
+        another writer of the task committed its fits meanwhile: those keep their rows."""
+        final_fits = self.path("fits", f"part-{name}.parquet")
+        if self.fs.exists(final_fits):
+            return
+        for t in mine:
+            with contextlib.suppress(OSError):
+                self.fs.rm(self.path(t, f"part-{name}.parquet"))
+        if self.fs.exists(final_fits):  # committed between the check and the removal
+            for t in mine:
+                with contextlib.suppress(StoreError):
+                    self._publish_one(t, name, tables[t])
 
     def _publish_one(self, table: str, name: str, data: pa.Table) -> bool:
         final = self.path(table, f"part-{name}.parquet")
@@ -427,20 +437,10 @@ class Store:
         for r in rows:
             # A driver killed outright never closes its manifest: say so when we can tell.
             if (r.get("state") == "running" and r.get("host") == here
-                    and isinstance(r.get("pid"), int) and not _alive(r["pid"])):
+                    and isinstance(r.get("pid"), int) and not psutil.pid_exists(r["pid"])):
                 r["state"] = "abandoned"
                 r["message"] = "its driver died without closing the run; rerun to resume"
         return pd.DataFrame(rows)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        return True
-    return True
 
 
 def open_store(path: str) -> Store:

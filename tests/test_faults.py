@@ -174,8 +174,8 @@ def test_continuous_chaos_killworker_run_completes(tmp_path: Path) -> None:
     restarts = 0
     with dask_cluster(tmp_path / "cluster", 2, worker_env=env, allowed_failures=10,
                       preload=["mixedscale.executor"]) as cl:
-        # KillWorker's delay is random (exponential, mean 2 s per worker): about one
-        # run in 15 ends before any kill. Run again, on a fresh store, until one lands.
+        # KillWorker's delay is random (exponential, mean 2 s per worker): 2 runs in 15
+        # here ended before any kill. Run again, on a fresh store, until one lands.
         for attempt in range(3):
             store = tmp_path / f"store{attempt}"
             job = write_job(tmp_path / f"job{attempt}.yaml", data, store)
