@@ -299,14 +299,19 @@ def newton(prob: BatchProblem, maxiter: int = 50, start: float | np.ndarray = 1.
            ) -> tuple[np.ndarray, np.ndarray, int]:
     """Vectorized damped Newton on all fits: (theta, converged, evaluations per fit).
 
-    It starts where lme4 does (identity factor), times ``start``. Only fits still
+    It starts where lme4 does (identity factor), times ``start``, or at ``start``
+    itself when that is a full (F, k) theta. Only fits still
     moving are evaluated: the problem shrinks as fits converge. A relative SD heading
     to zero (a boundary optimum, where the even deviance is flat and Newton only
     halves it) is snapped to exactly zero when that lowers the deviance.
     """
     F, k = prob.F, prob.k
-    scale = np.broadcast_to(np.asarray(start, dtype=float), (F,))[:, None]
-    th = np.where(np.isfinite(prob.lower)[None, :], scale, 0.0)
+    start = np.asarray(start, dtype=float)
+    if start.ndim == 2:
+        th = start.copy()
+    else:
+        scale = np.broadcast_to(start, (F,))[:, None]
+        th = np.where(np.isfinite(prob.lower)[None, :], scale, 0.0)
     done = np.zeros(F, dtype=bool)
     diag = np.isfinite(prob.lower)
     evals = 0
@@ -604,20 +609,30 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
         singular_s: np.ndarray = np.asarray((th[:, np.isfinite(prob.lower)] < 1e-4).any(axis=1))
         # The deviance may have several local optima (KKT points on the boundary, or an
         # interior optimum below a boundary one): restart from other starting points and
-        # keep the lowest verified deviance. Boundary fits try two more starts, the
-        # others one; all restarts run in one vectorized Newton. With one parameter,
-        # only interior fits the boundary beats restart (a deviance at 0, not a Newton).
+        # keep the lowest verified deviance. Boundary fits try two more starts (three
+        # with correlated effects), the others one; all restarts run in one Newton.
+        # With one parameter, only interior fits the boundary beats restart (a
+        # deviance at 0, not a Newton).
         sing = np.flatnonzero(singular_s & conv)
         regular = np.flatnonzero(~singular_s & conv)
         if prob.k == 1 and regular.size:
             at0 = prob.subset(regular).deviance(np.zeros((regular.size, 1)))
             regular = regular[at0 < dev[regular] - 1e-9]
-        groups = [(sing, 0.25), (sing, 4.0), (regular, 0.25)]
+        # Correlated random effects: a boundary fit also restarts from a correlation of
+        # its own sign, where Newton's basins of a rank-deficient and an interior optimum
+        # interleave (an audit case: identity and scaled starts all reach the boundary,
+        # 1.25e-3 llf below the interior optimum, which this start reaches).
+        diag_k = np.isfinite(prob.lower)
+        groups = [(sing, np.where(diag_k, 0.25, 0.0)), (sing, np.where(diag_k, 4.0, 0.0)),
+                  (regular, np.where(diag_k, 0.25, 0.0))]
+        if not diag_k.all():
+            groups.append((sing, np.where(diag_k, 1.0, np.where(th[sing] < 0, -0.5, 0.5))))
         rj = np.concatenate([g for g, _ in groups])
         if rj.size:
             p2 = problem(idx[rj])
+            start = [np.broadcast_to(v, (g.size, prob.k)) for g, v in groups]
             th2, conv2, n2 = newton(p2, maxiter=min(spec.maxiter, 50),
-                                    start=np.concatenate([np.full(g.size, v) for g, v in groups]))
+                                    start=np.concatenate(start))
             dev2, g2, h2 = verify(p2, th2)
             n_evals += n2
             s2: np.ndarray = np.asarray((th2[:, np.isfinite(p2.lower)] < 1e-4).any(axis=1))

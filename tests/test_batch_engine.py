@@ -186,6 +186,31 @@ def test_batch_restarts_find_the_higher_of_two_optima() -> None:
     assert ms.fit(_TWO_OPTIMA, spec).fit["llf"] == pytest.approx(-26.751931, abs=1e-5)
 
 
+# Found by the same audit: identity and scaled starts all reach a rank-deficient
+# (perfectly correlated) boundary optimum at llf -41.497888, 1.25e-3 below the interior
+# one that fit() finds; a grid of 112 Newton starts reaches only these two.
+_CORRELATED_BOUNDARY = pd.DataFrame({
+    "g": [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5],
+    "x": [0.4204, 1.136, 0.1097, -0.5526, -0.7848, -1.7321, -0.0837, -1.1632, -0.6293,
+          -0.488, -0.7133, -1.2894, 0.0207, -0.0379, -0.3043, 1.1703, 0.7166, -1.9978,
+          0.2721, -1.1017, 0.0331, -0.8405, 1.4487, 0.5682, 2.4317, -0.3966, 0.1888,
+          -0.0212],
+    "y": [0.5302, 1.5963, -0.024, -1.6968, -1.4801, 1.9359, 2.4781, 1.193, 2.5673, 3.0869,
+          0.4556, -1.4501, -0.3702, -1.0845, -1.4354, 0.5553, -1.2003, 2.2087, 0.8032,
+          2.8581, 0.0232, 0.4011, 0.9904, 0.8376, -0.2953, 0.8054, 0.9144, 0.7383]})
+
+
+def test_batch_restarts_correlated_boundary_fits() -> None:
+    spec = ms.ModelSpec("y ~ x", groups="g", re_formula="~x", reml=True)
+    df = pd.concat([_CORRELATED_BOUNDARY.assign(s=f"s{i}") for i in range(4)],
+                   ignore_index=True)
+    fits = _batch(df, spec, key="s")[0].fits.to_pandas()
+    assert len(fits) == 4 and (fits["status"] == "ok").all()
+    np.testing.assert_allclose(fits["llf"], -41.49664, atol=1e-5)
+    assert not fits["singular"].any()
+    assert ms.fit(_CORRELATED_BOUNDARY, spec).fit["llf"] == pytest.approx(-41.49664, abs=1e-5)
+
+
 def test_batch_leaves_interpolating_designs_to_fit() -> None:
     # [X Z] can reach rank n (9 groups of 2 rows, 1 of 3; p=3, q=2): the ML likelihood
     # is unbounded. fit() says so; the batch must not return an "ok" optimum for it.
