@@ -456,6 +456,10 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
     run = _Run(plan, src, store, client, opts)
     if store is not None:
         store.init()
+        swept = store.sweep()
+        if swept:
+            log.info("removed %d leftovers of killed runs from %s (scratch, markers, "
+                     "staged files)", len(swept), store.url)
     todo, n_skipped, parts = resume if resume is not None else pending(plan, store)
     info = plan.describe()
     run.manifest("running", info, n_skipped=n_skipped)

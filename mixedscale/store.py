@@ -6,7 +6,8 @@ Layout::
     STORE/params/part-<task>.parquet    fixed effects
     STORE/variance/part-<task>.parquet  variance components
     STORE/_runs/<run_id>.json           one manifest per run
-    STORE/_tmp/                         staging; ignored by readers
+    STORE/_runs/<run_id>.started/       task markers while the run lasts
+    STORE/_tmp/                         staging and shuffle scratch; ignored by readers
 
 A task's three part files share one deterministic name derived from the fit
 ids it holds. They are staged under ``_tmp`` and published without clobbering
@@ -27,6 +28,7 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -426,21 +428,101 @@ class Store:
             files = sorted(self.fs.glob(self.path("_runs", "*.json")))
         except FileNotFoundError:
             files = []
-        rows = []
-        for f in files:
-            try:
-                with self.fs.open(f, "r") as fh:
-                    rows.append(json.load(fh))
-            except (OSError, ValueError) as exc:
-                log.warning("unreadable run manifest %s: %s", f, exc)
-        here = socket.gethostname()
+        rows = [r for r in map(self._manifest, files) if r is not None]
         for r in rows:
             # A driver killed outright never closes its manifest: say so when we can tell.
-            if (r.get("state") == "running" and r.get("host") == here
-                    and isinstance(r.get("pid"), int) and not psutil.pid_exists(r["pid"])):
+            if _abandoned(r):
                 r["state"] = "abandoned"
                 r["message"] = "its driver died without closing the run; rerun to resume"
         return pd.DataFrame(rows)
+
+    def _manifest(self, path: str) -> dict[str, Any] | None:
+        try:
+            with self.fs.open(path, "r") as fh:
+                return dict(json.load(fh))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("unreadable run manifest %s: %s", path, exc)
+            return None
+
+    # -- leftovers
+    def sweep(self, stale_after: float = 3600.0) -> list[str]:
+        """Remove what killed runs left behind; returns the paths removed.
+
+        A driver killed outright leaves its shuffle scratch (a copy of the input's
+        needed columns) under ``_tmp`` and its task markers under ``_runs``; a writer
+        killed mid-write leaves a staged file. Scratch and markers go once their run
+        has ended or its driver is gone (``runs`` says "abandoned"); without a
+        manifest, once the run started over ``stale_after`` seconds ago. Staged files
+        go once older than that (a stage lasts one part write). A run that may still
+        be going keeps everything."""
+        now = time.time()
+        by_run: dict[str, list[str]] = {}
+        stale: list[str] = []
+        for entry in self._entries("_tmp"):
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("shuffle-"):  # shuffle-<run_id>-<n>
+                by_run.setdefault(name[8:].rsplit("-", 1)[0], []).append(entry["name"])
+            elif now - _mtime(entry, now) > stale_after:
+                stale.append(entry["name"])
+        for entry in self._entries("_runs"):
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            for suffix in (".started", ".oom"):
+                if name.endswith(suffix):
+                    by_run.setdefault(name[:-len(suffix)], []).append(entry["name"])
+        for run_id, paths in by_run.items():
+            m = self._manifest(self.path("_runs", f"{run_id}.json"))
+            if m is None:
+                gone = now - _run_started(run_id, now) > stale_after
+            else:
+                gone = m.get("state") != "running" or _abandoned(m)
+            if gone:
+                stale.extend(paths)
+        removed = []
+        for path in stale:
+            try:
+                self.fs.rm(path, recursive=True)
+                removed.append(path)
+            except OSError as exc:  # e.g. taken by another sweep meanwhile
+                log.debug("could not remove %s: %s", path, exc)
+        return removed
+
+    def _entries(self, folder: str) -> list[dict[str, Any]]:
+        try:
+            return list(self.fs.ls(self.path(folder), detail=True))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+
+def _abandoned(manifest: dict[str, Any]) -> bool:
+    """A "running" manifest whose driver, on this host, is gone."""
+    pid = manifest.get("pid")
+    return (manifest.get("state") == "running" and manifest.get("host") == socket.gethostname()
+            and isinstance(pid, int) and not psutil.pid_exists(pid))
+
+
+def _mtime(entry: dict[str, Any], default: float) -> float:
+    """An fsspec listing entry's modification time (local, s3, gcs and abfs spellings)."""
+    for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = entry.get(k)
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, datetime):
+            return v.timestamp()
+        if isinstance(v, str):
+            with contextlib.suppress(ValueError):
+                return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+    return default  # unknown: treated as new, so kept
+
+
+def _run_started(run_id: str, default: float) -> float:
+    """When a run started, from its id (``%Y%m%dT%H%M%S-<hex>``, UTC)."""
+    try:
+        return datetime.strptime(run_id[:15], "%Y%m%dT%H%M%S").replace(
+            tzinfo=UTC).timestamp()
+    except ValueError:
+        return default
 
 
 def open_store(path: str) -> Store:

@@ -1,5 +1,7 @@
 """A cluster that loses its workers: the embedded cluster's nannies keep restarting a
-worker that keeps crashing, and a run left with no workers fails instead of hanging."""
+worker that keeps crashing, and a run left with no workers fails instead of hanging.
+A driver that dies: its manifest reads as abandoned, and the next run sweeps what it
+left in the store."""
 
 from __future__ import annotations
 
@@ -77,3 +79,83 @@ def test_manifest_of_a_killed_driver_reads_as_abandoned(tmp_path: Any) -> None:
                                    "host": host, "message": ""})
     states = dict(zip(st.runs()["run_id"], st.runs()["state"], strict=True))
     assert states == {"r-dead": "abandoned", "r-live": "running", "r-elsewhere": "running"}
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+def test_sweep_removes_only_what_ended_or_dead_runs_left(tmp_path: Any) -> None:
+    import socket
+    from datetime import UTC, datetime
+
+    from mixedscale.store import Store
+
+    st = Store(str(tmp_path / "store"))
+    st.init()
+    here, dead = socket.gethostname(), _dead_pid()
+    manifests = {"r-dead": ("running", dead, here), "r-live": ("running", os.getpid(), here),
+                 "r-done": ("complete", dead, here), "r-away": ("running", dead, "elsewhere")}
+    for run_id, (state, pid, host) in manifests.items():
+        st.write_manifest(run_id, {"run_id": run_id, "state": state, "pid": pid,
+                                   "host": host})
+    # No manifest (its write failed): judged by the start time in the run id.
+    old, new = "20200101T000000-0badc0de", datetime.now(UTC).strftime("%Y%m%dT%H%M%S-a1b2c3d4")
+    root = tmp_path / "store"
+    for run_id in [*manifests, old, new]:
+        (root / "_runs" / f"{run_id}.started" / "task").mkdir(parents=True)
+        (root / "_runs" / f"{run_id}.started" / "task" / "marker").write_text("1")
+        (root / "_tmp" / f"shuffle-{run_id}-1").mkdir()
+        (root / "_tmp" / f"shuffle-{run_id}-1" / "p0.parquet").write_bytes(b"x")
+    (root / "_runs" / "r-dead.oom").write_text("{}")
+    stale, fresh = root / "_tmp" / "fits-t1.aa.parquet", root / "_tmp" / "fits-t2.bb.parquet"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+
+    removed = {p.rstrip("/").rsplit("/", 1)[-1] for p in st.sweep()}
+
+    gone = {"r-dead", "r-done", old}
+    assert removed == ({f"{r}.started" for r in gone} | {f"shuffle-{r}-1" for r in gone}
+                       | {"r-dead.oom", stale.name})
+    left = {p.name for p in (root / "_runs").iterdir()} | {p.name for p in
+                                                           (root / "_tmp").iterdir()}
+    for run_id in ("r-live", "r-away", new):  # may still be running: everything kept
+        assert {f"{run_id}.started", f"shuffle-{run_id}-1"} <= left
+    assert fresh.exists() and {f"{r}.json" for r in manifests} <= left
+    assert st.sweep() == []  # nothing left to sweep
+
+
+def test_a_run_sweeps_the_leftovers_of_a_killed_driver(tmp_path: Any,
+                                                       cluster_client: Any) -> None:
+    import socket
+
+    import pandas as pd
+
+    import mixedscale as ms
+    from mixedscale.store import Store
+
+    from .conftest import make_genes
+
+    store = tmp_path / "store"
+    st = Store(str(store))
+    st.init()
+    st.write_manifest("r-killed", {"run_id": "r-killed", "state": "running",
+                                   "pid": _dead_pid(), "host": socket.gethostname()})
+    scratch = store / "_tmp" / "shuffle-r-killed-1"
+    scratch.mkdir()
+    (scratch / "p0.parquet").write_bytes(b"x" * 1000)
+    df = make_genes().query("gene in ['g000', 'g001']")
+    res = ms.fit_many(df, ms.ModelSpec("y ~ time", groups="subject"),
+                      split_by="gene", store=str(store), client=cluster_client,
+                      progress=False)
+    assert res.run.state == "complete"
+    assert not scratch.exists()
+    assert list((store / "_tmp").iterdir()) == []
+    assert isinstance(res.fits, pd.DataFrame) and len(res.fits) == 2
