@@ -9,7 +9,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import pandas as pd
 import pyarrow as pa
 
@@ -23,7 +22,7 @@ from .executor import (
     pending,
 )
 from .plan import Plan, make_plan
-from .source import Source, _base_dir, _hidden, open_source
+from .source import Source, lists_under, open_source
 from .spec import ENGINES, ModelSpec
 from .store import Store, protocols
 
@@ -87,19 +86,7 @@ def check_store_outside_data(data: Any, store: str | None) -> None:
     would be read as input on the next run."""
     if store is None or not isinstance(data, (str, os.PathLike)):
         return
-    try:
-        dfs, droot = fsspec.core.url_to_fs(os.fspath(data))
-        sfs, sroot = fsspec.core.url_to_fs(os.fspath(store))
-    except (ImportError, ValueError):
-        return  # the source and the store report their own bad URLs
-    if protocols(dfs) != protocols(sfs):
-        return
-    droot, sroot = droot.rstrip("/"), sroot.rstrip("/")
-    if any(ch in droot for ch in "*?["):  # a glob: the folder it starts from
-        droot = _base_dir(dfs, droot)
-    elif not dfs.isdir(droot):
-        return  # a single file
-    if sroot == droot or (sroot.startswith(droot + "/") and not _hidden(sroot[len(droot):])):
+    if lists_under(os.fspath(data), os.fspath(store)):
         raise SpecError(f"the store is inside the data folder, so its result files would "
                         f"be read as input data; put the store outside {data!r} (or in a "
                         f"folder whose name starts with '_' there); "

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from .errors import DataError, SpecError, missing_column_error
 from .spec import ModelSpec
+from .store import protocols
 
 __all__ = ["FILTER_OPS", "CorruptFile", "RowGroup", "Source", "open_source"]
 
@@ -356,6 +357,24 @@ def _list_files(fs: Any, root: str, shown: str) -> list[str]:
 
 def _hidden(rel: str) -> bool:
     return any(part.startswith((".", "_")) for part in rel.strip("/").split("/"))
+
+
+def lists_under(data: str, path: str) -> bool:
+    """Whether reading the folder (or glob) ``data`` would take files under ``path`` as
+    input: same filesystem, inside the folder, and not in a '.' or '_' folder there."""
+    try:
+        dfs, droot = fsspec.core.url_to_fs(data)
+        pfs, proot = fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError):
+        return False  # the source and the store report their own bad URLs
+    if protocols(dfs) != protocols(pfs):
+        return False
+    droot, proot = droot.rstrip("/"), proot.rstrip("/")
+    if any(ch in droot for ch in "*?["):  # a glob: the folder it starts from
+        droot = _base_dir(dfs, droot)
+    elif not dfs.isdir(droot):
+        return False  # a single file
+    return proot == droot or (proot.startswith(droot + "/") and not _hidden(proot[len(droot):]))
 
 
 def _partition_values(f: str, part_schema: pa.Schema, root: str) -> tuple[tuple[str, Any], ...]:
