@@ -295,6 +295,34 @@ def _canonical(prob: BatchProblem, th: np.ndarray) -> np.ndarray:
     return L[:, prob.rows, prob.cols]
 
 
+def _scaled(lower: np.ndarray, v: float) -> np.ndarray:
+    """The identity factor times ``v`` (relative SDs ``v``, no correlation)."""
+    return np.where(np.isfinite(lower), v, 0.0)
+
+
+def _faces(lower: np.ndarray) -> list[np.ndarray]:
+    """One start per relative SD: that one zero, the others 1 (with a single SD, none)."""
+    diag = np.flatnonzero(np.isfinite(lower))
+    out = []
+    for j in diag if diag.size > 1 else []:
+        face = _scaled(lower, 1.0)
+        face[j] = 0.0
+        out.append(face)
+    return out
+
+
+def start_bank(lower: np.ndarray) -> np.ndarray:
+    """Starting thetas (one per row) for a multi-start: lme4's (the identity factor),
+    scaled identities, each face where one relative SD is zero, and (unstructured)
+    correlations of either sign. Each start reaches one local optimum of the deviance;
+    in audits against 50-start brute force, each of these was, for some slice, one of
+    the few to reach the highest."""
+    rows = [_scaled(lower, v) for v in (1.0, 0.25, 4.0)] + _faces(lower)
+    if not np.isfinite(lower).all():
+        rows += [np.where(np.isfinite(lower), 1.0, r) for r in (0.5, -0.5)]
+    return np.array(rows)
+
+
 def newton(prob: BatchProblem, maxiter: int = 50, start: float | np.ndarray = 1.0
            ) -> tuple[np.ndarray, np.ndarray, int]:
     """Vectorized damped Newton on all fits: (theta, converged, evaluations per fit).
@@ -607,26 +635,26 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
         th, conv, n_evals = newton(prob, maxiter=min(spec.maxiter, 50))
         dev, gmax, hpd = verify(prob, th)
         singular_s: np.ndarray = np.asarray((th[:, np.isfinite(prob.lower)] < 1e-4).any(axis=1))
-        # The deviance may have several local optima (KKT points on the boundary, or an
-        # interior optimum below a boundary one): restart from other starting points and
-        # keep the lowest verified deviance. Boundary fits try two more starts (three
-        # with correlated effects), the others one; all restarts run in one Newton.
-        # With one parameter, only interior fits the boundary beats restart (a
-        # deviance at 0, not a Newton).
+        # The deviance may have several local optima (an interior one below a boundary
+        # one, or the reverse): restart from other starting points and keep the lowest
+        # verified deviance; all restarts run in one Newton. Boundary fits restart from
+        # scaled identities and, with correlated effects, from a correlation of their
+        # own sign (an audit case: the identity and scaled starts all reached a
+        # rank-deficient point 1.25e-3 llf below the interior optimum). Interior fits
+        # restart from each face where one relative SD is zero (another audit case had
+        # its optimum, 0.23 llf higher, on a face no other start reached). With one
+        # parameter, only interior fits the boundary beats restart (a deviance at 0).
         sing = np.flatnonzero(singular_s & conv)
         regular = np.flatnonzero(~singular_s & conv)
         if prob.k == 1 and regular.size:
             at0 = prob.subset(regular).deviance(np.zeros((regular.size, 1)))
             regular = regular[at0 < dev[regular] - 1e-9]
-        # Correlated random effects: a boundary fit also restarts from a correlation of
-        # its own sign, where Newton's basins of a rank-deficient and an interior optimum
-        # interleave (an audit case: identity and scaled starts all reach the boundary,
-        # 1.25e-3 llf below the interior optimum, which this start reaches).
         diag_k = np.isfinite(prob.lower)
-        groups = [(sing, np.where(diag_k, 0.25, 0.0)), (sing, np.where(diag_k, 4.0, 0.0)),
-                  (regular, np.where(diag_k, 0.25, 0.0))]
+        groups = [(sing, _scaled(prob.lower, 0.25)), (sing, _scaled(prob.lower, 4.0))]
         if not diag_k.all():
             groups.append((sing, np.where(diag_k, 1.0, np.where(th[sing] < 0, -0.5, 0.5))))
+        groups += [(regular, face) for face in _faces(prob.lower)] or [
+            (regular, _scaled(prob.lower, 0.25))]
         rj = np.concatenate([g for g, _ in groups])
         if rj.size:
             p2 = problem(idx[rj])

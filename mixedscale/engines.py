@@ -174,8 +174,7 @@ def fit_fast(prob: Problem, optimizers: tuple[str, ...], maxiter: int) -> list[A
                           time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
         attempts.append(att)
         if att.verified:
-            if att.singular:
-                attempts.append(_second_opinion(prob, maxiter))
+            attempts += _restarts(prob, maxiter, att)
             best = max((a for a in attempts if a.verified), key=lambda a: a.llf)
             polished = polish(prob, best)
             if polished is not None:
@@ -243,20 +242,50 @@ def polish(prob: Problem, att: Attempt, max_steps: int = 6) -> Attempt | None:
     return _finish(prob, att.engine, f"{att.method}+newton", th, att.converged, n, t0, "", [])
 
 
-def _second_opinion(prob: Problem, maxiter: int) -> Attempt:
-    """A boundary optimum can be one of several KKT points: search again from lme4's
-    start with another algorithm; the caller keeps the higher verified likelihood."""
-    t0 = time.perf_counter()
-    if prob._closed is not None:
-        from .batch import newton
+def _restarts(prob: Problem, maxiter: int, found: Attempt) -> list[Attempt]:
+    """Search again from other starting points: the deviance can have several local
+    optima (an interior one below a boundary one, or the reverse), and lme4 starts once.
+    The caller keeps the highest verified likelihood.
 
-        th, conv, n = newton(prob._closed, maxiter=min(maxiter, 50))
-        return _finish(prob, "fast", "newton", th[0], bool(conv[0]), n, t0, "", [])
+    Without variance components: a vectorized Newton from every start of
+    ``batch.start_bank``, reported as one attempt (its best point). With them:
+    Nelder-Mead from lme4's start when the optimum found is on the boundary, and
+    L-BFGS-B from the scaled identities and the zero faces."""
+    from .batch import newton, start_bank
+
+    t0 = time.perf_counter()
+    bank = start_bank(prob.lower)
+    bp = prob.batched()
+    if bp is not None:
+        many = bp.subset(np.zeros(len(bank), dtype=np.intp))
+        th, conv, n = newton(many, maxiter=min(maxiter, 50), start=bank)
+        dev = np.where(conv, many.deviance(th), np.inf)
+        i = int(np.argmin(dev))
+        return [_finish(prob, "fast", "newton-multistart", th[i], bool(conv[i]),
+                        n * len(bank), t0, "", [])]
+    out = []
+    if found.singular:
+        fun = _Counter(prob.deviance)
+        bounds = [(lo if np.isfinite(lo) else None, None) for lo in prob.lower]
+        res = optimize.minimize(fun, prob.theta0, method="Nelder-Mead", bounds=bounds,
+                                options={"maxiter": maxiter, "xatol": 1e-8, "fatol": 1e-10})
+        out.append(_finish(prob, "fast", "nm", res.x, bool(res.success), fun.n, t0,
+                           str(res.message), []))
+    t1 = time.perf_counter()
     fun = _Counter(prob.deviance)
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in prob.lower]
-    res = optimize.minimize(fun, prob.theta0, method="Nelder-Mead", bounds=bounds,
-                            options={"maxiter": maxiter, "xatol": 1e-8, "fatol": 1e-10})
-    return _finish(prob, "fast", "nm", res.x, bool(res.success), fun.n, t0, str(res.message), [])
+    best = None
+    for start in bank[1:]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = optimize.minimize(fun, start, method="L-BFGS-B", bounds=bounds,
+                                    options={"maxiter": maxiter, "ftol": 1e-14, "gtol": 1e-8})
+        if best is None or res.fun < best.fun:
+            best = res
+    if best is not None:
+        out.append(_finish(prob, "fast", "lbfgs-multistart", best.x, bool(best.success),
+                           fun.n, t1, str(best.message), []))
+    return out
 
 
 def _sm_vc(d: Design, Zs: np.ndarray, diagonal: bool) -> tuple[np.ndarray | None, dict[str, Any]]:

@@ -162,6 +162,19 @@ class Problem:
                                         self.XtX[None], self.Xty[None], np.array([self.yty]),
                                         np.array([self.n]), reml, diagonal)
 
+    def batched(self) -> Any:
+        """This problem as a batch of one (batch.BatchProblem), for a vectorized
+        multi-start; None with variance components or no fixed effects."""
+        if self._closed is not None:
+            return self._closed
+        if self.vc_width or not self.p:
+            return None
+        from .batch import BatchProblem
+
+        return BatchProblem(self.ZtZ[None], self.ZtX[None], self.Zty[None], self.XtX[None],
+                            self.Xty[None], np.array([self.yty]), np.array([self.n]),
+                            self.reml, self.diagonal)
+
     # -- parametrization
     def lam(self, theta: np.ndarray) -> np.ndarray:
         L = np.zeros((self.q, self.q))

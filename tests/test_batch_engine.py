@@ -211,6 +211,30 @@ def test_batch_restarts_correlated_boundary_fits() -> None:
     assert ms.fit(_CORRELATED_BOUNDARY, spec).fit["llf"] == pytest.approx(-41.49664, abs=1e-5)
 
 
+# Same audit: Newton from the identity and from 0.25 x identity both reach an interior
+# optimum (llf -39.308005), 0.23 below the best one, on the face where the intercept's
+# SD is zero; only a start on that face (or on the x-only axis) reaches it.
+_FACE_BEST = pd.DataFrame({
+    "g": [0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4],
+    "x": [-5.645, 2.48, 3.605, -1.629, 0.722, 2.003, -0.627, -5.055, -2.988, 7.916, -0.315,
+          -9.803, -2.646, -1.874, -1.335, -0.222, 4.273, -2.044, 0.182, -2.906],
+    "z": [-0.458, -0.563, -0.59, -0.608, 1.111, -1.579, 1.276, 2.341, 0.071, 1.523, 1.161,
+          -0.316, 0.84, 0.744, 1.489, -0.082, 0.282, 0.239, -0.551, -0.185],
+    "y": [6.845, 4.38, 2.047, 4.073, 6.214, -4.973, 5.585, 8.362, 0.909, -0.544, 2.056,
+          1.652, 1.077, -0.759, 0.867, 0.396, 1.132, 0.018, -0.82, 1.497]})
+
+
+def test_batch_restarts_interior_fits_from_each_face() -> None:
+    spec = ms.ModelSpec("y ~ x + z", groups="g", re_formula="~x+z", reml=True,
+                        cov_structure="diagonal")
+    df = pd.concat([_FACE_BEST.assign(s=f"s{i}") for i in range(4)], ignore_index=True)
+    fits = _batch(df, spec, key="s")[0].fits.to_pandas()
+    assert len(fits) == 4 and (fits["status"] == "ok").all()
+    np.testing.assert_allclose(fits["llf"], -39.078718, atol=1e-5)
+    assert fits["singular"].all()
+    assert ms.fit(_FACE_BEST, spec).fit["llf"] == pytest.approx(-39.078718, abs=1e-5)
+
+
 def test_batch_leaves_interpolating_designs_to_fit() -> None:
     # [X Z] can reach rank n (9 groups of 2 rows, 1 of 3; p=3, q=2): the ML likelihood
     # is unbounded. fit() says so; the batch must not return an "ok" optimum for it.

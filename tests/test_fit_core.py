@@ -415,3 +415,25 @@ def test_statsmodels_engine_at_a_lower_optimum_is_not_ok() -> None:
     for engine in ("auto", "fast"):
         rec = mixedscale.fit(df, spec.replace(engine=engine)).fit
         assert rec["status"] == "ok" and rec["llf"] == pytest.approx(-28.473289, abs=1e-5)
+
+
+# From an audit against a 50-start brute-force optimum of an independent deviance: the
+# optimizers stop at an interior optimum (llf -23.724464) that passes every check, 0.07
+# below the boundary one. fit() now also runs a vectorized Newton from a bank of starts.
+_BOUNDARY_BEST = pd.DataFrame({
+    "g": [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4],
+    "x": [1.405, -1.332, 0.296, 0.244, 0.97, 1.237, 0.703, 1.294, -0.471, -0.806, -1.429,
+          -0.738, -0.866, 1.044, 0.369, -0.255, 1.729, 0.425],
+    "y": [3.997, -0.062, 0.78, -0.407, 1.407, -0.661, 0.498, 2.223, 1.332, 0.097, 0.123,
+          0.799, 0.399, 1.603, 2.329, 0.028, 2.542, 1.512]})
+
+
+@pytest.mark.parametrize("engine", ["fast", "auto"])
+def test_fit_restarts_find_the_boundary_optimum_the_optimizers_miss(engine: str) -> None:
+    spec = ModelSpec("y ~ x", groups="g", re_formula="~x", reml=False,
+                     cov_structure="diagonal", engine=engine)
+    res = mixedscale.fit(_BOUNDARY_BEST, spec)
+    assert res.status == "ok", res
+    assert res.fit["llf"] == pytest.approx(-23.654348, abs=1e-5)
+    assert res.fit["singular"]
+    assert any(a["llf"] < res.fit["llf"] - 0.05 for a in res.fit["attempts"])  # the miss
