@@ -42,6 +42,20 @@ _SM_TOLERANCES: dict[str, dict[str, Any]] = {
     "powell": {"xtol": 1e-10, "ftol": 1e-12},
     "nm": {"xtol": 1e-10, "ftol": 1e-12},
 }
+# From 0.15, MixedLM.fit passes on only these (it drops the others with a FutureWarning
+# that says later versions will raise), so lbfgs keeps its defaults there; polishing
+# and the fast engine's cross-check close what is left.
+_SM_PASSED = frozenset({"gtol", "maxiter", "eps", "maxcor", "ftol", "tol", "disp", "maxls"})
+
+
+def _sm_tolerances(method: str) -> dict[str, Any]:
+    import statsmodels
+
+    tol = _SM_TOLERANCES.get(method, {})
+    major, minor = (int(v) for v in statsmodels.__version__.split(".")[:2])
+    if (major, minor) >= (0, 15):
+        return {k: v for k, v in tol.items() if k in _SM_PASSED}
+    return tol
 
 
 @dataclass
@@ -61,7 +75,10 @@ class Attempt:
 
     @property
     def verified(self) -> bool:
-        return (self.converged and np.isfinite(self.llf) and self.grad_max <= GRAD_TOL
+        # lme4's checks decide, not the optimizer's own flag: statsmodels' Nelder-Mead,
+        # for one, can stop at its iteration limit on a point that passes them (and
+        # whether it does depended on the row order of the data).
+        return (np.isfinite(self.llf) and self.grad_max <= GRAD_TOL
                 and (self.hessian_pd or self.singular))
 
     def record(self) -> dict[str, Any]:
@@ -327,7 +344,7 @@ def fit_statsmodels(d: Design, prob: Problem, Xs: np.ndarray, Zs: np.ndarray, ys
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 res = model.fit(reml=reml, method=method, maxiter=maxiter,
-                                **_SM_TOLERANCES.get(method, {}))
+                                **_sm_tolerances(method))
             scale = float(res.scale)
             cov_rel = np.asarray(res.cov_re, dtype=float) / scale if n_re else np.zeros((0, 0))
             vcomp = np.asarray(res.vcomp, dtype=float) / scale
