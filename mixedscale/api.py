@@ -24,7 +24,7 @@ from .executor import (
 from .plan import Plan, make_plan
 from .source import Source, lists_under, open_source
 from .spec import ENGINES, ModelSpec
-from .store import Store, protocols
+from .store import Store, check_writable, protocols
 
 __all__ = ["RunResult", "fit_many", "prepare"]
 
@@ -102,6 +102,8 @@ def prepare(data: Any, specs: ModelSpec | Sequence[ModelSpec], split_by: Sequenc
     spec_list = _as_specs(specs)
     split = _split_columns(split_by)
     check_store_outside_data(data, store)
+    if store is not None:
+        check_writable(store)
     hint: list[str] = list(split)
     for s in spec_list:
         if isinstance(s, ModelSpec):

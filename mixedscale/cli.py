@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import MixedscaleError, RunIncomplete, SpecError
+from .errors import MixedscaleError, RunIncomplete, SpecError, StoreError
 
 __all__ = ["app", "main"]
 
@@ -71,7 +71,7 @@ def _setup_logging(quiet: bool) -> None:
     logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
 
 
-def _print_summary(result: Any) -> None:
+def _print_summary(result: Any, stderr: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table as RTable
 
@@ -81,7 +81,14 @@ def _print_summary(result: Any) -> None:
               "wall_seconds", "plan_seconds", "overhead", "bytes_read", "bytes_one_pass",
               "n_workers", "store"):
         t.add_row(k, str(s[k]))
-    Console().print(t)
+    Console(stderr=stderr).print(t)
+
+
+def _require_store(job: Any) -> None:
+    if job.store is None:
+        raise SpecError("the job has no store, so its results would be lost when the run "
+                        "ends; add 'store: PATH' to the job file or pass --store PATH; "
+                        "got (store=None)")
 
 
 def _fail_on(result: Any, fail_on: FailOn | None) -> int:
@@ -156,6 +163,7 @@ def run(
             raise SpecError(f"--timeout must be a positive number of seconds; "
                             f"got (timeout={timeout!r})")
         job = load_job(job_file, {"store": store})
+        _require_store(job)
         kind = (cluster.value if cluster else job.cluster.kind)
         cfg_path = cluster_config or (Path(job.cluster.config) if job.cluster.config else None)
         ccfg = None
@@ -208,6 +216,7 @@ def validate(job_file: Annotated[Path, typer.Argument(metavar="JOB.yaml")]) -> N
 
     try:
         job = load_job(job_file)
+        _require_store(job)
         if job.cluster.config is not None:
             # `run` reads it (and its TLS files) before any work: so must validate.
             from .cluster import load_cluster_config
@@ -238,8 +247,10 @@ def fit_cmd(
     cov_structure: Annotated[str, typer.Option("--cov-structure")] = "unstructured",
     scheduler: Annotated[str | None, typer.Option("--scheduler")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
-    output: Annotated[Fmt, typer.Option("--format")] = Fmt.table,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar, no "
+                                        "summary (the results are still printed)")] = False,
+    output: Annotated[Fmt, typer.Option("--format", help="the fixed effects as a table, "
+                                        "or csv/json on stdout alone")] = Fmt.table,
 ) -> None:
     """Fit one model, optionally per slice, without a job file."""
     _setup_logging(quiet)
@@ -248,15 +259,28 @@ def fit_cmd(
 
     try:
         spec = ModelSpec(formula=formula, groups=groups, re_formula=re_formula, reml=not ml,
-                         cov_structure=cov_structure, name="cli")  # type: ignore[arg-type]
+                         cov_structure=cov_structure)  # type: ignore[arg-type]
         result = fit_many(data, [spec], split_by=split_by or None, store=store,
                           scheduler=scheduler, workers=workers,
                           progress=False if quiet else None)
     except MixedscaleError as exc:
         raise _exit_for(exc) from None
+    machine = output is not Fmt.table  # stdout holds the data alone
+    _emit(result.params, output)
+    _report_failed(result.fits)
     if not quiet:
-        _emit(result.params, output)
-        _print_summary(result)
+        _print_summary(result, stderr=machine)
+
+
+def _report_failed(fits: Any) -> None:
+    """One stderr line per fit that is not ok: its params may be missing or doubtful."""
+    if fits.empty:
+        return
+    keys = [c for c in fits.columns[: list(fits.columns).index("spec_id")] if c != "fit_id"]
+    for row in fits[fits["status"] != "ok"].to_dict("records"):
+        where = ", ".join(f"{k}={row[k]}" for k in keys)
+        typer.echo(f"{row['status']}{f' ({where})' if where else ''}: "
+                   f"{row.get('error_message') or row.get('error_type') or ''}", err=True)
 
 
 def _emit(df: Any, fmt: Fmt, limit: int | None = None) -> None:
@@ -299,7 +323,14 @@ def show(
     from .store import open_store
 
     try:
-        st = open_store(store)
+        if table is None and (output is Fmt.csv or limit is not None):
+            raise SpecError("--format csv and --limit apply to a table; add --table fits "
+                            f"(or params, variance); got (format={output.value}, "
+                            f"limit={limit})")
+        try:
+            st = open_store(store)
+        except StoreError as exc:  # no store there: a wrong path, not a failed run
+            raise SpecError(str(exc)) from None
         if table is not None:
             df = getattr(st, table.value)()
             if output is Fmt.table and len(df.columns):

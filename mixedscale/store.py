@@ -25,10 +25,12 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -39,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import StoreError
+from .errors import SpecError, StoreError
 
 __all__ = ["FIT_SCHEMA", "Store", "open_store"]
 
@@ -523,6 +525,28 @@ def _run_started(run_id: str, default: float) -> float:
             tzinfo=UTC).timestamp()
     except ValueError:
         return default
+
+
+def check_writable(url: str) -> None:
+    """Raise SpecError if a local store folder cannot be created and written, so a job
+    fails before any cluster work (object stores report at their first write)."""
+    try:
+        fs, root = fsspec.core.url_to_fs(str(url))
+    except (ImportError, ValueError):
+        return  # Store() words a bad URL
+    if "file" not in protocols(fs):
+        return
+    at = Path(root)
+    while not at.exists() and at.parent != at:
+        at = at.parent
+    if not at.is_dir():
+        raise SpecError(f"the store must be a folder, but {str(at)!r} is a file; give a "
+                        f"folder path; got (store={url!r})")
+    try:  # a probe that leaves nothing behind, not even the store's own folder
+        os.rmdir(tempfile.mkdtemp(prefix=".mixedscale-probe-", dir=at))
+    except OSError as exc:
+        raise SpecError(f"cannot create the store under {str(at)!r} ({exc.strerror}); "
+                        f"choose a folder you can write to; got (store={url!r})") from None
 
 
 def open_store(path: str) -> Store:

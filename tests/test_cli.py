@@ -200,7 +200,7 @@ def test_show_formats(store: Path, tmp_path: Path) -> None:
             assert c in header, (c, header)  # readable: no column squeezed to nothing
 
     code, _, err = invoke(["show", str(tmp_path / "nothing-here")])
-    assert code == 3 and "no results store" in err
+    assert code == 2 and "no results store" in err  # a wrong path: invalid input
 
 
 def test_schema_is_valid_json_schema_and_accepts_the_jobs(tmp_path: Path) -> None:
@@ -219,20 +219,43 @@ def test_schema_is_valid_json_schema_and_accepts_the_jobs(tmp_path: Path) -> Non
 
 def test_fit_command(tmp_path: Path, address: str) -> None:
     data = tmp_path / "data.parquet"
-    make_genes(n_genes=3).to_parquet(data, index=False)
+    df = make_genes(n_genes=3)
+    df.loc[df["gene"] == "g002", "y"] = 1.0  # a fit that fails: said on stderr
+    df.to_parquet(data, index=False)
     out = tmp_path / "store"
-    r = run_cli(["fit", str(data), "--formula", "y ~ time", "--groups", "subject",
-                 "--split-by", "gene", "--store", str(out), "--scheduler", address,
-                 "--format", "csv"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    assert lines[0].startswith("fit_id,") or lines[0].startswith("term,"), r.stdout
-    params = pd.read_csv(io.StringIO("\n".join(lines[:7])))  # header + 3 genes x 2 terms
-    assert {"term", "estimate"} <= set(params.columns) and len(params) == 6
+    for quiet in ([], ["-q"]):
+        r = run_cli(["fit", str(data), "--formula", "y ~ time", "--groups", "subject",
+                     "--split-by", "gene", "--store", str(out), "--scheduler", address,
+                     "--format", "csv", *quiet], cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        # stdout is the csv alone (the summary goes to stderr), with or without -q
+        params = pd.read_csv(io.StringIO(r.stdout))  # 2 genes x 2 terms
+        assert {"term", "estimate"} <= set(params.columns) and len(params) == 4, r.stdout
+        assert "error (gene=g002): the response is constant" in r.stderr
+        assert ("mixedscale run" in r.stderr) is not bool(quiet)
     assert len(pd.read_parquet(out / "fits")) == 3
 
 
 # -- job-file and option validation: `validate` and `run` agree with the Python API ----
+
+
+def test_a_job_without_a_store_is_refused(tmp_path: Path) -> None:
+    # The CLI keeps nothing else: such a run would fit everything and lose it.
+    job = _job(tmp_path)
+    doc = yaml.safe_load(job.read_text())
+    del doc["store"]
+    job.write_text(yaml.safe_dump(doc))
+    for cmd in (["validate", str(job)], ["run", str(job), "--scheduler", "tcp://127.0.0.1:1"]):
+        r = run_cli(cmd, cwd=tmp_path)
+        assert r.returncode == 2 and "the job has no store" in r.stderr, r.stderr
+    r = run_cli(["validate", str(job)], cwd=tmp_path)
+    assert "--store" in r.stderr
+
+
+def test_show_csv_needs_a_table(store: Path) -> None:
+    for opts in (["--format", "csv"], ["--limit", "3"]):
+        r = run_cli(["show", str(store), *opts], cwd=store.parent)
+        assert r.returncode == 2 and "add --table" in r.stderr, r.stderr
 
 
 def test_validate_checks_the_cluster_config_file(tmp_path: Path) -> None:

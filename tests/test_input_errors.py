@@ -4,6 +4,7 @@ mixed-type column) just works."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,25 @@ def test_bad_arguments_fail_before_any_cluster(data_dir: Path, kwargs: dict[str,
     assert words in str(info.value)
 
 
-def test_store_path_that_is_a_file_is_a_store_error(data_dir: Path, tmp_path: Path) -> None:
+def test_store_path_that_is_a_file_is_refused_before_any_work(data_dir: Path,
+                                                              tmp_path: Path) -> None:
     f = tmp_path / "afile"
     f.write_text("")
     for store in (f, f / "sub"):
-        with pytest.raises(StoreError, match="the store must be a folder"):
+        with pytest.raises(SpecError, match="the store must be a folder"):
             ms.fit_many(data_dir, SPEC, store=str(store), progress=False)
+
+
+def test_unwritable_store_is_refused_before_any_work(data_dir: Path, tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        locked = Path("/proc")  # root may write anywhere but here
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+    with pytest.raises(SpecError, match="cannot create the store under"):
+        api.prepare(data_dir, SPEC, store=str(locked / "results"))
+    api.prepare(data_dir, SPEC, store=str(tmp_path / "new" / "results"))
+    assert not (tmp_path / "new").exists()  # the check leaves nothing behind
 
 
 def test_store_inside_the_data_folder_is_refused_unless_hidden(data_dir: Path) -> None:
