@@ -175,17 +175,6 @@ _TWO_OPTIMA = pd.DataFrame({
           0.8523, 1.8944, -1.4302, 0.073]})
 
 
-def test_batch_restarts_find_the_higher_of_two_optima() -> None:
-    spec = ms.ModelSpec("y ~ x", groups="g", re_formula="~x", reml=False,
-                        cov_structure="diagonal")
-    df = pd.concat([_TWO_OPTIMA.assign(s=f"s{i}") for i in range(4)], ignore_index=True)
-    fits = _batch(df, spec, key="s")[0].fits.to_pandas()
-    assert len(fits) == 4 and (fits["status"] == "ok").all()
-    np.testing.assert_allclose(fits["llf"], -26.751931, atol=1e-5)
-    assert fits["singular"].all()
-    assert ms.fit(_TWO_OPTIMA, spec).fit["llf"] == pytest.approx(-26.751931, abs=1e-5)
-
-
 # Found by the same audit: identity and scaled starts all reach a rank-deficient
 # (perfectly correlated) boundary optimum at llf -41.497888, 1.25e-3 below the interior
 # one that fit() finds; a grid of 112 Newton starts reaches only these two.
@@ -198,17 +187,6 @@ _CORRELATED_BOUNDARY = pd.DataFrame({
     "y": [0.5302, 1.5963, -0.024, -1.6968, -1.4801, 1.9359, 2.4781, 1.193, 2.5673, 3.0869,
           0.4556, -1.4501, -0.3702, -1.0845, -1.4354, 0.5553, -1.2003, 2.2087, 0.8032,
           2.8581, 0.0232, 0.4011, 0.9904, 0.8376, -0.2953, 0.8054, 0.9144, 0.7383]})
-
-
-def test_batch_restarts_correlated_boundary_fits() -> None:
-    spec = ms.ModelSpec("y ~ x", groups="g", re_formula="~x", reml=True)
-    df = pd.concat([_CORRELATED_BOUNDARY.assign(s=f"s{i}") for i in range(4)],
-                   ignore_index=True)
-    fits = _batch(df, spec, key="s")[0].fits.to_pandas()
-    assert len(fits) == 4 and (fits["status"] == "ok").all()
-    np.testing.assert_allclose(fits["llf"], -41.49664, atol=1e-5)
-    assert not fits["singular"].any()
-    assert ms.fit(_CORRELATED_BOUNDARY, spec).fit["llf"] == pytest.approx(-41.49664, abs=1e-5)
 
 
 # Same audit: Newton from the identity and from 0.25 x identity both reach an interior
@@ -224,15 +202,22 @@ _FACE_BEST = pd.DataFrame({
           1.652, 1.077, -0.759, 0.867, 0.396, 1.132, 0.018, -0.82, 1.497]})
 
 
-def test_batch_restarts_interior_fits_from_each_face() -> None:
-    spec = ms.ModelSpec("y ~ x + z", groups="g", re_formula="~x+z", reml=True,
-                        cov_structure="diagonal")
-    df = pd.concat([_FACE_BEST.assign(s=f"s{i}") for i in range(4)], ignore_index=True)
+@pytest.mark.parametrize(("data", "spec", "llf", "singular"), [
+    (_TWO_OPTIMA, ms.ModelSpec("y ~ x", groups="g", re_formula="~x", reml=False,
+                               cov_structure="diagonal"), -26.751931, True),
+    (_CORRELATED_BOUNDARY, ms.ModelSpec("y ~ x", groups="g", re_formula="~x", reml=True),
+     -41.49664, False),
+    (_FACE_BEST, ms.ModelSpec("y ~ x + z", groups="g", re_formula="~x+z", reml=True,
+                              cov_structure="diagonal"), -39.078718, True),
+], ids=["two_optima", "correlated_boundary", "face_best"])
+def test_batch_restarts_reach_the_highest_optimum(data: pd.DataFrame, spec: ms.ModelSpec,
+                                                  llf: float, singular: bool) -> None:
+    df = pd.concat([data.assign(s=f"s{i}") for i in range(4)], ignore_index=True)
     fits = _batch(df, spec, key="s")[0].fits.to_pandas()
     assert len(fits) == 4 and (fits["status"] == "ok").all()
-    np.testing.assert_allclose(fits["llf"], -39.078718, atol=1e-5)
-    assert fits["singular"].all()
-    assert ms.fit(_FACE_BEST, spec).fit["llf"] == pytest.approx(-39.078718, abs=1e-5)
+    np.testing.assert_allclose(fits["llf"], llf, atol=1e-5)
+    assert (fits["singular"] == singular).all()
+    assert ms.fit(data, spec).fit["llf"] == pytest.approx(llf, abs=1e-5)  # one answer
 
 
 def test_batch_leaves_interpolating_designs_to_fit() -> None:
