@@ -103,7 +103,7 @@ class Problem:
         self.n, self.p = X.shape
         self.q_re = Z.shape[1]
         self.vc_names = [name for name, _ in d.vc]
-        G = d.n_groups
+        G = self.n_groups = d.n_groups
         self.vc_width: list[int] = []
         if not d.vc:
             # No variance components: weighted bincounts per group need no sorting.
