@@ -291,16 +291,15 @@ def _restarts(prob: Problem, maxiter: int, found: Attempt) -> list[Attempt]:
         return [_finish(prob, "fast", "newton-multistart" if few else "newton", th[i],
                         bool(conv[i]), n * len(bank), t0, "", [])]
     out = []
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in prob.lower]
     if found.singular:
         fun = _Counter(prob.deviance)
-        bounds = [(lo if np.isfinite(lo) else None, None) for lo in prob.lower]
         res = optimize.minimize(fun, prob.theta0, method="Nelder-Mead", bounds=bounds,
                                 options={"maxiter": maxiter, "xatol": 1e-8, "fatol": 1e-10})
         out.append(_finish(prob, "fast", "nm", res.x, bool(res.success), fun.n, t0,
                            str(res.message), []))
     t1 = time.perf_counter()
     fun = _Counter(prob.deviance)
-    bounds = [(lo if np.isfinite(lo) else None, None) for lo in prob.lower]
     best = None
     for start in bank[1:]:
         with warnings.catch_warnings():
