@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import SpecError, suggest
+from .errors import SpecError, suggest, yaml_problem
 
 if TYPE_CHECKING:
     from distributed import SpecCluster
@@ -312,10 +312,7 @@ def load_cluster_config(path: str) -> ClusterConfig:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(f"{path}: not valid YAML{where}: {problem}") from None
+        raise SpecError(f"{path}: not valid YAML {yaml_problem(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"cluster config cannot be read: {exc}; got (path={str(path)!r})") from None
     return parse_cluster_config(data, source=str(path), base_dir=p.parent)

@@ -75,3 +75,12 @@ def missing_column_error(name: str, columns: Iterable[str], where: str = "") -> 
         hint = f"; available columns: {shown}"
     ctx = f" {where}" if where else ""
     return SpecError(f"no column {name!r}{ctx}{hint}")
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML error on one line: where, and what (PyYAML's own text spans several)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"at line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    return f"{where}{problem}" + (f" ({context})" if context else "")

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
-from .errors import SpecError, suggest
+from .errors import SpecError, suggest, yaml_problem
 from .spec import ModelSpec, grid
 
 __all__ = ["Job", "job_schema", "load_job"]
@@ -190,9 +190,10 @@ def load_job(path: str | os.PathLike[str], overrides: dict[str, Any] | None = No
     except yaml.constructor.ConstructorError as exc:
         # safe_load refuses python/* tags: nothing in a job file can construct objects.
         raise SpecError(f"{where} is not valid YAML for a job "
-                        f"(tags such as !!python/... are refused): {exc}") from None
+                        f"(tags such as !!python/... are refused): {yaml_problem(exc)}"
+                        ) from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{where} is not valid YAML: {exc}") from None
+        raise SpecError(f"{where} is not valid YAML {yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{where} must be a mapping with `data` and `models`; "
                         f"got ({type(raw).__name__})")

@@ -330,3 +330,4 @@ def test_yaml_syntax_error_does_not_blame_tags(tmp_path: Path) -> None:
     code, _, err = invoke(["validate", str(job)])
     assert code == 2 and "is not valid YAML" in err and "line 3" in err, err
     assert "!!python" not in err, err
+    assert len(err.strip().splitlines()) == 1, err  # one line, as every other error
