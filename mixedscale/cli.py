@@ -142,9 +142,13 @@ def run(
                                                         "batch system via dask-jobqueue")] = None,
     cluster_config: Annotated[Path | None, typer.Option("--cluster-config",
                                                         help="cluster YAML")] = None,
-    tls_ca_file: Annotated[Path | None, typer.Option("--tls-ca-file")] = None,
-    tls_cert: Annotated[Path | None, typer.Option("--tls-cert")] = None,
-    tls_key: Annotated[Path | None, typer.Option("--tls-key")] = None,
+    tls_ca_file: Annotated[Path | None, typer.Option(
+        "--tls-ca-file", help="CA certificate (PEM) of a TLS scheduler; with the two next")
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        "--tls-cert", help="this client's certificate (PEM)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        "--tls-key", help="this client's private key (PEM)")] = None,
     engine: Annotated[str | None, typer.Option("--engine", help="auto, fast or "
                                                "statsmodels, for every model")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", help="per-fit timeout, "
@@ -238,15 +242,23 @@ def validate(job_file: Annotated[Path, typer.Argument(metavar="JOB.yaml")]) -> N
 def fit_cmd(
     data: Annotated[str, typer.Argument(help="Parquet file, folder, glob or URL")],
     formula: Annotated[str, typer.Option("--formula", help="e.g. 'y ~ x'")],
-    groups: Annotated[str | None, typer.Option("--groups")] = None,
-    re_formula: Annotated[str | None, typer.Option("--re-formula")] = None,
-    split_by: Annotated[list[str] | None, typer.Option("--split-by")] = None,
-    store: Annotated[str | None, typer.Option("--store")] = None,
+    groups: Annotated[str | None, typer.Option(
+        "--groups", help="the grouping column of the random effects")] = None,
+    re_formula: Annotated[str | None, typer.Option(
+        "--re-formula", help="random effects, e.g. '~x' (default: an intercept)")] = None,
+    split_by: Annotated[list[str] | None, typer.Option(
+        "--split-by", help="fit one model per value of this column (repeatable)")] = None,
+    store: Annotated[str | None, typer.Option(
+        "--store", help="results store folder or URL (default: results are printed only)")
+        ] = None,
     ml: Annotated[bool, typer.Option("--ml", help="maximum likelihood instead of "
                                      "REML")] = False,
-    cov_structure: Annotated[str, typer.Option("--cov-structure")] = "unstructured",
-    scheduler: Annotated[str | None, typer.Option("--scheduler")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", min=1)] = None,
+    cov_structure: Annotated[str, typer.Option(
+        "--cov-structure", help="unstructured or diagonal")] = "unstructured",
+    scheduler: Annotated[str | None, typer.Option(
+        "--scheduler", help="Dask scheduler address; default: an embedded cluster")] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, help="embedded cluster size")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar, no "
                                         "summary (the results are still printed)")] = False,
     output: Annotated[Fmt, typer.Option("--format", help="the fixed effects as a table, "
