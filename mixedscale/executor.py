@@ -456,9 +456,13 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
     run = _Run(plan, src, store, client, opts)
     if store is not None:
         store.init()
-        swept = store.sweep()
+        try:
+            swept = store.sweep()
+        except Exception as exc:  # housekeeping must never stop a run
+            log.warning("could not sweep leftovers of earlier runs in %s: %s", store.url, exc)
+            swept = []
         if swept:
-            log.info("removed %d leftovers of killed runs from %s (scratch, markers, "
+            log.info("removed %d leftovers of earlier runs from %s (scratch, markers, "
                      "staged files)", len(swept), store.url)
     todo, n_skipped, parts = resume if resume is not None else pending(plan, store)
     info = plan.describe()

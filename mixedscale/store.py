@@ -29,7 +29,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -441,24 +441,25 @@ class Store:
     def _manifest(self, path: str) -> dict[str, Any] | None:
         try:
             with self.fs.open(path, "r") as fh:
-                return dict(json.load(fh))
+                m = json.load(fh)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
             log.warning("unreadable run manifest %s: %s", path, exc)
             return None
+        return m if isinstance(m, dict) else None
 
     # -- leftovers
-    def sweep(self, stale_after: float = 3600.0) -> list[str]:
-        """Remove what killed runs left behind; returns the paths removed.
+    def sweep(self, stale_after: float = 86400.0) -> list[str]:
+        """Remove what earlier runs left behind; returns the paths removed.
 
-        A driver killed outright leaves its shuffle scratch (a copy of the input's
-        needed columns) under ``_tmp`` and its task markers under ``_runs``; a writer
-        killed mid-write leaves a staged file. Scratch and markers go once their run
-        has ended or its driver is gone (``runs`` says "abandoned"); without a
-        manifest, once the run started over ``stale_after`` seconds ago. Staged files
-        go once older than that (a stage lasts one part write). A run that may still
-        be going keeps everything."""
+        Only what cannot belong to a live run: the shuffle scratch and task markers of
+        runs whose own manifest says they ended (their cleanup did not finish), and
+        staged files older than ``stale_after`` seconds (a stage lasts one part write;
+        a day leaves room for clock skew between hosts). A run whose manifest says
+        "running" keeps everything, even when ``runs`` calls it abandoned: a dead pid
+        on this host name may be a live driver in another pid namespace, or on another
+        machine of the same name. So does a run without a readable manifest."""
         now = time.time()
         by_run: dict[str, list[str]] = {}
         stale: list[str] = []
@@ -466,7 +467,8 @@ class Store:
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             if name.startswith("shuffle-"):  # shuffle-<run_id>-<n>
                 by_run.setdefault(name[8:].rsplit("-", 1)[0], []).append(entry["name"])
-            elif now - _mtime(entry, now) > stale_after:
+            elif (entry.get("type") == "file" and name != "_tmp"  # not an S3 folder marker
+                  and now - _mtime(entry, now) > stale_after):
                 stale.append(entry["name"])
         for entry in self._entries("_runs"):
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
@@ -475,18 +477,14 @@ class Store:
                     by_run.setdefault(name[:-len(suffix)], []).append(entry["name"])
         for run_id, paths in by_run.items():
             m = self._manifest(self.path("_runs", f"{run_id}.json"))
-            if m is None:
-                gone = now - _run_started(run_id, now) > stale_after
-            else:
-                gone = m.get("state") != "running" or _abandoned(m)
-            if gone:
+            if m is not None and m.get("state") in _ENDED:
                 stale.extend(paths)
         removed = []
         for path in stale:
             try:
                 self.fs.rm(path, recursive=True)
                 removed.append(path)
-            except OSError as exc:  # e.g. taken by another sweep meanwhile
+            except (OSError, ValueError) as exc:  # e.g. taken by another sweep meanwhile
                 log.debug("could not remove %s: %s", path, exc)
         return removed
 
@@ -495,6 +493,9 @@ class Store:
             return list(self.fs.ls(self.path(folder), detail=True))
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+
+_ENDED = frozenset({"complete", "failed", "interrupted"})  # a run's own final states
 
 
 def _abandoned(manifest: dict[str, Any]) -> bool:
@@ -516,15 +517,6 @@ def _mtime(entry: dict[str, Any], default: float) -> float:
             with contextlib.suppress(ValueError):
                 return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
     return default  # unknown: treated as new, so kept
-
-
-def _run_started(run_id: str, default: float) -> float:
-    """When a run started, from its id (``%Y%m%dT%H%M%S-<hex>``, UTC)."""
-    try:
-        return datetime.strptime(run_id[:15], "%Y%m%dT%H%M%S").replace(
-            tzinfo=UTC).timestamp()
-    except ValueError:
-        return default
 
 
 def check_writable(url: str) -> None:

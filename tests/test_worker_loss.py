@@ -90,7 +90,7 @@ def _dead_pid() -> int:
     return int(out.stdout)
 
 
-def test_sweep_removes_only_what_ended_or_dead_runs_left(tmp_path: Any) -> None:
+def test_sweep_removes_only_what_ended_runs_left(tmp_path: Any) -> None:
     import socket
     from datetime import UTC, datetime
 
@@ -99,45 +99,52 @@ def test_sweep_removes_only_what_ended_or_dead_runs_left(tmp_path: Any) -> None:
     st = Store(str(tmp_path / "store"))
     st.init()
     here, dead = socket.gethostname(), _dead_pid()
-    manifests = {"r-dead": ("running", dead, here), "r-live": ("running", os.getpid(), here),
-                 "r-done": ("complete", dead, here), "r-away": ("running", dead, "elsewhere")}
-    for run_id, (state, pid, host) in manifests.items():
-        st.write_manifest(run_id, {"run_id": run_id, "state": state, "pid": pid,
-                                   "host": host})
-    # No manifest (its write failed): judged by the start time in the run id.
-    old, new = "20200101T000000-0badc0de", datetime.now(UTC).strftime("%Y%m%dT%H%M%S-a1b2c3d4")
+    manifests: dict[str, Any] = {
+        "r-done": {"state": "complete"}, "r-failed": {"state": "failed"},
+        "r-stopped": {"state": "interrupted"},
+        # A dead pid on this host name may be a live driver in another pid namespace.
+        "r-dead": {"state": "running", "pid": dead, "host": here},
+        "r-live": {"state": "running", "pid": os.getpid(), "host": here},
+        "r-away": {"state": "running", "pid": dead, "host": "elsewhere"},
+        "r-odd": {"state": "Running"}, "r-empty": {}}
+    for run_id, m in manifests.items():
+        st.write_manifest(run_id, {"run_id": run_id, **m})
     root = tmp_path / "store"
-    for run_id in [*manifests, old, new]:
+    (root / "_runs" / "r-null.json").write_text("null")  # unreadable: kept, no crash
+    # No manifest at all (its write failed): kept, however old its run id.
+    old, new = "20200101T000000-0badc0de", datetime.now(UTC).strftime("%Y%m%dT%H%M%S-a1b2c3d4")
+    runs = [*manifests, "r-null", old, new]
+    for run_id in runs:
         (root / "_runs" / f"{run_id}.started" / "task").mkdir(parents=True)
         (root / "_runs" / f"{run_id}.started" / "task" / "marker").write_text("1")
         (root / "_tmp" / f"shuffle-{run_id}-1").mkdir()
         (root / "_tmp" / f"shuffle-{run_id}-1" / "p0.parquet").write_bytes(b"x")
-    (root / "_runs" / "r-dead.oom").write_text("{}")
+    (root / "_runs" / "r-failed.oom").write_text("{}")
     stale, fresh = root / "_tmp" / "fits-t1.aa.parquet", root / "_tmp" / "fits-t2.bb.parquet"
     stale.write_bytes(b"x")
     fresh.write_bytes(b"x")
-    two_hours_ago = time.time() - 7200
-    os.utime(stale, (two_hours_ago, two_hours_ago))
+    other = root / "_tmp" / "not-ours"  # a folder: judged by nothing it holds, so kept
+    other.mkdir()
+    two_days_ago = time.time() - 2 * 86400
+    for p in (stale, other):
+        os.utime(p, (two_days_ago, two_days_ago))
 
     removed = {p.rstrip("/").rsplit("/", 1)[-1] for p in st.sweep()}
 
-    gone = {"r-dead", "r-done", old}
+    gone = {"r-done", "r-failed", "r-stopped"}
     assert removed == ({f"{r}.started" for r in gone} | {f"shuffle-{r}-1" for r in gone}
-                       | {"r-dead.oom", stale.name})
+                       | {"r-failed.oom", stale.name})
     left = {p.name for p in (root / "_runs").iterdir()} | {p.name for p in
                                                            (root / "_tmp").iterdir()}
-    for run_id in ("r-live", "r-away", new):  # may still be running: everything kept
-        assert {f"{run_id}.started", f"shuffle-{run_id}-1"} <= left
-    assert fresh.exists() and {f"{r}.json" for r in manifests} <= left
+    for run_id in set(runs) - gone:
+        assert {f"{run_id}.started", f"shuffle-{run_id}-1"} <= left, run_id
+    assert fresh.exists() and other.exists()
+    assert {f"{r}.json" for r in manifests} <= left
     assert st.sweep() == []  # nothing left to sweep
 
 
-def test_a_run_sweeps_the_leftovers_of_a_killed_driver(tmp_path: Any,
-                                                       cluster_client: Any) -> None:
-    import socket
-
-    import pandas as pd
-
+def test_a_run_sweeps_what_an_ended_run_left_and_survives_a_failing_sweep(
+        tmp_path: Any, cluster_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import mixedscale as ms
     from mixedscale.store import Store
 
@@ -146,16 +153,23 @@ def test_a_run_sweeps_the_leftovers_of_a_killed_driver(tmp_path: Any,
     store = tmp_path / "store"
     st = Store(str(store))
     st.init()
-    st.write_manifest("r-killed", {"run_id": "r-killed", "state": "running",
-                                   "pid": _dead_pid(), "host": socket.gethostname()})
-    scratch = store / "_tmp" / "shuffle-r-killed-1"
+    # A failed run whose own cleanup did not finish (e.g. its driver lost the store).
+    st.write_manifest("r-failed", {"run_id": "r-failed", "state": "failed"})
+    scratch = store / "_tmp" / "shuffle-r-failed-1"
     scratch.mkdir()
     (scratch / "p0.parquet").write_bytes(b"x" * 1000)
     df = make_genes().query("gene in ['g000', 'g001']")
-    res = ms.fit_many(df, ms.ModelSpec("y ~ time", groups="subject"),
-                      split_by="gene", store=str(store), client=cluster_client,
+    spec = ms.ModelSpec("y ~ time", groups="subject")
+    res = ms.fit_many(df, spec, split_by="gene", store=str(store), client=cluster_client,
                       progress=False)
-    assert res.run.state == "complete"
+    assert res.run.state == "complete" and len(res.fits) == 2
     assert not scratch.exists()
     assert list((store / "_tmp").iterdir()) == []
-    assert isinstance(res.fits, pd.DataFrame) and len(res.fits) == 2
+
+    def broken(self: Store, stale_after: float = 0.0) -> list[str]:
+        raise PermissionError("listing _tmp")
+
+    monkeypatch.setattr(Store, "sweep", broken)  # housekeeping never stops a run
+    res = ms.fit_many(make_genes().query("gene == 'g002'"), spec, split_by="gene",
+                      store=str(store), client=cluster_client, progress=False)
+    assert res.run.state == "complete" and len(res.fits) == 1
