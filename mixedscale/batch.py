@@ -645,11 +645,14 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
         #   correlation of the fit's own sign (an audit case: all other starts reached a
         #   rank-deficient point 1.25e-3 llf below the interior optimum).
         # - Interior fits, diagonal covariance: each face where one relative SD is zero
-        #   (an audit case had its optimum 0.23 llf higher on a face). The deviance is
-        #   even in each SD, so Newton stays on the face. With correlations it drifts
-        #   off slowly (faces doubled genes' fit time): 0.25 times lme4's start instead.
-        #   And 4 times it (an audit slice of 91 groups had its optimum, 9.2 llf higher,
-        #   at relative SDs near 5, which only starts from 4 up reached).
+        #   (an audit case had its optimum 0.23 llf higher on a face; the deviance is
+        #   even in each SD, so Newton stays on the face), and 4 times lme4's start (an
+        #   audit slice of 91 groups had its optimum, 9.2 llf higher, at relative SDs
+        #   near 5, which only starts from 4 up reached).
+        # - Interior fits, correlated effects: 0.25 times lme4's start. Faces drift off
+        #   slowly there (they doubled genes' fit time) and 4 times added a quarter;
+        #   without them, no fit of the 720 correlated slices of the first audit was
+        #   found below its optimum.
         # - One parameter: only interior fits the boundary beats (a deviance at 0).
         sing = np.flatnonzero(singular_s & conv)
         regular = np.flatnonzero(~singular_s & conv)
@@ -660,8 +663,8 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
         groups = [(sing, _scaled(prob.lower, 0.25)), (sing, _scaled(prob.lower, 4.0))]
         if not diag_k.all():
             groups.append((sing, np.where(diag_k, 1.0, np.where(th[sing] < 0, -0.5, 0.5))))
-        faces = _faces(prob.lower) if diagonal else []
-        interior = (faces or [_scaled(prob.lower, 0.25)]) + [_scaled(prob.lower, 4.0)]
+        interior = ([*_faces(prob.lower), _scaled(prob.lower, 4.0)] if diagonal
+                    else [_scaled(prob.lower, 0.25)])
         groups += [(regular, start) for start in interior]
         rj = np.concatenate([g for g, _ in groups])
         if rj.size:
