@@ -298,17 +298,15 @@ def _restarts(prob: Problem, maxiter: int, found: Attempt) -> list[Attempt]:
                                 options={"maxiter": maxiter, "xatol": 1e-8, "fatol": 1e-10})
         out.append(_finish(prob, "fast", "nm", res.x, bool(res.success), fun.n, t0,
                            str(res.message), []))
-    t1 = time.perf_counter()
-    fun = _Counter(prob.deviance)
-    best = None
-    for start in bank[1:]:
+    if len(bank) > 1:  # the bank beyond lme4's start, where the first optimizer began
+        t1 = time.perf_counter()
+        fun = _Counter(prob.deviance)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = optimize.minimize(fun, start, method="L-BFGS-B", bounds=bounds,
-                                    options={"maxiter": maxiter, "ftol": 1e-14, "gtol": 1e-8})
-        if best is None or res.fun < best.fun:
-            best = res
-    if best is not None:
+            runs = [optimize.minimize(fun, start, method="L-BFGS-B", bounds=bounds,
+                                      options={"maxiter": maxiter, "ftol": 1e-14,
+                                               "gtol": 1e-8}) for start in bank[1:]]
+        best = min(runs, key=lambda r: r.fun)
         out.append(_finish(prob, "fast", "lbfgs-multistart", best.x, bool(best.success),
                            fun.n, t1, str(best.message), []))
     return out

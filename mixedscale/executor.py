@@ -324,7 +324,7 @@ class _Run:
                                    self.plan.split_by, key_unit, pure=False) for b in batches]
 
     def shuffle_folder(self, n: int | None = None) -> str:
-        return f"shuffle-{self.run_id}-{self.n_shuffles if n is None else n}"
+        return Store.shuffle_name(self.run_id, self.n_shuffles if n is None else n)
 
     # -- outcomes
     def commit_failure(self, task: Task, etype: str, msg: str) -> None:
@@ -344,7 +344,7 @@ class _Run:
     def oom_marker(self, task: Task, worker: str | None = None) -> bool:
         """Did ``task`` die of memory? The worker's own marker, else its nanny's report."""
         if self.store is not None and self.store.fs.exists(
-                self.store.path("_runs", f"{self.run_id}.oom", task.key)):
+                "/".join([self.store.marker_dir(self.run_id, "oom"), task.key])):
             return True
         if worker is None or self.client is None:
             return False
@@ -368,7 +368,7 @@ class _Run:
             except (OSError, TimeoutError, ValueError) as exc:
                 log.debug("could not clear cached shuffled units: %s", exc)
         for d in (_start_root(self.store, self.run_id),
-                  self.store.path("_runs", f"{self.run_id}.oom"), *shuffles):
+                  self.store.marker_dir(self.run_id, "oom"), *shuffles):
             try:
                 if self.store.fs.exists(d):
                     self.store.fs.rm(d, recursive=True)
@@ -747,7 +747,7 @@ def _bad_files_message(run: _Run, item: Any) -> str:
 
 
 def _start_root(store: Store, run_id: str) -> str:
-    return store.path("_runs", f"{run_id}.started")
+    return store.marker_dir(run_id, "started")
 
 
 def _start_dir(store: Store, run_id: str, task_key: str) -> str:

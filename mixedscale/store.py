@@ -207,6 +207,16 @@ class Store:
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
+    # Per-run names, built here and parsed by ``sweep``.
+    def marker_dir(self, run_id: str, kind: str) -> str:
+        """``_runs/<run_id>.<kind>``: task markers, ``started`` or ``oom``."""
+        return self.path("_runs", f"{run_id}.{kind}")
+
+    @staticmethod
+    def shuffle_name(run_id: str, n: int) -> str:
+        """The folder under ``_tmp`` of a run's n-th shuffle scratch."""
+        return f"{_SHUFFLE}{run_id}-{n}"
+
     def init(self) -> None:
         try:
             for d in (*TABLES, "_runs", "_tmp"):
@@ -227,7 +237,7 @@ class Store:
                              ) from None
         out = set()
         for n in names:
-            base = str(n).rsplit("/", 1)[-1]
+            base = _basename(n)
             if base.startswith("part-") and base.endswith(".parquet"):
                 out.add(base[5:-8])
         return out
@@ -464,17 +474,17 @@ class Store:
         by_run: dict[str, list[str]] = {}
         stale: list[str] = []
         for entry in self._entries("_tmp"):
-            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith("shuffle-"):  # shuffle-<run_id>-<n>
-                by_run.setdefault(name[8:].rsplit("-", 1)[0], []).append(entry["name"])
+            name = _basename(entry["name"])
+            if name.startswith(_SHUFFLE):  # shuffle_name: <prefix><run_id>-<n>
+                run_id = name[len(_SHUFFLE):].rsplit("-", 1)[0]
+                by_run.setdefault(run_id, []).append(entry["name"])
             elif (entry.get("type") == "file" and name != "_tmp"  # not an S3 folder marker
                   and now - _mtime(entry, now) > stale_after):
                 stale.append(entry["name"])
         for entry in self._entries("_runs"):
-            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            for suffix in (".started", ".oom"):
-                if name.endswith(suffix):
-                    by_run.setdefault(name[:-len(suffix)], []).append(entry["name"])
+            run_id, dot, kind = _basename(entry["name"]).rpartition(".")
+            if dot and kind in _MARKERS:  # marker_dir: <run_id>.<kind>
+                by_run.setdefault(run_id, []).append(entry["name"])
         for run_id, paths in by_run.items():
             m = self._manifest(self.path("_runs", f"{run_id}.json"))
             if m is not None and m.get("state") in _ENDED:
@@ -496,6 +506,13 @@ class Store:
 
 
 _ENDED = frozenset({"complete", "failed", "interrupted"})  # a run's own final states
+_MARKERS = frozenset({"started", "oom"})
+_SHUFFLE = "shuffle-"
+
+
+def _basename(name: str) -> str:
+    """The last part of an fsspec listing name (folders may end with '/')."""
+    return str(name).rstrip("/").rsplit("/", 1)[-1]
 
 
 def _abandoned(manifest: dict[str, Any]) -> bool:

@@ -640,7 +640,7 @@ class _MemoryMonitor:
             return
         if not self.limit:
             return
-        self.marker = store.path("_runs", f"{payload.run_id}.oom", payload.task.key)
+        self.marker = "/".join([store.marker_dir(payload.run_id, "oom"), payload.task.key])
         self.store = store
         threading.Thread(target=self._watch, daemon=True).start()
 
