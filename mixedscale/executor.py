@@ -43,7 +43,7 @@ from .errors import DataError, RunIncomplete, StoreError
 from .plan import Plan, Task, task_key
 from .single import versions
 from .source import CorruptFile, Source
-from .store import Store
+from .store import HEARTBEAT_SECONDS, Store
 from .worker import (
     Opaque,
     Packed,
@@ -375,8 +375,23 @@ class _Run:
             except OSError as exc:
                 log.debug("could not remove %s: %s", d, exc)
 
+    def sweep(self) -> None:
+        """``Store.sweep`` for this run; housekeeping never stops a run."""
+        if self.store is None:
+            return
+        try:
+            swept = self.store.sweep(own_run=self.run_id)
+        except Exception as exc:
+            log.warning("could not sweep leftovers of earlier runs in %s: %s",
+                        self.store.url, exc)
+            return
+        if swept:
+            log.info("removed %d leftovers of earlier runs from %s (scratch, markers, "
+                     "staged files)", len(swept), self.store.url)
+
     def manifest(self, state: str, plan_info: dict[str, Any], message: str = "",
                  n_skipped: int = 0) -> None:
+        """Write this run's manifest; while running, also its heartbeat."""
         if self.store is None:
             return
         self.store.write_manifest(self.run_id, {
@@ -387,6 +402,7 @@ class _Run:
             "bytes_read": self.bytes_read + self.plan.bytes_scan,
             "wall_seconds": time.perf_counter() - self.t0, "message": message,
             "pid": os.getpid(), "host": socket.gethostname(),
+            "heartbeat_seconds": HEARTBEAT_SECONDS if state == "running" else None,
         })
 
 
@@ -456,17 +472,11 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
     run = _Run(plan, src, store, client, opts)
     if store is not None:
         store.init()
-        try:
-            swept = store.sweep()
-        except Exception as exc:  # housekeeping must never stop a run
-            log.warning("could not sweep leftovers of earlier runs in %s: %s", store.url, exc)
-            swept = []
-        if swept:
-            log.info("removed %d leftovers of earlier runs from %s (scratch, markers, "
-                     "staged files)", len(swept), store.url)
     todo, n_skipped, parts = resume if resume is not None else pending(plan, store)
     info = plan.describe()
     run.manifest("running", info, n_skipped=n_skipped)
+    run.sweep()  # after our own manifest: the store's clock for silent runs
+    next_beat = time.monotonic() + HEARTBEAT_SECONDS
     n_workers = max(1, _n_workers(client)) if client is not None else 0
     window = max(8 * n_workers, 32)
     enabled = sys.stderr.isatty() if opts.progress is None else opts.progress
@@ -484,6 +494,9 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
             if opts.stop.is_set():
                 raise RunIncomplete("interrupted: stopped submitting on request; "
                                     "rerun the job to resume")
+            if time.monotonic() >= next_beat:  # alive: see Store.sweep
+                run.manifest("running", info, n_skipped=n_skipped)
+                next_beat = time.monotonic() + HEARTBEAT_SECONDS
             while queue and len(inflight) < window:
                 task = queue.pop()
                 fut = run.submit(task)
@@ -527,6 +540,8 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
         bar.close()
         run.cleanup()
         run.manifest(state, info, message, n_skipped=n_skipped)
+        if todo:  # a resumed job usually follows a dead run: sweep what died meanwhile
+            run.sweep()
     return RunSummary(
         run_id=run.run_id, state=state, n_planned=plan.n_fits, n_skipped=n_skipped,
         n_run=run.n_run, by_status=run.by_status, bytes_read=run.bytes_read + plan.bytes_scan,

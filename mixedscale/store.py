@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import fsspec
 import numpy as np
@@ -460,16 +460,23 @@ class Store:
         return m if isinstance(m, dict) else None
 
     # -- leftovers
-    def sweep(self, stale_after: float = 86400.0) -> list[str]:
+    def sweep(self, stale_after: float = 86400.0, own_run: str | None = None) -> list[str]:
         """Remove what earlier runs left behind; returns the paths removed.
 
-        Only what cannot belong to a live run: the shuffle scratch and task markers of
-        runs whose own manifest says they ended (their cleanup did not finish), and
-        staged files older than ``stale_after`` seconds (a stage lasts one part write;
-        a day leaves room for clock skew between hosts). A run whose manifest says
-        "running" keeps everything, even when ``runs`` calls it abandoned: a dead pid
-        on this host name may be a live driver in another pid namespace, or on another
-        machine of the same name. So does a run without a readable manifest."""
+        Only what cannot belong to a live run:
+        - the shuffle scratch and task markers of runs whose own manifest says they
+          ended (their cleanup did not finish);
+        - those of runs whose manifest says "running" but whose driver stopped
+          rewriting it (``HEARTBEAT_SECONDS``) for ``SILENT_HEARTBEATS`` beats. Silence
+          is measured against ``own_run``'s manifest, written just before: both times
+          come from the store's listing, so clocks of different hosts never meet.
+          Manifests without a heartbeat (older versions) are never judged silent;
+        - staged files older than ``stale_after`` seconds (a stage lasts one part
+          write; a day leaves room for clock skew between hosts).
+
+        A dead pid on this host name is no proof (``runs`` calls it abandoned): it may be
+        a live driver in another pid namespace, or on another machine of the same name.
+        A run without a readable manifest keeps everything."""
         now = time.time()
         by_run: dict[str, list[str]] = {}
         stale: list[str] = []
@@ -479,15 +486,23 @@ class Store:
                 run_id = name[len(_SHUFFLE):].rsplit("-", 1)[0]
                 by_run.setdefault(run_id, []).append(entry["name"])
             elif (entry.get("type") == "file" and name != "_tmp"  # not an S3 folder marker
-                  and now - _mtime(entry, now) > stale_after):
+                  and now - _mtime(entry, now) > stale_after):  # unknown: kept
                 stale.append(entry["name"])
+        written: dict[str, float | None] = {}  # run_id -> its manifest's last write
         for entry in self._entries("_runs"):
             run_id, dot, kind = _basename(entry["name"]).rpartition(".")
             if dot and kind in _MARKERS:  # marker_dir: <run_id>.<kind>
                 by_run.setdefault(run_id, []).append(entry["name"])
+            elif dot and kind == "json":
+                written[run_id] = _mtime(entry, None)
+        store_now = written.get(own_run) if own_run else None
         for run_id, paths in by_run.items():
+            if run_id == own_run:
+                continue
             m = self._manifest(self.path("_runs", f"{run_id}.json"))
-            if m is not None and m.get("state") in _ENDED:
+            if m is None:
+                continue
+            if m.get("state") in _ENDED or _silent(m, written.get(run_id), store_now):
                 stale.extend(paths)
         removed = []
         for path in stale:
@@ -506,6 +521,10 @@ class Store:
 
 
 _ENDED = frozenset({"complete", "failed", "interrupted"})  # a run's own final states
+# A running driver rewrites its manifest this often (executor); after this many missed
+# beats its run counts as dead, and the next run sweeps its scratch and markers.
+HEARTBEAT_SECONDS = 60.0
+SILENT_HEARTBEATS = 10
 _MARKERS = frozenset({"started", "oom"})
 _SHUFFLE = "shuffle-"
 
@@ -522,7 +541,20 @@ def _abandoned(manifest: dict[str, Any]) -> bool:
             and isinstance(pid, int) and not psutil.pid_exists(pid))
 
 
-def _mtime(entry: dict[str, Any], default: float) -> float:
+def _silent(manifest: dict[str, Any], written: float | None, store_now: float | None) -> bool:
+    """A "running" manifest with a heartbeat, last written long before ``store_now``."""
+    beat = manifest.get("heartbeat_seconds")
+    if (manifest.get("state") != "running" or written is None or store_now is None
+            or isinstance(beat, bool) or not isinstance(beat, (int, float)) or beat <= 0):
+        return False
+    return store_now - written > SILENT_HEARTBEATS * float(beat)
+
+
+@overload
+def _mtime(entry: dict[str, Any], default: float) -> float: ...
+@overload
+def _mtime(entry: dict[str, Any], default: None) -> float | None: ...
+def _mtime(entry: dict[str, Any], default: float | None) -> float | None:
     """An fsspec listing entry's modification time (local, s3, gcs and abfs spellings)."""
     for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
         v = entry.get(k)
@@ -533,7 +565,7 @@ def _mtime(entry: dict[str, Any], default: float) -> float:
         if isinstance(v, str):
             with contextlib.suppress(ValueError):
                 return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
-    return default  # unknown: treated as new, so kept
+    return default
 
 
 def check_writable(url: str) -> None:

@@ -143,6 +143,87 @@ def test_sweep_removes_only_what_ended_runs_left(tmp_path: Any) -> None:
     assert st.sweep() == []  # nothing left to sweep
 
 
+def test_sweep_removes_what_silent_running_runs_left(tmp_path: Any) -> None:
+    """A "running" manifest whose heartbeat stopped 10 beats before the sweeping run's
+    own manifest was written is a dead driver's: its scratch and markers go. The
+    times compared are both the store's (its listing), never this host's clock."""
+    from mixedscale.store import HEARTBEAT_SECONDS, SILENT_HEARTBEATS, Store
+
+    st = Store(str(tmp_path / "store"))
+    st.init()
+    root = tmp_path / "store"
+    beat = {"state": "running", "heartbeat_seconds": HEARTBEAT_SECONDS}
+    manifests: dict[str, Any] = {
+        "r-silent": beat, "r-beating": beat,
+        # An older version's manifest has no heartbeat: never judged silent.
+        "r-old-version": {"state": "running"},
+        "r-bad-beat": {"state": "running", "heartbeat_seconds": "60"},
+        "r-me": beat}
+    for run_id, m in manifests.items():
+        st.write_manifest(run_id, {"run_id": run_id, **m})
+        (root / "_runs" / f"{run_id}.started").mkdir()
+        (root / "_tmp" / f"shuffle-{run_id}-1").mkdir()
+    now = time.time()
+    silent = now - SILENT_HEARTBEATS * HEARTBEAT_SECONDS - 60
+    for run_id in ("r-silent", "r-old-version", "r-bad-beat"):
+        os.utime(root / "_runs" / f"{run_id}.json", (silent, silent))
+    recent = now - (SILENT_HEARTBEATS - 1) * HEARTBEAT_SECONDS
+    os.utime(root / "_runs" / "r-beating.json", (recent, recent))
+
+    assert st.sweep() == []  # no own manifest to measure silence against: keep all
+    removed = {p.rstrip("/").rsplit("/", 1)[-1] for p in st.sweep(own_run="r-me")}
+
+    assert removed == {"r-silent.started", "shuffle-r-silent-1"}
+    for run_id in set(manifests) - {"r-silent"}:
+        assert (root / "_runs" / f"{run_id}.started").exists(), run_id
+        assert (root / "_tmp" / f"shuffle-{run_id}-1").exists(), run_id
+    assert (root / "_runs" / "r-silent.json").exists()  # its history stays
+
+
+def test_a_running_driver_rewrites_its_manifest_and_the_next_run_sweeps_a_silent_one(
+        tmp_path: Any, cluster_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import mixedscale as ms
+    import mixedscale.executor as executor
+    from mixedscale.store import HEARTBEAT_SECONDS, SILENT_HEARTBEATS, Store
+
+    from .conftest import make_genes
+
+    store = tmp_path / "store"
+    st = Store(str(store))
+    st.init()
+    # A shuffled run whose driver was killed: "running", and silent for 10 beats.
+    st.write_manifest("r-killed", {"run_id": "r-killed", "state": "running",
+                                   "heartbeat_seconds": HEARTBEAT_SECONDS})
+    long_ago = time.time() - (SILENT_HEARTBEATS + 1) * HEARTBEAT_SECONDS
+    os.utime(store / "_runs" / "r-killed.json", (long_ago, long_ago))
+    scratch = store / "_tmp" / "shuffle-r-killed-1"
+    scratch.mkdir()
+    (scratch / "p0.parquet").write_bytes(b"x" * 1000)
+
+    states: list[str] = []
+    write = Store.write_manifest
+
+    def spy(self: Store, run_id: str, manifest: dict[str, Any]) -> None:
+        if run_id != "r-killed":
+            states.append(manifest["state"])
+            if manifest["state"] == "running":
+                assert manifest["heartbeat_seconds"] == 0.001
+        write(self, run_id, manifest)
+
+    monkeypatch.setattr(Store, "write_manifest", spy)
+    monkeypatch.setattr(executor, "HEARTBEAT_SECONDS", 0.001)  # beat on every loop turn
+    spec = ms.ModelSpec("y ~ time", groups="subject")
+    res = ms.fit_many(make_genes(), spec, split_by="gene", store=str(store),
+                      client=cluster_client, progress=False)
+    assert res.run.state == "complete"
+    assert states[-1] == "complete" and states.count("running") >= 2, states
+    assert not scratch.exists()
+    ours = json.loads((store / "_runs" / f"{res.run.run_id}.json").read_text())
+    assert ours["heartbeat_seconds"] is None  # ended: nothing to wait for
+
+
 def test_a_run_sweeps_what_an_ended_run_left_and_survives_a_failing_sweep(
         tmp_path: Any, cluster_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import mixedscale as ms
