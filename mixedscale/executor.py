@@ -215,6 +215,7 @@ class _Run:
         self.partitions: list[Any] = []
         self.partitions_bad: frozenset[str] = frozenset()
         self.n_shuffles = 0
+        self.spread: list[str] = []  # see spread_over
         self.t0 = time.perf_counter()
         self.wall0 = time.time()
         self.started = _now()
@@ -260,16 +261,32 @@ class _Run:
         self.unit_futures[cache] = fut
         return fut
 
+    def spread_over(self, workers: list[str]) -> None:
+        """With fewer load units than workers, deal the fit tasks round the workers.
+
+        Dask sends a task to a worker holding its data, so every task of a unit would
+        queue on the one worker that loaded it, the others idle until work stealing
+        (which needs task durations) moves some: all of a short run. A loose
+        restriction makes the others fetch the unit once instead; a shuffled run's
+        tasks hold no data and are placed freely anyway."""
+        if len(self.plan.units) < len(workers) and not self.plan.shuffle:
+            self.spread = workers
+
     def submit(self, task: Task) -> Any:
         # Plan order is the run order: the planner puts small tasks last, so the
         # workers finish together. Dask otherwise picks freely among ready tasks.
         self.n_submitted += 1
         priority = -self.n_submitted
         data = self.unit_data(task.unit, priority + 1)  # a unit's load runs before its fits
+        where: dict[str, Any] = {}
+        if self.spread:
+            where = {"workers": [self.spread[self.n_submitted % len(self.spread)]],
+                     "allow_other_workers": True}
         return self.client.submit(run_marked, Packed(self.payload(task)), data, self.store,
                                   pure=False,
                                   priority=priority,
-                                  key=f"mixedscale-fit-{task.key}-{uuid.uuid4().hex[:6]}")
+                                  key=f"mixedscale-fit-{task.key}-{uuid.uuid4().hex[:6]}",
+                                  **where)
 
     def starts(self, task: Task) -> int:
         """How many times ``task`` started running in this run (see ``run_marked``)."""
@@ -477,7 +494,9 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
     run.manifest("running", info, n_skipped=n_skipped)
     run.sweep()  # after our own manifest: the store's clock for silent runs
     next_beat = time.monotonic() + HEARTBEAT_SECONDS
-    n_workers = max(1, _n_workers(client)) if client is not None else 0
+    workers = _workers(client) if client is not None else []
+    n_workers = max(1, len(workers)) if client is not None else 0
+    run.spread_over(workers)
     window = max(8 * n_workers, 32)
     enabled = sys.stderr.isatty() if opts.progress is None else opts.progress
     bar = _Progress(sum(len(t.items) for t in todo), enabled)
@@ -588,8 +607,12 @@ class _WorkerWatch:
             log.warning("no Dask workers connected for %.0f s; waiting for workers", idle)
 
 
+def _workers(client: Any) -> list[str]:
+    return sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
+
+
 def _n_workers(client: Any) -> int:
-    return len(client.scheduler_info(n_workers=-1).get("workers", {}))
+    return len(_workers(client))
 
 
 def _wait_for_results(ac: Any, timeout: float = 0.1) -> None:

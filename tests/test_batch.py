@@ -175,6 +175,37 @@ def test_unsorted_input_gives_the_same_results(cluster_client: Any, tmp_path: Pa
     check_invariant(tmp_path / "store", c.plan.fit_ids())
 
 
+def test_fit_tasks_of_too_few_load_units_are_dealt_round_the_workers(
+        cluster_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data read in one unit lives on the worker that loaded it, and Dask would queue
+    every fit task there (until work stealing, which needs task durations, moves some).
+    With fewer units than workers, fit tasks carry a loose restriction to each worker
+    in turn; with a unit per worker they carry none."""
+    one = tmp_path / "one.parquet"  # one row group: one load unit
+    make_genes(n_genes=12).to_parquet(one, index=False, row_group_size=10**6)
+    two = write_genes(tmp_path / "two", 12, files=2)  # a unit per file
+    spec = ms.ModelSpec("y ~ time", groups="subject", engine="statsmodels")  # several tasks
+    workers = set(cluster_client.scheduler_info()["workers"])
+    submit = cluster_client.submit
+    for path, units, dealt in ((one, 1, workers), (two, 2, set())):
+        _, p = prepare(str(path), [spec], "gene")
+        assert len(p.units) == units and len(p.tasks) >= 2 and not p.shuffle
+        seen: list[dict[str, Any]] = []
+
+        def spy(fn: Any, *args: Any, seen: list[dict[str, Any]] = seen, **kw: Any) -> Any:
+            if str(kw.get("key", "")).startswith("mixedscale-fit-"):
+                seen.append(kw)
+            return submit(fn, *args, **kw)
+
+        monkeypatch.setattr(cluster_client, "submit", spy)
+        res = ms.fit_many(str(path), spec, split_by="gene", client=cluster_client,
+                          progress=False)
+        assert res.run.state == "complete" and (res.fits["status"] == "ok").all()
+        assert len(seen) == len(p.tasks)
+        assert {w for kw in seen for w in kw.get("workers") or []} == dealt
+        assert all(kw.get("allow_other_workers", False) is bool(dealt) for kw in seen)
+
+
 def test_memory_url_as_data_and_store() -> None:
     """memory:// lives in one process, so this cluster runs its workers as threads."""
     import fsspec
