@@ -436,16 +436,27 @@ class Store:
         return self._tables(("variance",))[0]
 
     def runs(self) -> pd.DataFrame:
-        try:
-            files = sorted(self.fs.glob(self.path("_runs", "*.json")))
-        except FileNotFoundError:
-            files = []
-        rows = [r for r in map(self._manifest, files) if r is not None]
-        for r in rows:
-            # A driver killed outright never closes its manifest: say so when we can tell.
+        """One row per run manifest. A driver killed outright never closes its
+        manifest; a "running" one reads ``abandoned`` when its driver's pid is gone on
+        this host, or when its heartbeat stopped ``SILENT_HEARTBEATS`` beats ago by this
+        host's clock (a display only: ``sweep`` never compares clocks)."""
+        written = {e["name"]: _mtime(e, None) for e in self._entries("_runs")
+                   if str(e["name"]).endswith(".json")}
+        now = time.time()
+        rows = []
+        for path in sorted(written):
+            r = self._manifest(path)
+            if r is None:
+                continue
             if _abandoned(r):
                 r["state"] = "abandoned"
                 r["message"] = "its driver died without closing the run; rerun to resume"
+            elif _silent(r, written[path], now):
+                r["state"] = "abandoned"
+                r["message"] = ("its driver stopped writing its heartbeat "
+                                f"{(now - (written[path] or now)) / 60:.0f} min ago; "
+                                "rerun to resume")
+            rows.append(r)
         return pd.DataFrame(rows)
 
     def _manifest(self, path: str) -> dict[str, Any] | None:

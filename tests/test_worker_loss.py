@@ -77,8 +77,19 @@ def test_manifest_of_a_killed_driver_reads_as_abandoned(tmp_path: Any) -> None:
                               ("r-elsewhere", int(dead.stdout), "another-host")):
         st.write_manifest(run_id, {"run_id": run_id, "state": "running", "pid": pid,
                                    "host": host, "message": ""})
-    states = dict(zip(st.runs()["run_id"], st.runs()["state"], strict=True))
-    assert states == {"r-dead": "abandoned", "r-live": "running", "r-elsewhere": "running"}
+    # Elsewhere too, with heartbeats: one stopped 11 beats ago, one still beating.
+    for run_id in ("r-silent", "r-beating"):
+        st.write_manifest(run_id, {"run_id": run_id, "state": "running", "pid": 1,
+                                   "host": "another-host", "message": "",
+                                   "heartbeat_seconds": 60.0})
+    long_ago = time.time() - 11 * 60
+    os.utime(tmp_path / "store" / "_runs" / "r-silent.json", (long_ago, long_ago))
+    runs = st.runs()
+    states = dict(zip(runs["run_id"], runs["state"], strict=True))
+    assert states == {"r-dead": "abandoned", "r-live": "running", "r-elsewhere": "running",
+                      "r-silent": "abandoned", "r-beating": "running"}
+    silent = runs.set_index("run_id").loc["r-silent", "message"]
+    assert "stopped writing its heartbeat 11 min ago" in silent
 
 
 def _dead_pid() -> int:
