@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -146,26 +147,32 @@ class Poller:
 def dask_workers(client: Any) -> Callable[[], dict[str, int]]:
     """RSS of every Dask worker, keyed by pid (a restarted worker is a new key).
 
-    Read from the operating system when the workers run on this machine (the shared
+    Read from the operating system when every worker runs on this machine (the shared
     LocalCluster): polling through ``client.run`` puts a call on every worker's event
     loop and through the scheduler four times a second, inside the run it measures.
-    Workers elsewhere are polled through ``client.run``."""
-    pids = {int(p) for p in client.run(os.getpid).values()}
-    try:
-        hosts = {psutil.Process(p).ppid() for p in pids}  # the nannies' process
-    except psutil.Error:
-        def remote() -> dict[str, int]:
-            return {str(k): int(v) for k, v in client.run(_rss).items()}
+    The pids are asked of the workers once, and again only after one is gone. Workers
+    on other machines are polled through ``client.run``."""
+    def remote() -> dict[str, int]:
+        return {str(k): int(v) for k, v in client.run(_rss).items()}
+
+    if set(client.run(socket.gethostname).values()) != {socket.gethostname()}:
         return remote
 
+    def ask() -> list[int]:
+        return sorted(int(p) for p in client.run(os.getpid).values())
+
+    pids = ask()
+
     def fn() -> dict[str, int]:
-        out = {}
-        for h in hosts:
-            with contextlib.suppress(psutil.Error):
-                for p in psutil.Process(h).children():
-                    with contextlib.suppress(psutil.Error):
-                        if p.pid in pids or "spawn_main" in " ".join(p.cmdline()):
-                            out[str(p.pid)] = int(p.memory_info().rss)
+        nonlocal pids
+        for attempt in range(2):
+            out = {}
+            for pid in pids:
+                with contextlib.suppress(psutil.Error):
+                    out[str(pid)] = int(psutil.Process(pid).memory_info().rss)
+            if len(out) == len(pids) or attempt:
+                return out
+            pids = ask()  # a worker restarted: learn its new pid
         return out
     return fn
 

@@ -43,10 +43,11 @@ from .errors import DataError, RunIncomplete, StoreError
 from .plan import Plan, Task, task_key
 from .single import versions
 from .source import CorruptFile, Source
-from .store import HEARTBEAT_SECONDS, Store
+from .store import HEARTBEAT_SECONDS, SILENT_HEARTBEATS, Store
 from .worker import (
     Opaque,
     Packed,
+    ScratchGone,
     TaskOutcome,
     TaskPayload,
     failure_tables,
@@ -216,6 +217,8 @@ class _Run:
         self.partitions_bad: frozenset[str] = frozenset()
         self.n_shuffles = 0
         self.spread: list[str] = []  # see spread_over
+        self.manifest_lock = threading.Lock()
+        self.manifest_closed = False
         self.t0 = time.perf_counter()
         self.wall0 = time.time()
         self.started = _now()
@@ -407,20 +410,27 @@ class _Run:
                      "staged files)", len(swept), self.store.url)
 
     def manifest(self, state: str, plan_info: dict[str, Any], message: str = "",
-                 n_skipped: int = 0) -> None:
-        """Write this run's manifest; while running, also its heartbeat."""
+                 n_skipped: int = 0) -> bool:
+        """Write this run's manifest (also its heartbeat, from ``_Heartbeat``'s thread);
+        False if the write failed. Once a final state is written, "running" is not."""
         if self.store is None:
-            return
-        self.store.write_manifest(self.run_id, {
-            "run_id": self.run_id, "state": state, "started": self.started,
-            "ended": _now() if state != "running" else None, "job": self.opts.job,
-            "versions": versions(), "plan": plan_info, "n_planned": self.plan.n_fits,
-            "n_skipped": n_skipped, "n_run": self.n_run, "by_status": self.by_status,
-            "bytes_read": self.bytes_read + self.plan.bytes_scan,
-            "wall_seconds": time.perf_counter() - self.t0, "message": message,
-            "pid": os.getpid(), "host": socket.gethostname(),
-            "heartbeat_seconds": HEARTBEAT_SECONDS if state == "running" else None,
-        })
+            return True
+        with self.manifest_lock:
+            if self.manifest_closed:
+                return True
+            ok = self.store.write_manifest(self.run_id, {
+                "run_id": self.run_id, "state": state, "started": self.started,
+                "ended": _now() if state != "running" else None, "job": self.opts.job,
+                "versions": versions(), "plan": plan_info, "n_planned": self.plan.n_fits,
+                "n_skipped": n_skipped, "n_run": self.n_run,
+                "by_status": dict(self.by_status),  # a copy: the main thread updates it
+                "bytes_read": self.bytes_read + self.plan.bytes_scan,
+                "wall_seconds": time.perf_counter() - self.t0, "message": message,
+                "pid": os.getpid(), "host": socket.gethostname(),
+                "heartbeat_seconds": HEARTBEAT_SECONDS if state == "running" else None,
+            })
+            self.manifest_closed = state != "running"
+            return ok
 
 
 class Resume(NamedTuple):
@@ -492,8 +502,9 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
     todo, n_skipped, parts = resume if resume is not None else pending(plan, store)
     info = plan.describe()
     run.manifest("running", info, n_skipped=n_skipped)
+    beat = _Heartbeat(lambda: run.manifest("running", info, n_skipped=n_skipped),
+                      HEARTBEAT_SECONDS if store is not None else None)
     run.sweep()  # after our own manifest: the store's clock for silent runs
-    next_beat = time.monotonic() + HEARTBEAT_SECONDS
     workers = _workers(client) if client is not None else []
     n_workers = max(1, len(workers)) if client is not None else 0
     run.spread_over(workers)
@@ -508,14 +519,12 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
     state, message = "complete", ""
     if plan.shuffle and todo:
         run.start_shuffle()
+    beat.start()
     try:
         while queue or inflight:
             if opts.stop.is_set():
                 raise RunIncomplete("interrupted: stopped submitting on request; "
                                     "rerun the job to resume")
-            if time.monotonic() >= next_beat:  # alive: see Store.sweep
-                run.manifest("running", info, n_skipped=n_skipped)
-                next_beat = time.monotonic() + HEARTBEAT_SECONDS
             while queue and len(inflight) < window:
                 task = queue.pop()
                 fut = run.submit(task)
@@ -556,6 +565,7 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
                                           "(committed fits are kept)")
         raise RunIncomplete(message) from None
     finally:
+        beat.stop()
         bar.close()
         run.cleanup()
         run.manifest(state, info, message, n_skipped=n_skipped)
@@ -570,6 +580,45 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
         parts=None if parts is None else parts | {t.key for t in todo},
         n_split=run.n_split, message=message, tables=run.tables,
         task_seconds=dict(run.task_seconds))
+
+
+class _Heartbeat:
+    """Rewrites the run's "running" manifest every ``every`` seconds from a thread of
+    its own, so a driver busy in one step (restarting workers, committing failures)
+    still reads as alive to other runs' sweeps (``Store.sweep``)."""
+
+    WARN_AFTER = 3  # failed beats in a row before saying so
+
+    def __init__(self, write: Any, every: float | None) -> None:
+        self.write, self.every = write, every
+        self.done = threading.Event()
+        self.failed = 0
+        self.thread = threading.Thread(target=self._beat, name="mixedscale-heartbeat",
+                                       daemon=True)
+
+    def start(self) -> None:
+        if self.every is not None:
+            self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5.0)  # a late beat is dropped anyway (_Run.manifest)
+
+    def _beat(self) -> None:
+        every = self.every or 0.0  # start() runs this thread only with an interval
+        while not self.done.wait(every):
+            try:
+                ok = bool(self.write())
+            except Exception as exc:  # never let the heartbeat take the run down
+                log.debug("heartbeat failed: %s", exc)
+                ok = False
+            self.failed = 0 if ok else self.failed + 1
+            if self.failed == self.WARN_AFTER:
+                log.warning(
+                    "could not write this run's manifest (its heartbeat) %d times in a "
+                    "row; after %d missed beats other runs on this store take it for "
+                    "dead and remove its shuffle scratch", self.failed, SILENT_HEARTBEATS)
 
 
 class _WorkerWatch:
@@ -699,6 +748,8 @@ def _handle(run: _Run, fut: Any, task: Task, queue: list[Task], bar: _Progress,
         run.commit_failure(task, "DataError", str(exc))
         bar.advance(len(task.items))
         return True
+    if isinstance(exc, ScratchGone):  # retrying cannot bring it back
+        raise RunIncomplete(str(exc))
     if isinstance(exc, (StoreError, OSError)):
         n = run.store_failures.get(task.key, 0) + 1
         run.store_failures[task.key] = n

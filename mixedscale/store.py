@@ -326,7 +326,8 @@ class Store:
             raise StoreError(f"writing {final!r} failed: {exc}") from exc
 
     # -- manifests
-    def write_manifest(self, run_id: str, manifest: dict[str, Any]) -> None:
+    def write_manifest(self, run_id: str, manifest: dict[str, Any]) -> bool:
+        """Replace a run's manifest atomically; False (and an error logged) on failure."""
         final = self.path("_runs", f"{run_id}.json")
         tmp = self.path("_tmp", f"run-{run_id}.{uuid.uuid4().hex}.json")
         blob = json.dumps(manifest, indent=2, default=str, sort_keys=True)
@@ -339,6 +340,8 @@ class Store:
                 self.fs.mv(tmp, final)
         except OSError as exc:
             log.error("could not write run manifest %s: %s", final, exc)
+            return False
+        return True
 
     # -- reading
     def _parts(self, table: str, tasks: set[str] | None = None) -> dict[str, str]:

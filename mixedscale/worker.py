@@ -260,6 +260,10 @@ def partition_to_store(src: Source, rgs: Sequence[RowGroup], columns: Sequence[s
     return out
 
 
+class ScratchGone(StoreError):
+    """A run's shuffle scratch folder no longer exists: retrying cannot help."""
+
+
 def load_shuffled(store: Store, parts: Sequence[dict[int, tuple[str, int]]], unit: int
                   ) -> Loaded:
     """A unit's rows from the scratch files of every shuffle partition."""
@@ -270,6 +274,15 @@ def load_shuffled(store: Store, parts: Sequence[dict[int, tuple[str, int]]], uni
             try:
                 with store.fs.open(path, "rb") as fh:
                     tables.append(pa.ipc.open_file(pa.BufferReader(fh.read())).read_all())
+            except FileNotFoundError as exc:
+                folder = path.rsplit("/", 2)[0]  # <scratch>/u<unit>/p<n>.arrow
+                if not store.fs.exists(folder):
+                    raise ScratchGone(
+                        f"this run's shuffle scratch {folder!r} is gone: another run on "
+                        "this store took this run for dead (its manifest's heartbeat had "
+                        "stopped for 10 minutes) and removed it, or it was deleted by "
+                        "hand; rerun the job to resume (committed fits are kept)") from exc
+                raise StoreError(f"reading shuffle scratch {path!r} failed: {exc}") from exc
             except (OSError, pa.ArrowException) as exc:
                 raise StoreError(f"reading shuffle scratch {path!r} failed: {exc}") from exc
             nbytes[path] = nb

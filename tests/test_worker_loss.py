@@ -235,6 +235,36 @@ def test_a_running_driver_rewrites_its_manifest_and_the_next_run_sweeps_a_silent
     assert ours["heartbeat_seconds"] is None  # ended: nothing to wait for
 
 
+def test_the_heartbeat_beats_from_its_own_thread_and_says_when_it_cannot(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The driver's main loop can be busy for minutes in one step (restarting workers,
+    committing failures); the heartbeat does not wait for it."""
+    import logging
+
+    from mixedscale.executor import _Heartbeat
+
+    beats: list[float] = []
+    beat = _Heartbeat(lambda: beats.append(time.monotonic()) or True, 0.01)
+    beat.start()
+    time.sleep(0.2)  # the main thread "busy"
+    beat.stop()
+    n = len(beats)
+    assert n >= 5
+    time.sleep(0.05)
+    assert len(beats) == n  # stopped means stopped
+
+    failing = _Heartbeat(lambda: False, 0.01)
+    with caplog.at_level(logging.WARNING, logger="mixedscale.executor"):
+        failing.start()
+        time.sleep(0.2)
+        failing.stop()
+    said = [r.getMessage() for r in caplog.records if "heartbeat" in r.getMessage()]
+    assert len(said) == 1 and "3 times in a row" in said[0], said
+    assert failing.failed >= 5
+
+    _Heartbeat(lambda: pytest.fail("no store, no beats"), None).start()
+
+
 def test_a_run_sweeps_what_an_ended_run_left_and_survives_a_failing_sweep(
         tmp_path: Any, cluster_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import mixedscale as ms
@@ -265,3 +295,46 @@ def test_a_run_sweeps_what_an_ended_run_left_and_survives_a_failing_sweep(
     res = ms.fit_many(make_genes().query("gene == 'g002'"), spec, split_by="gene",
                       store=str(store), client=cluster_client, progress=False)
     assert res.run.state == "complete" and len(res.fits) == 1
+
+
+def test_a_run_whose_scratch_was_swept_fails_clearly_and_a_rerun_resumes(
+        tmp_path: Any, cluster_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another run's sweep took this one for dead (or a user deleted the scratch): the
+    run ends at once with a message that says so, not after retries as a failing
+    store; what it committed is kept once, and a rerun completes the job."""
+    import shutil
+    from pathlib import Path
+
+    import mixedscale as ms
+    import mixedscale.executor as executor
+    import mixedscale.plan as plan_mod
+
+    from .clusterutil import check_invariant
+    from .conftest import make_genes
+
+    data = tmp_path / "data"
+    data.mkdir()
+    make_genes(n_genes=24, shuffle=True).to_parquet(data / "all.parquet", index=False,
+                                                    row_group_size=100)
+    monkeypatch.setattr(plan_mod, "UNIT_MAX_ROWS", 200)  # many units: a shuffled run
+    store = tmp_path / "store"
+    spec = ms.ModelSpec("y ~ time", groups="subject")
+    real = executor._handle
+    calls = {"n": 0}
+
+    def sweep_then_handle(*args: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:  # after the first task: the scratch goes
+            for d in (store / "_tmp").glob("shuffle-*"):
+                shutil.rmtree(d)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(executor, "_handle", sweep_then_handle)
+    with pytest.raises(ms.RunIncomplete, match=r"^this run's shuffle scratch .* is gone: another"):
+        ms.fit_many(str(data), spec, split_by="gene", store=str(store),
+                    client=cluster_client, progress=False)
+    monkeypatch.setattr(executor, "_handle", real)
+    res = ms.fit_many(str(data), spec, split_by="gene", store=str(store),
+                      client=cluster_client, progress=False)
+    assert res.plan.shuffle and res.run.state == "complete" and res.run.n_skipped >= 1
+    check_invariant(Path(store), res.plan.fit_ids())
