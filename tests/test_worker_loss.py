@@ -233,6 +233,10 @@ def test_a_running_driver_rewrites_its_manifest_and_the_next_run_sweeps_a_silent
     assert not scratch.exists()
     ours = json.loads((store / "_runs" / f"{res.run.run_id}.json").read_text())
     assert ours["heartbeat_seconds"] is None  # ended: nothing to wait for
+    assert ours["state"] == "complete"  # no late beat overwrote it
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name == "mixedscale-heartbeat"]
 
 
 def test_the_heartbeat_beats_from_its_own_thread_and_says_when_it_cannot(
