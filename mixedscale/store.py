@@ -483,7 +483,9 @@ class Store:
         - those of runs whose manifest says "running" but whose driver stopped
           rewriting it (``HEARTBEAT_SECONDS``) for ``SILENT_HEARTBEATS`` beats. Silence
           is measured against ``own_run``'s manifest, written just before: both times
-          come from the store's listing, so clocks of different hosts never meet.
+          come from the store's listing, so where the store stamps them (object
+          stores, local and network file systems) clocks of different hosts never
+          meet; a FUSE mount that stamps the writer's clock needs clocks within ~9 min.
           Manifests without a heartbeat (older versions) are never judged silent;
         - staged files older than ``stale_after`` seconds (a stage lasts one part
           write; a day leaves room for clock skew between hosts).
