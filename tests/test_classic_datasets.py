@@ -8,6 +8,8 @@
 - Designs without an lme4 reference (nested and crossed variance components,
   Grunfeld's investment panel, missing values): status ok, llf at least the best
   statsmodels MixedLM reaches across its optimizers, and the two engines agree.
+- Every case also runs through the batched engine (fit_many's default path) on copies
+  of its data, where the spec allows it.
 
 Tolerances where lme4 values exist are those of shared/refdata/README.md.
 """
@@ -31,6 +33,8 @@ import mixedscale
 from mixedscale import ModelSpec
 
 ENGINES = ("auto", "fast", "statsmodels")
+# "batch": the batched engine, fit_many's default path, on MIN_BATCH copies of the data.
+ROUTES = (*ENGINES, "batch")
 SM_METHODS = ("lbfgs", "bfgs", "powell", "nm")
 SM_RESULTS = Path(statsmodels.__file__).parent / "regression" / "tests" / "results"
 needs_sm_results = pytest.mark.skipif(
@@ -45,9 +49,35 @@ LLF_TOL = 1e-4
 
 
 def _fit(df: pd.DataFrame, engine: str, **kw: Any) -> mixedscale.FitResult:
-    res = mixedscale.fit(df, ModelSpec(engine=engine, **kw))
+    res = _route(df, ModelSpec(**kw), engine)
     assert res.status == "ok", res
     return res
+
+
+def _route(df: pd.DataFrame, spec: ModelSpec, route: str) -> mixedscale.FitResult:
+    if route != "batch":
+        return mixedscale.fit(df, spec.replace(engine=route))
+    return _batched(df, spec)
+
+
+def _batched(df: pd.DataFrame, spec: ModelSpec) -> mixedscale.FitResult:
+    """The batched engine on MIN_BATCH copies of ``df``, fitted together as fit_many
+    fits a task's slices; every copy must be verified there (no fallback to fit())."""
+    from mixedscale.batch import MIN_BATCH, batchable, fit_slices
+
+    if not batchable(spec):
+        pytest.skip("fit_many fits this spec one by one, with fit()")
+    stacked = pd.concat([df] * MIN_BATCH, ignore_index=True)
+    out = fit_slices(stacked, np.repeat(np.arange(MIN_BATCH), len(df)), spec, MIN_BATCH)
+    assert out is not None and not out.fallback, "the batch left these copies to fit()"
+    fits, params, var = (t.to_pandas() for t in (out.fits, out.params, out.variance))
+    assert len(fits) == MIN_BATCH and np.ptp(fits["llf"].to_numpy(float)) <= 1e-9
+    row = {str(k): v.item() if isinstance(v, np.generic) else v
+           for k, v in fits[fits["_slice"] == 0].iloc[0].items()}
+    return mixedscale.FitResult(
+        fit=row,
+        params=params[params["_slice"] == 0].drop(columns="_slice").reset_index(drop=True),
+        variance=var[var["_slice"] == 0].drop(columns="_slice").reset_index(drop=True))
 
 
 def _var(res: mixedscale.FitResult, kind: str, term1: str | None = None,
@@ -69,9 +99,7 @@ RAIL = pd.DataFrame({
 })
 
 
-@pytest.mark.parametrize("engine", [
-    "auto", "fast", "statsmodels",
-])
+@pytest.mark.parametrize("engine", ROUTES)
 def test_rail_published_reml(engine: str) -> None:
     res = _fit(RAIL, engine, formula="travel ~ 1", groups="Rail")
     assert round(res.fit["llf"], 2) == -61.09
@@ -105,7 +133,7 @@ def _dietox() -> pd.DataFrame:
 
 
 @needs_sm_results
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", ROUTES)
 @pytest.mark.parametrize("re_formula, reml", list(DIETOX_LME4), ids=str)
 def test_dietox_lme4(re_formula: str | None, reml: bool, engine: str) -> None:
     fe, se, scale, cov, loglik = DIETOX_LME4[(re_formula, reml)]
@@ -151,17 +179,17 @@ def _lme_fit(fname: str, key: str, engine: str) -> tuple[mixedscale.FitResult, d
     meth, irf = key.split("_")[1:3]
     spec = ModelSpec("endog ~ 0 + " + " + ".join(fe), groups="groups",
                      re_formula="0 + " + " + ".join(re_), reml=meth == "reml",
-                     cov_structure="diagonal" if irf == "irf" else "unstructured", engine=engine)
+                     cov_structure="diagonal" if irf == "irf" else "unstructured")
     r = {k: np.asarray(getattr(ref, k + key), dtype=float)
          for k in ("coef", "vcov", "cov_re", "scale", "loglike")}
     r["re_names"] = re_
-    return mixedscale.fit(df, spec), r
+    return _route(df, spec, engine), r
 
 
 # The statsmodels engine stops short of lme4 by more than 1e-5 in these fixed effects.
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", ROUTES)
 @pytest.mark.parametrize("case", _lme_cases())
 def test_lme_r_results(case: tuple[str, str], engine: str) -> None:
     fname, key = case
@@ -257,10 +285,10 @@ def _sm_best_llf(name: str) -> float:
 @cache
 def _no_ref_fit(name: str, engine: str) -> mixedscale.FitResult:
     load, kw = NO_REF[name]
-    return mixedscale.fit(load(), ModelSpec(engine=engine, **kw))
+    return _route(load(), ModelSpec(**kw), engine)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", ROUTES)
 @pytest.mark.parametrize(("name", "kw"), _no_ref_params())
 def test_no_reference_ok_and_beats_statsmodels(name: str, kw: dict, engine: str) -> None:
     res = _no_ref_fit(name, engine)
