@@ -161,18 +161,21 @@ def dask_workers(client: Any) -> Callable[[], dict[str, int]]:
     def ask() -> list[int]:
         return sorted(int(p) for p in client.run(os.getpid).values())
 
+    def read(ps: list[int]) -> dict[str, int]:
+        out = {}
+        for pid in ps:
+            with contextlib.suppress(psutil.Error):
+                out[str(pid)] = int(psutil.Process(pid).memory_info().rss)
+        return out
+
     pids = ask()
 
     def fn() -> dict[str, int]:
         nonlocal pids
-        for attempt in range(2):
-            out = {}
-            for pid in pids:
-                with contextlib.suppress(psutil.Error):
-                    out[str(pid)] = int(psutil.Process(pid).memory_info().rss)
-            if len(out) == len(pids) or attempt:
-                return out
-            pids = ask()  # a worker restarted: learn its new pid
+        out = read(pids)
+        if len(out) < len(pids):  # a worker restarted: learn its new pid
+            pids = ask()
+            out = read(pids)
         return out
     return fn
 

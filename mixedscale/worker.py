@@ -33,6 +33,8 @@ from .source import RowGroup, Source
 from .spec import ModelSpec
 from .store import (
     FAULTS_ENV,
+    HEARTBEAT_SECONDS,
+    SILENT_HEARTBEATS,
     Store,
     claim_fault,
     fault_rules,
@@ -274,16 +276,16 @@ def load_shuffled(store: Store, parts: Sequence[dict[int, tuple[str, int]]], uni
             try:
                 with store.fs.open(path, "rb") as fh:
                     tables.append(pa.ipc.open_file(pa.BufferReader(fh.read())).read_all())
-            except FileNotFoundError as exc:
+            except (OSError, pa.ArrowException) as exc:
                 folder = path.rsplit("/", 2)[0]  # <scratch>/u<unit>/p<n>.arrow
-                if not store.fs.exists(folder):
+                if isinstance(exc, FileNotFoundError) and not store.fs.exists(folder):
+                    silent = SILENT_HEARTBEATS * HEARTBEAT_SECONDS / 60
                     raise ScratchGone(
                         f"this run's shuffle scratch {folder!r} is gone: another run on "
                         "this store took this run for dead (its manifest's heartbeat had "
-                        "stopped for 10 minutes) and removed it, or it was deleted by "
-                        "hand; rerun the job to resume (committed fits are kept)") from exc
-                raise StoreError(f"reading shuffle scratch {path!r} failed: {exc}") from exc
-            except (OSError, pa.ArrowException) as exc:
+                        f"stopped for {silent:.0f} minutes) and removed it, or it was "
+                        "deleted by hand; rerun the job to resume (committed fits are "
+                        "kept)") from exc
                 raise StoreError(f"reading shuffle scratch {path!r} failed: {exc}") from exc
             nbytes[path] = nb
     # One conversion for all pieces: per-piece to_pandas and concat was twice the time.
