@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -24,31 +24,62 @@ from .executor import (
 from .plan import Plan, make_plan
 from .source import Source, lists_under, open_source
 from .spec import ENGINES, ModelSpec
-from .store import Store, check_writable, protocols
+from .store import TABLES, Store, check_writable, protocols
 
 __all__ = ["RunResult", "fit_many", "prepare"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class RunResult:
-    """Results of one run: tidy tables of every planned fit, and the run summary."""
+    """Results of one run: tidy tables of every planned fit, and the run summary.
 
-    fits: pd.DataFrame
-    params: pd.DataFrame
-    variance: pd.DataFrame
+    ``fits``, ``params`` and ``variance`` are read from the store when first used, so a
+    caller that needs only the summary (``mixedscale run``) never holds 10^6 fits'
+    rows in memory; ``status_counts`` reads only the fits' status column."""
+
     run: RunSummary
     plan: Plan
     store: Store | None = None
+    _read: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
+    _counts: dict[str, int] | None = field(default=None, repr=False)
+
+    @property
+    def fits(self) -> pd.DataFrame:
+        return self._table("fits")
+
+    @property
+    def params(self) -> pd.DataFrame:
+        return self._table("params")
+
+    @property
+    def variance(self) -> pd.DataFrame:
+        return self._table("variance")
+
+    def _table(self, name: str) -> pd.DataFrame:
+        if name not in self._read:
+            self._read[name] = _tables(self.run, self.plan, self.store, (name,))[0]
+        return self._read[name]
+
+    def status_counts(self) -> dict[str, int]:
+        """Fits per status over every planned fit (resumed ones included)."""
+        if self._counts is None:
+            fits = self._read.get("fits")
+            if fits is None:  # the status column alone, not the whole table
+                fits = (self.fits if self.store is None else
+                        _tables(self.run, self.plan, self.store, ("fits",), ["status"])[0])
+            counts = fits["status"].value_counts() if len(fits) else pd.Series(dtype=int)
+            self._counts = {str(k): int(v) for k, v in counts.items()}
+        return dict(self._counts)
 
     def summary(self) -> dict[str, Any]:
-        counts = self.fits["status"].value_counts().to_dict() if len(self.fits) else {}
+        counts = self.status_counts()
         r = self.run
         return {
             "run_id": r.run_id, "state": r.state, "n_planned": r.n_planned,
             "n_fitted_this_run": r.n_run, "n_resumed": r.n_skipped,
-            "by_status": {str(k): int(v) for k, v in counts.items()},
+            "by_status": counts,
             "fits_per_second": round(r.fits_per_second, 2),
             "wall_seconds": round(r.wall_seconds, 3), "plan_seconds": round(r.plan_seconds, 3),
             "fit_seconds": round(r.fit_seconds, 3), "overhead": round(r.overhead, 4),
@@ -146,17 +177,18 @@ def _client(client: Any, address: str | None, workers: int | None, security: Any
         cluster.close()
 
 
-def _tables(summary: RunSummary, plan: Plan, store: Store | None
-            ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _tables(summary: RunSummary, plan: Plan, store: Store | None,
+            names: tuple[str, ...] = TABLES, fit_columns: Sequence[str] | None = None
+            ) -> list[pd.DataFrame]:
     if store is not None:
         # Only this job's parts and fits: a shared store may hold many other jobs' results.
-        return store.run_tables(summary.parts or set(), plan.fit_ids())
+        return store.run_tables(summary.parts or set(), plan.fit_ids(), names, fit_columns)
     out = []
-    for t in ("fits", "params", "variance"):
+    for t in names:
         parts = summary.tables.get(t, [])
         df = pa.concat_tables(parts).to_pandas() if parts else pd.DataFrame()
         out.append(df.reset_index(drop=True))
-    return out[0], out[1], out[2]
+    return out
 
 
 def fit_many(
@@ -181,6 +213,7 @@ def fit_many(
     ``data``: a DataFrame, or a Parquet file/folder/glob/hive tree/fsspec URL.
     ``filter``: pyarrow-style ``[[column, op, value], ...]`` (AND-ed).
     ``store``: a folder or URL for the results store; None keeps results in memory.
+    With a store, the result's tables are read from it when first used.
     ``client``/``scheduler``: an existing cluster; otherwise an embedded LocalCluster.
     Re-running with the same store resumes: only missing fits run.
     """
@@ -209,9 +242,7 @@ def fit_many(
                 opts.no_workers_timeout = 120.0
             with _client(client, scheduler, workers, security, memory_limit) as c:
                 summary = execute(plan, src, st, c, opts, resume)
-        fits, params, variance = _tables(summary, plan, st)
-        return RunResult(fits=fits, params=params, variance=variance, run=summary,
-                         plan=plan, store=st)
+        return RunResult(run=summary, plan=plan, store=st)
 
 
 def _check_cluster_args(client: Any, scheduler: Any, workers: Any, memory_limit: Any) -> None:

@@ -92,12 +92,13 @@ def _require_store(job: Any) -> None:
 
 
 def _fail_on(result: Any, fail_on: FailOn | None) -> int:
-    if fail_on is None or result.fits.empty:
+    if fail_on is None:
         return EXIT_OK
-    st = result.fits["status"]
-    bad = (st == "error") if fail_on is FailOn.error else (st != "ok")
-    if bad.any():
-        typer.echo(f"--fail-on {fail_on.value}: {int(bad.sum())} fits matched", err=True)
+    counts = result.status_counts()  # the status column only: a job may hold 10^6 fits
+    bad = sum(n for st, n in counts.items()
+              if (st == "error" if fail_on is FailOn.error else st != "ok"))
+    if bad:
+        typer.echo(f"--fail-on {fail_on.value}: {bad} fits matched", err=True)
         return EXIT_FAIL_ON
     return EXIT_OK
 

@@ -369,32 +369,43 @@ class Store:
             out[name] = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
         return out
 
-    def _read_parts(self, files: list[tuple[int, str]]) -> pa.Table | None:
-        """The parts, concatenated, with ``_part``: the given number of each file."""
+    def _read_parts(self, files: list[tuple[int, str]], columns: Sequence[str] | None = None
+                    ) -> pa.Table | None:
+        """The parts (``columns`` only, if given), concatenated, with ``_part``: the given
+        number of each file."""
         parts = []
         for i, f in files:
             try:
                 with self.fs.open(f, "rb") as fh:
-                    t = pq.read_table(fh)
+                    pf = pq.ParquetFile(fh)
+                    names = pf.schema_arrow.names
+                    if "fit_id" not in names:
+                        raise StoreError(
+                            f"{f!r} is not a mixedscale part (it has no fit_id column); "
+                            "move files other than mixedscale's out of the store")
+                    t = pf.read(columns=None if columns is None
+                                else [c for c in columns if c in names])
             except (OSError, pa.ArrowException) as exc:
                 raise StoreError(f"store part {f!r} is unreadable: {exc}") from None
-            if "fit_id" not in t.column_names:
-                raise StoreError(f"{f!r} is not a mixedscale part (it has no fit_id column); "
-                                 "move files other than mixedscale's out of the store")
             parts.append(t.append_column("_part", pa.array(np.full(t.num_rows, i))))
         return pa.concat_tables(parts, promote_options="permissive") if parts else None
 
     def _tables(self, names: tuple[str, ...], tasks: set[str] | None = None,
-                ids: Sequence[str] | None = None) -> list[pd.DataFrame]:
+                ids: Sequence[str] | None = None, fit_columns: Sequence[str] | None = None
+                ) -> list[pd.DataFrame]:
         """Committed rows of the given tables, one copy per fit_id.
 
         A part counts once its fits part exists (fits are published last). The same
         fit in two parts (two jobs sharing a spec and slice, or an object store's
         race) keeps the rows of its first part only. Parts are numbered by their
-        position among the committed fits parts, in every table."""
+        position among the committed fits parts, in every table. ``fit_columns``: the
+        fits table's columns to read (fit_id always); without "fits" in ``names``,
+        only its fit_id is read."""
         committed = self._parts("fits", tasks)
         order = sorted(committed)
-        fits = self._read_parts([(i, committed[n]) for i, n in enumerate(order)])
+        cols = (None if fit_columns is None else ["fit_id", *fit_columns]) \
+            if "fits" in names else ["fit_id"]
+        fits = self._read_parts([(i, committed[n]) for i, n in enumerate(order)], cols)
         if fits is None:
             return [pd.DataFrame() for _ in names]
         wanted = None if ids is None else pa.array(ids, type=pa.string())
@@ -425,12 +436,12 @@ class Store:
     def fits(self) -> pd.DataFrame:
         return self._tables(("fits",))[0]
 
-    def run_tables(self, tasks: set[str], ids: Sequence[str] | None = None
-                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-        """fits, params and variance of the given tasks (and fit ids) only: what one job
-        wrote."""
-        fits, params, variance = self._tables(TABLES, tasks, ids)
-        return fits, params, variance
+    def run_tables(self, tasks: set[str], ids: Sequence[str] | None = None,
+                   names: tuple[str, ...] = TABLES, fit_columns: Sequence[str] | None = None
+                   ) -> list[pd.DataFrame]:
+        """The named tables of the given tasks (and fit ids) only: what one job wrote.
+        ``fit_columns``: read only these columns of fits (and fit_id)."""
+        return self._tables(names, tasks, ids, fit_columns)
 
     def params(self) -> pd.DataFrame:
         return self._tables(("params",))[0]

@@ -90,6 +90,38 @@ def test_fit_many_on_a_cluster_store_none_equals_store(cluster_client: Any,
     assert [r["state"] for r in manifests(store)] == ["complete", "complete"]
 
 
+def test_a_stored_runs_tables_are_read_when_first_used(cluster_client: Any,
+                                                       genes_parquet: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """fit_many returns without reading the store back; the summary (and the CLI's
+    --fail-on) reads the fits' status column alone, and each table is read once."""
+    from mixedscale.store import Store
+
+    reads: list[tuple[tuple[str, ...], Any]] = []
+    real = Store.run_tables
+
+    def spy(self: Store, tasks: set[str], ids: Any = None, names: tuple[str, ...] = (),
+            fit_columns: Any = None) -> list[pd.DataFrame]:
+        reads.append((names, fit_columns))
+        return real(self, tasks, ids, names, fit_columns)
+
+    monkeypatch.setattr(Store, "run_tables", spy)
+    res = ms.fit_many(str(genes_parquet), [RI, RS], split_by="gene",
+                      store=str(tmp_path / "store"), client=cluster_client, progress=False)
+    assert reads == []
+    counts = res.summary()["by_status"]
+    assert reads == [(("fits",), ["status"])]
+    assert sum(counts.values()) == 40
+    assert res.status_counts() == counts and len(reads) == 1  # counted once
+    full = ms.open_store(str(tmp_path / "store"))
+    assert len(res.params) == len(full.params()) and len(reads) == 2
+    assert reads[-1] == (("params",), None)
+    assert res.fits["status"].value_counts().to_dict() == counts
+    assert len(res.fits) == 40 and len(reads) == 3  # read once, then kept
+    assert len(res.variance) == len(full.variance()) and len(reads) == 4
+
+
 def test_a_grown_spec_grid_resumes_by_fit_id(cluster_client: Any, genes_parquet: Path,
                                              tmp_path: Path) -> None:
     """Adding a spec to a job repacks its tasks; the fits already in the store are kept,

@@ -192,6 +192,27 @@ def test_failed_commit_takes_back_its_params_and_variance(tmp_path: Path,
     assert len(st.params()) == 1 and len(st.fits()) == 1
 
 
+def test_a_fit_in_two_parts_is_read_once_in_every_table_and_column_subset(
+        tmp_path: Path) -> None:
+    # Two writers of one fit (an object store's race): the first part's rows win in
+    # every table, also when a table is read alone or the fits' status column alone.
+    st = Store(str(tmp_path / "store"))
+    st.init()
+    first, second = _task_tables(), _task_tables()
+    second["fits"] = second["fits"].set_column(1, "status", pa.array(["error"]))
+    second["params"] = second["params"].set_column(1, "term", pa.array(["z"]))
+    assert st.publish("a", first) and st.publish("b", second)
+    fits, params, variance = st.run_tables({"a", "b"})
+    assert fits["status"].tolist() == ["ok"] and params["term"].tolist() == ["x"]
+    assert len(variance) == 1
+    (alone,) = st.run_tables({"a", "b"}, names=("params",))
+    assert alone["term"].tolist() == ["x"]
+    (status,) = st.run_tables({"a", "b"}, ["f1"], names=("fits",), fit_columns=["status"])
+    assert list(status.columns) == ["fit_id", "status"] and status["status"].tolist() == ["ok"]
+    (none,) = st.run_tables({"b"}, ["f2"], names=("fits",), fit_columns=["status"])
+    assert none.empty
+
+
 def test_commit_restores_parts_another_writer_took_back(tmp_path: Path) -> None:
     st = Store(str(tmp_path / "store"))
     st.init()
