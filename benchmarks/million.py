@@ -1,4 +1,5 @@
-"""``python -m benchmarks.million [--slices N]``: the scaling model's ``tiny x10`` row, run.
+"""The scaling model's ``tiny x10`` row, run:
+``python -m benchmarks.million [--slices N] [--tables] [--data DIR]``.
 
 One ``fit_many`` of the ``tiny`` suite's spec over 1,000,000 slices of 20 rows (one
 sorted file, written once under benchmarks/data/tiny-1m) on a 2-worker LocalCluster.
@@ -41,9 +42,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.million")
     ap.add_argument("--slices", type=int, default=1_000_000)
     ap.add_argument("--tables", action="store_true", help="also read the result tables")
+    ap.add_argument("--data", default=str(HERE / "data"), help="generated Parquet folder")
     args = ap.parse_args()
     suite = replace(get_suite("tiny"), n_slices=args.slices)
-    path = HERE / "data" / f"tiny-{args.slices}" / "sorted.parquet"
+    path = Path(args.data) / f"tiny-{args.slices}" / "sorted.parquet"
     if not path.exists():  # written in a separate step: its memory is not the driver's
         path.parent.mkdir(parents=True, exist_ok=True)
         df = _tiny(suite, np.random.default_rng(20261126))

@@ -130,3 +130,20 @@ def test_optional_runners_run_only_when_named() -> None:
     assert "mixedscale-statsmodels-sorted" not in _runners(tiny, [])
     assert "mixedscale-statsmodels-sorted" not in _runners(tiny, ["mixedscale-auto"])
     assert _runners(tiny, ["mixedscale-statsmodels"]) == ["mixedscale-statsmodels-sorted"]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_million_runs_at_a_small_size(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "benchmarks.million", "--slices", "300", "--tables",
+           "--data", str(tmp_path)]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "run again to measure" in first.stdout
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["by_status"] == {"ok": 300}
+    assert out["peak_mb_with_tables"] >= out["peak_mb_without_tables"] > 0
+    assert out["with_tables_s"] >= out["with_status_s"] >= out["returned_s"] > 0
