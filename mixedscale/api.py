@@ -88,10 +88,10 @@ class RunResult:
             "store": self.store.url if self.store else None,
         }
 
-    def __repr__(self) -> str:
-        s = self.summary()
-        return (f"RunResult(state={s['state']!r}, fits={s['n_planned']}, "
-                f"by_status={s['by_status']}, fits_per_second={s['fits_per_second']})")
+    def __repr__(self) -> str:  # no store read: the run's own counts
+        r = self.run
+        return (f"RunResult(state={r.state!r}, fits={r.n_planned}, resumed={r.n_skipped}, "
+                f"this_run={r.by_status}, fits_per_second={r.fits_per_second:.2f})")
 
 
 def _as_specs(specs: ModelSpec | Sequence[ModelSpec]) -> list[ModelSpec]:
@@ -182,7 +182,10 @@ def _tables(summary: RunSummary, plan: Plan, store: Store | None,
             ) -> list[pd.DataFrame]:
     if store is not None:
         # Only this job's parts and fits: a shared store may hold many other jobs' results.
-        return store.run_tables(summary.parts or set(), plan.fit_ids(), names, fit_columns)
+        # A finished run committed every planned fit, so fewer means the store moved.
+        ids = plan.fit_ids()
+        return store.run_tables(summary.parts or set(), ids, names, fit_columns,
+                                expect=len(ids) if summary.state == "complete" else None)
     out = []
     for t in names:
         parts = summary.tables.get(t, [])

@@ -391,8 +391,8 @@ class Store:
         return pa.concat_tables(parts, promote_options="permissive") if parts else None
 
     def _tables(self, names: tuple[str, ...], tasks: set[str] | None = None,
-                ids: Sequence[str] | None = None, fit_columns: Sequence[str] | None = None
-                ) -> list[pd.DataFrame]:
+                ids: Sequence[str] | None = None, fit_columns: Sequence[str] | None = None,
+                expect: int | None = None) -> list[pd.DataFrame]:
         """Committed rows of the given tables, one copy per fit_id.
 
         A part counts once its fits part exists (fits are published last). The same
@@ -400,13 +400,15 @@ class Store:
         race) keeps the rows of its first part only. Parts are numbered by their
         position among the committed fits parts, in every table. ``fit_columns``: the
         fits table's columns to read (fit_id always); without "fits" in ``names``,
-        only its fit_id is read."""
+        only its fit_id is read. ``expect``: the number of fits that must be there (a
+        finished run's); fewer raise StoreError."""
         committed = self._parts("fits", tasks)
         order = sorted(committed)
         cols = (None if fit_columns is None else ["fit_id", *fit_columns]) \
             if "fits" in names else ["fit_id"]
         fits = self._read_parts([(i, committed[n]) for i, n in enumerate(order)], cols)
         if fits is None:
+            self._check_found(0, expect)
             return [pd.DataFrame() for _ in names]
         wanted = None if ids is None else pa.array(ids, type=pa.string())
         if wanted is not None:  # in Arrow: pandas' isin on Arrow strings is 100x slower
@@ -418,6 +420,7 @@ class Store:
             first = pd.Series(part).groupby(fit_ids.to_numpy()).transform("min").to_numpy()
             fits = fits.filter(pa.array(part == first))
             winners = fits.select(["fit_id", "_part"]).rename_columns(["fit_id", "_win"])
+        self._check_found(fits.num_rows, expect)
         out = []
         for name in names:
             tab = fits
@@ -433,15 +436,24 @@ class Store:
             out.append(pd.DataFrame() if tab is None else _to_pandas(tab.drop_columns(["_part"])))
         return out
 
+    def _check_found(self, found: int, expect: int | None) -> None:
+        if expect is not None and found < expect:
+            raise StoreError(
+                f"the results store {self.url!r} no longer holds this run's results (found "
+                f"{found} of {expect} fits): it was moved or deleted after the run; read it "
+                "where it is now with mixedscale.open_store, or rerun the job; "
+                f"got (store={self.url!r})")
+
     def fits(self) -> pd.DataFrame:
         return self._tables(("fits",))[0]
 
     def run_tables(self, tasks: set[str], ids: Sequence[str] | None = None,
-                   names: tuple[str, ...] = TABLES, fit_columns: Sequence[str] | None = None
-                   ) -> list[pd.DataFrame]:
+                   names: tuple[str, ...] = TABLES, fit_columns: Sequence[str] | None = None,
+                   expect: int | None = None) -> list[pd.DataFrame]:
         """The named tables of the given tasks (and fit ids) only: what one job wrote.
-        ``fit_columns``: read only these columns of fits (and fit_id)."""
-        return self._tables(names, tasks, ids, fit_columns)
+        ``fit_columns``: read only these columns of fits (and fit_id); ``expect``: see
+        ``_tables``."""
+        return self._tables(names, tasks, ids, fit_columns, expect)
 
     def params(self) -> pd.DataFrame:
         return self._tables(("params",))[0]

@@ -102,9 +102,10 @@ def test_a_stored_runs_tables_are_read_when_first_used(cluster_client: Any,
     real = Store.run_tables
 
     def spy(self: Store, tasks: set[str], ids: Any = None, names: tuple[str, ...] = (),
-            fit_columns: Any = None) -> list[pd.DataFrame]:
+            fit_columns: Any = None, expect: int | None = None) -> list[pd.DataFrame]:
         reads.append((names, fit_columns))
-        return real(self, tasks, ids, names, fit_columns)
+        assert expect == len(ids)  # a finished run: every planned fit must be there
+        return real(self, tasks, ids, names, fit_columns, expect)
 
     monkeypatch.setattr(Store, "run_tables", spy)
     res = ms.fit_many(str(genes_parquet), [RI, RS], split_by="gene",
@@ -120,6 +121,17 @@ def test_a_stored_runs_tables_are_read_when_first_used(cluster_client: Any,
     assert res.fits["status"].value_counts().to_dict() == counts
     assert len(res.fits) == 40 and len(reads) == 3  # read once, then kept
     assert len(res.variance) == len(full.variance()) and len(reads) == 4
+    assert "this_run={'ok': 40}" in repr(res) and len(reads) == 4  # no read for a repr
+    # A store moved after the run is an error, not empty tables.
+    moved = ms.fit_many(str(genes_parquet), [RI], split_by="gene",
+                        store=str(tmp_path / "store"), client=cluster_client, progress=False)
+    (tmp_path / "store").rename(tmp_path / "elsewhere")
+    for table in ("fits", "params", "variance"):
+        with pytest.raises(ms.StoreError, match=r"no longer holds this run's results \(found "
+                           r"0 of 20 fits\)"):
+            getattr(moved, table)
+    with pytest.raises(ms.StoreError, match="no longer holds"):
+        moved.summary()
 
 
 def test_a_grown_spec_grid_resumes_by_fit_id(cluster_client: Any, genes_parquet: Path,
