@@ -8,11 +8,13 @@ key keeps every fit exactly once.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, NamedTuple
@@ -191,6 +193,27 @@ def _json_list(values: Sequence[Any]) -> str:
     return "[" + ", ".join(out) + "]"
 
 
+def _plain(text: str) -> bool:
+    """JSON encodes ``text`` as itself in quotes (no escapes)."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
+
+
+def _tails(infos: Sequence[SliceInfo]) -> list[str]:
+    """``f"{_json_list(key)}, {json.dumps(fingerprint)}]"`` per slice, byte for byte (the
+    end of its fit id's JSON), without a function call per slice for one-column int or
+    plain-text keys."""
+    keys = [s.key for s in infos]
+    fps = [s.fingerprint for s in infos]
+    if all(_plain(f) for f in set(fps)) and all(len(k) == 1 for k in keys):
+        vals = [k[0] for k in keys]
+        types = set(map(type, vals))
+        if types == {int}:  # exactly int: bool is an int json spells true/false
+            return [f'[{v}], "{f}"]' for v, f in zip(vals, fps, strict=True)]
+        if types == {str} and all(map(_plain, vals)):
+            return [f'["{v}"], "{f}"]' for v, f in zip(vals, fps, strict=True)]
+    return [f"{_json_list(s.key)}, {_json_list((s.fingerprint,))[1:]}" for s in infos]
+
+
 def _norm_column(col: pd.Series) -> list[Any]:
     """A key column's values as ``_norm_key`` gives them: Python scalars, NaN as None."""
     vals = col.tolist()
@@ -230,15 +253,31 @@ def make_plan(src: Source, specs: Sequence[ModelSpec], split_by: Sequence[str] =
     if keys.empty or int(keys["_rows"].sum()) == 0:
         raise DataError("no rows to fit: the data is empty or the filter removes every row; "
                         f"got (filter={src.filter!r})")
-    slices = _slices(src, keys, split_by, columns)
-    rg_bytes = [rg.nbytes for rg in src.row_groups] or [0]
-    one_pass = int(sum(rg_bytes)) if src.frame is None else 0
-    units = _units(slices, rg_bytes)
-    shuffle = src.frame is None and sum(u.nbytes for u in units) > SHUFFLE_RATIO * max(one_pass, 1)
-    tasks = _tasks(slices, units, specs, engine)
+    with _collector_paused():
+        slices = _slices(src, keys, split_by, columns)
+        rg_bytes = [rg.nbytes for rg in src.row_groups] or [0]
+        one_pass = int(sum(rg_bytes)) if src.frame is None else 0
+        units = _units(slices, rg_bytes)
+        shuffle = src.frame is None and \
+            sum(u.nbytes for u in units) > SHUFFLE_RATIO * max(one_pass, 1)
+        tasks = _tasks(slices, units, specs, engine)
     return Plan(specs=specs, split_by=split_by, columns=columns, slices=slices, units=units,
                 tasks=tasks, shuffle=shuffle, bytes_scan=bytes_scan, bytes_one_pass=one_pass,
                 plan_seconds=time.perf_counter() - t0, skipped_files=dict(src.bad_files))
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Planning allocates a few tuples per slice and per fit, none of them in a cycle;
+    the cyclic collector's passes over them were a quarter of planning 10^6 slices.
+    (A host that disabled the collector keeps it disabled.)"""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _slices(src: Source, keys: pd.DataFrame, split_by: list[str], columns: list[str]
@@ -266,19 +305,17 @@ def _slices(src: Source, keys: pd.DataFrame, split_by: list[str], columns: list[
     # _h([fingerprints], flt) spelled out, with each row group's JSON encoded once.
     rg_json = [encode_basestring_ascii(rg.fingerprint) for rg in src.row_groups]
     flt_json = encode_basestring_ascii(flt)
-    fp_by_rgs: dict[tuple[int, ...], str] = {}  # slices reading the same row groups
-    out: list[SliceInfo] = []
-    for k, (nkey, nrows) in enumerate(zip(key_rows, rows.tolist(), strict=True)):
-        rg_idx = tuple(p_rgs[cuts[k]:cuts[k + 1]])
-        if fps is not None:
-            fp = fps.get(nkey, "")
-        else:
-            fp = fp_by_rgs.get(rg_idx, "")
-            if not fp:
-                blob = f"[[{', '.join([rg_json[i] for i in rg_idx])}], {flt_json}]"
-                fp = fp_by_rgs[rg_idx] = hashlib.sha256(blob.encode()).hexdigest()[:16]
-        out.append(SliceInfo._make((nkey, int(nrows), rg_idx, fp)))  # C-level init
-    return out
+    # Comprehensions, not one loop with appends: 10^6 slices plan ~2x faster.
+    rg_sets = [tuple(p_rgs[a:b]) for a, b in itertools.pairwise(cuts)]
+    if fps is not None:
+        fp_list = [fps.get(k, "") for k in key_rows]
+    else:  # one hash per distinct set of row groups, shared by the slices reading it
+        fp_of = {t: hashlib.sha256(
+            f"[[{', '.join([rg_json[i] for i in t])}], {flt_json}]".encode()).hexdigest()[:16]
+            for t in set(rg_sets)}
+        fp_list = [fp_of[t] for t in rg_sets]
+    sizes = np.rint(rows).astype(np.int64).tolist()
+    return list(map(SliceInfo._make, zip(key_rows, sizes, rg_sets, fp_list, strict=True)))
 
 
 def _key_codes(keys: pd.DataFrame, split_by: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
@@ -340,8 +377,7 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
     # the batched engine fits together (bigger batches amortize its per-step cost).
     # Costliest spec first, so a unit (and the run) ends on its cheapest fits.
     for u in units:
-        tails = [f"{_json_list(slices[si].key)}, {_json_list((slices[si].fingerprint,))[1:]}"
-                 for si in u.slices]
+        tails = _tails([slices[si] for si in u.slices])
         rows_u = [slices[si].rows for si in u.slices]
         mean_rows = max(1, round(u.rows / max(1, len(u.slices))))
         for pi in sorted(range(len(specs)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import pickle
@@ -189,7 +190,10 @@ def _reference_fit_id(spec: ms.ModelSpec, key: tuple[object, ...], fingerprint: 
 
 @pytest.mark.parametrize("keys", [
     {"gene": ["g1", "gène-ü", 'q"uote', "g1"]},
+    {"gene": ["g1", "g 2/x~", "", "g1"]},  # plain text: the planner's fast path
+    {"gene": ["back\\slash", "tab\tx", "😀", "plain"]},
     {"site": [3, 1, 2, 3]},
+    {"site": [-3, 0, 10**15, -3]},
     {"site": [1.5, None, 2.5, 1.5], "arm": ["a", "b", "a", "a"]},
     {"flag": [True, False, True, True]},
 ])
@@ -311,3 +315,30 @@ def test_resume_matches_fits_committed_under_another_packing(tmp_path: Path) -> 
     assert todo2 == [] and skipped2 == new.n_fits
     fits, _, _ = store.run_tables(parts2, new.fit_ids())
     assert sorted(fits["fit_id"]) == sorted(new.fit_ids())
+
+
+def test_planning_pauses_the_cyclic_collector_and_restores_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    df = make_genes(n_genes=4)
+    seen: list[bool] = []
+    real = plan_mod._tasks
+
+    def spy(*a: object, **k: object) -> list[Task]:
+        seen.append(gc.isenabled())
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(plan_mod, "_tasks", spy)
+    assert gc.isenabled()
+    prepare(df, [RI], "gene")
+    assert seen == [False] and gc.isenabled()
+    monkeypatch.setattr(plan_mod, "_tasks", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        prepare(df, [RI], "gene")
+    assert gc.isenabled()  # restored on errors too
+    gc.disable()  # a host that disabled it keeps it disabled
+    try:
+        monkeypatch.setattr(plan_mod, "_tasks", real)
+        prepare(df, [RI], "gene")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
