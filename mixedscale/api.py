@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 class RunResult:
     """Results of one run: tidy tables of every planned fit, and the run summary.
 
-    ``fits``, ``params`` and ``variance`` are read from the store when first used, so a
-    caller that needs only the summary (``mixedscale run``) never holds 10^6 fits'
-    rows in memory; ``status_counts`` reads only the fits' status column."""
+    ``fit_many`` reads the tables back from the store when the run ends, unless told
+    not to (``RunOptions.read_back``, as ``mixedscale run`` does): then each is read
+    when first used, and ``status_counts`` reads only the fits' status column."""
 
     run: RunSummary
     plan: Plan
@@ -61,6 +61,10 @@ class RunResult:
         if name not in self._read:
             self._read[name] = _tables(self.run, self.plan, self.store, (name,))[0]
         return self._read[name]
+
+    def _read_all(self) -> None:
+        """All three tables in one read (the fits table once)."""
+        self._read.update(zip(TABLES, _tables(self.run, self.plan, self.store), strict=True))
 
     def status_counts(self) -> dict[str, int]:
         """Fits per status over every planned fit (resumed ones included)."""
@@ -216,7 +220,7 @@ def fit_many(
     ``data``: a DataFrame, or a Parquet file/folder/glob/hive tree/fsspec URL.
     ``filter``: pyarrow-style ``[[column, op, value], ...]`` (AND-ed).
     ``store``: a folder or URL for the results store; None keeps results in memory.
-    With a store, the result's tables are read from it when first used.
+    With a store, the result's tables are read back from it when the run ends.
     ``client``/``scheduler``: an existing cluster; otherwise an embedded LocalCluster.
     Re-running with the same store resumes: only missing fits run.
     """
@@ -245,7 +249,10 @@ def fit_many(
                 opts.no_workers_timeout = 120.0
             with _client(client, scheduler, workers, security, memory_limit) as c:
                 summary = execute(plan, src, st, c, opts, resume)
-        return RunResult(run=summary, plan=plan, store=st)
+        result = RunResult(run=summary, plan=plan, store=st)
+        if opts.read_back:
+            result._read_all()
+        return result
 
 
 def _check_cluster_args(client: Any, scheduler: Any, workers: Any, memory_limit: Any) -> None:

@@ -179,6 +179,7 @@ def run(
             kind = cluster.value if cluster else ccfg.kind
         security = _security(tls_ca_file, tls_cert, tls_key, ccfg)
         opts.job = job.model_dump(mode="json")
+        opts.read_back = False  # the summary and --fail-on need the status counts alone
         opts.progress = False if quiet else None
         client = None
         jq = None

@@ -78,6 +78,9 @@ class RunOptions:
     # Seconds with no worker connected before the run fails (None: wait, warning each
     # minute, as for a batch-queue cluster whose jobs have not started yet).
     no_workers_timeout: float | None = None
+    # Read the job's tables back into the RunResult when the run ends. The CLI, which
+    # needs only the status counts, does not: 10^6 fits' rows are ~1.2 GB.
+    read_back: bool = True
 
 
 @dataclass

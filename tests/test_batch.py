@@ -90,13 +90,13 @@ def test_fit_many_on_a_cluster_store_none_equals_store(cluster_client: Any,
     assert [r["state"] for r in manifests(store)] == ["complete", "complete"]
 
 
-def test_a_stored_runs_tables_are_read_when_first_used(cluster_client: Any,
-                                                       genes_parquet: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch
-                                                       ) -> None:
-    """fit_many returns without reading the store back; the summary (and the CLI's
-    --fail-on) reads the fits' status column alone, and each table is read once."""
-    from mixedscale.store import Store
+def test_a_stored_runs_tables_are_read_back_once_or_when_first_used(
+        cluster_client: Any, genes_parquet: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """fit_many reads the tables back in one read; with read_back off (the CLI) nothing
+    is read until used, and the summary (and --fail-on) reads the status column alone."""
+    from mixedscale.executor import RunOptions
+    from mixedscale.store import TABLES, Store
 
     reads: list[tuple[tuple[str, ...], Any]] = []
     real = Store.run_tables
@@ -108,24 +108,31 @@ def test_a_stored_runs_tables_are_read_when_first_used(cluster_client: Any,
         return real(self, tasks, ids, names, fit_columns, expect)
 
     monkeypatch.setattr(Store, "run_tables", spy)
-    res = ms.fit_many(str(genes_parquet), [RI, RS], split_by="gene",
-                      store=str(tmp_path / "store"), client=cluster_client, progress=False)
+    kw: dict[str, Any] = {"split_by": "gene", "client": cluster_client, "progress": False}
+    eager = ms.fit_many(str(genes_parquet), [RI, RS], store=str(tmp_path / "a"), **kw)
+    assert reads == [(TABLES, None)]
+    assert len(eager.fits) == 40 and len(eager.params) and len(eager.variance)
+    assert sum(eager.summary()["by_status"].values()) == 40 and len(reads) == 1
+
+    reads.clear()
+    res = ms.fit_many(str(genes_parquet), [RI, RS], store=str(tmp_path / "b"),
+                      options=RunOptions(read_back=False), **kw)
     assert reads == []
     counts = res.summary()["by_status"]
     assert reads == [(("fits",), ["status"])]
     assert sum(counts.values()) == 40
     assert res.status_counts() == counts and len(reads) == 1  # counted once
-    full = ms.open_store(str(tmp_path / "store"))
+    full = ms.open_store(str(tmp_path / "b"))
     assert len(res.params) == len(full.params()) and len(reads) == 2
     assert reads[-1] == (("params",), None)
     assert res.fits["status"].value_counts().to_dict() == counts
     assert len(res.fits) == 40 and len(reads) == 3  # read once, then kept
     assert len(res.variance) == len(full.variance()) and len(reads) == 4
     assert "this_run={'ok': 40}" in repr(res) and len(reads) == 4  # no read for a repr
-    # A store moved after the run is an error, not empty tables.
-    moved = ms.fit_many(str(genes_parquet), [RI], split_by="gene",
-                        store=str(tmp_path / "store"), client=cluster_client, progress=False)
-    (tmp_path / "store").rename(tmp_path / "elsewhere")
+    # A store moved before the tables are read is an error, not empty tables.
+    moved = ms.fit_many(str(genes_parquet), [RI], store=str(tmp_path / "c"),
+                        options=RunOptions(read_back=False), **kw)
+    (tmp_path / "c").rename(tmp_path / "elsewhere")
     for table in ("fits", "params", "variance"):
         with pytest.raises(ms.StoreError, match=r"no longer holds this run's results \(found "
                            r"0 of 20 fits\)"):
