@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -592,7 +592,7 @@ class _Heartbeat:
 
     WARN_AFTER = 3  # failed beats in a row before saying so
 
-    def __init__(self, write: Any, every: float | None) -> None:
+    def __init__(self, write: Callable[[], bool], every: float | None) -> None:
         self.write, self.every = write, every
         self.done = threading.Event()
         self.failed = 0
@@ -612,7 +612,7 @@ class _Heartbeat:
         every = self.every or 0.0  # start() runs this thread only with an interval
         while not self.done.wait(every):
             try:
-                ok = bool(self.write())
+                ok = self.write()
             except Exception as exc:  # never let the heartbeat take the run down
                 log.debug("heartbeat failed: %s", exc)
                 ok = False

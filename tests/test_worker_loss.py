@@ -266,7 +266,10 @@ def test_the_heartbeat_beats_from_its_own_thread_and_says_when_it_cannot(
     assert len(said) == 1 and "3 times in a row" in said[0], said
     assert failing.failed >= 5
 
-    _Heartbeat(lambda: pytest.fail("no store, no beats"), None).start()
+    idle = _Heartbeat(lambda: beats.append(-1.0) or True, None)  # no store: no beats
+    idle.start()
+    time.sleep(0.05)
+    assert not idle.thread.is_alive() and -1.0 not in beats
 
 
 def test_a_run_sweeps_what_an_ended_run_left_and_survives_a_failing_sweep(
