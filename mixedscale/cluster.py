@@ -73,6 +73,13 @@ def _check_bytes(name: str, value: str | None) -> str | None:
     return value
 
 
+def check_memory_limit(value: str | None) -> str | None:
+    """A worker memory limit: a positive size, or Dask's "auto" or "0" (no limit)."""
+    if value is not None and str(value).strip().lower() in {"auto", "0"}:
+        return value
+    return _check_bytes("memory_limit", value)
+
+
 class TLSConfig(BaseModel):
     """Mutual TLS: one CA plus one certificate/key pair used for every role.
 
@@ -126,9 +133,7 @@ class ClusterConfig(BaseModel):
     @field_validator("memory_limit")
     @classmethod
     def _memory_limit(cls, v: str | None) -> str | None:
-        if v is not None and str(v).strip().lower() in {"auto", "0"}:
-            return v
-        return _check_bytes("memory_limit", v)
+        return check_memory_limit(v)
 
     @field_validator("memory")
     @classmethod

@@ -100,7 +100,12 @@ class ParsedFormula:
         present = set(columns)
         for n in self.names:
             if n not in present:
-                raise missing_column_error(n, columns, where or f"in formula {self.text!r}")
+                err = missing_column_error(n, columns, where or f"in formula {self.text!r}")
+                quoted = [c for c in columns if not c.isidentifier() and n in c and c in self.text]
+                if quoted:  # e.g. 'a-b', which a formula reads as a minus b
+                    err = SpecError(f"{err}; a column name that is not an identifier needs "
+                                    f"quoting: Q({quoted[0]!r})")
+                raise err
 
 
 def _mark(text: str, start: int, end: int) -> str:
@@ -124,6 +129,12 @@ def _tokenize(text: str) -> list[_Tok]:
             rule = "formula contains a character that is not allowed"
             if bad.text == "^":
                 rule += "; write powers as I(x**2) and interactions as (a + b)**2"
+            elif bad.text == "|":
+                rule += ("; lme4-style terms such as (1 | g) or (x | g) are given apart: "
+                         "groups='g' and re_formula='~x' (vc_formula for crossed or nested "
+                         "effects)")
+            elif bad.text in "`'\"":
+                rule += "; quote a column name that is not an identifier as Q('a b')"
             raise _error(text, bad, rule, "token")
         kind = m.lastgroup or "bad"
         if kind != "ws":
@@ -183,7 +194,13 @@ class _Parser:
         self.expr(in_call=None)
         tok = self.peek()
         if tok is not None:
-            raise _error(self.text, tok, "unexpected token", "token")
+            prev = self.toks[self.i - 1] if self.i else None
+            rule = "unexpected token"
+            if prev is not None and prev.kind == "name" and prev.end == tok.start:
+                # e.g. x.1: a column name with characters patsy does not take bare.
+                rule += (f"; quote a column name that is not an identifier as "
+                         f"Q({self.text[prev.start:tok.end]!r})")
+            raise _error(self.text, tok, rule, "token")
 
     def expr(self, in_call: str | None) -> _Val:
         starts = [self.peek()]

@@ -73,6 +73,13 @@ class ClusterConfigRef(_Strict):
     config: str | None = Field(default=None, description="cluster config YAML (jobqueue, TLS)")
     memory_limit: str | None = None
 
+    @field_validator("memory_limit")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        from .cluster import check_memory_limit  # `validate` must catch what `run` would
+
+        return check_memory_limit(v)
+
 
 class FitOptions(_Strict):
     engine: Literal["auto", "fast", "statsmodels"] | None = None
@@ -172,6 +179,9 @@ def _pretty(err: ValidationError, model: type[BaseModel], where: str) -> SpecErr
         keys = list(getattr(node, "model_fields", {}))
         hint = suggest(str(e["loc"][-1]), keys) or f"; allowed keys: {', '.join(keys)}"
         return SpecError(f"{where}: unknown key {loc!r}{hint}")
+    own = e.get("ctx", {}).get("error") if e.get("type") == "value_error" else None
+    if own is not None:  # our own validators' messages: already "rule; got (...)"
+        return SpecError(f"{where}: {loc}: {own}")
     got = e.get("input")
     shown = repr(got) if not isinstance(got, dict) else "{...}"
     return SpecError(f"{where}: {loc}: {e['msg'].lower()}; got ({loc}={shown})")

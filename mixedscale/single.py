@@ -102,7 +102,10 @@ def fit(data: pd.DataFrame, spec: ModelSpec) -> FitResult:
     if isinstance(data, pd.DataFrame) and isinstance(spec, ModelSpec):
         from .source import open_source
 
-        open_source(data).check_specs([spec], [])
+        src = open_source(data)
+        src.check_specs([spec], [])
+        if any(str(src.schema.field(c).type).startswith("decimal") for c in spec.columns):
+            data, _ = src.read(spec.columns)  # decimals as floats, as fit_many reads them
     return fit_shared(data, spec, None)
 
 

@@ -86,11 +86,15 @@ class Source:
         for s in split_by:
             if s not in cols:
                 raise missing_column_error(s, cols, "(from split_by)")
+        _check_split_names(split_by)
         for spec in specs:
             try:
                 spec.check_columns(cols)
             except SpecError as exc:
                 raise SpecError(f"model {spec.shown!r}: {exc}") from None
+            _check_split_use(spec, split_by)
+            for c in spec.columns:
+                _check_term_type(spec, c, self.schema.field(c).type)
         for c in self.needed_columns(specs, split_by):
             if c in self.untyped:
                 raise DataError(
@@ -129,6 +133,9 @@ class Source:
         """Read columns of the given row groups (all if None), filtered. Returns (frame, bytes)."""
         if self.frame is not None:
             df = self.frame.loc[:, list(dict.fromkeys(columns))]
+            dec = [c for c in df.columns if pa.types.is_decimal(self.schema.field(c).type)]
+            if dec:  # Python Decimal objects, which the formula would read as a factor
+                df = df.astype(dict.fromkeys(dec, "float64"))
             return _apply_filter_frame(df, self.filter), 0
         rgs = list(self.row_groups) if row_groups is None else list(row_groups)
         by_file: dict[str, list[RowGroup]] = {}
@@ -145,7 +152,7 @@ class Source:
         expr = self.expression()
         if expr is not None:
             table = table.filter(expr)
-        return table.to_pandas(), nbytes
+        return _floats_for_decimals(table).to_pandas(), nbytes
 
     def _read_file(self, f: str, groups: list[RowGroup], columns: Sequence[str]) -> pa.Table:
         part = dict(groups[0].partition)
@@ -202,6 +209,63 @@ def _check_filter_value(col: str, op: str, val: Any, typ: pa.DataType) -> None:
     raise SpecError(f"filter value {shown} does not match column {col!r} of type "
                     f"{_type_name(typ)}"
                     f"{hint}; got (filter=[{col!r}, {op!r}, {val!r}])")
+
+
+def _check_split_names(split_by: Sequence[str]) -> None:
+    """Every results table carries the split keys beside its own columns."""
+    from .store import BODY
+
+    own = {"fit_id", "spec_id"}.union(*(schema.names for schema in BODY.values()))
+    for s in split_by:
+        if s in own:
+            raise SpecError(
+                f"split column {s!r} has the name of a results column (the fits, params and "
+                f"variance tables carry the split keys beside their own columns); rename it, "
+                f"e.g. df.rename(columns={{{s!r}: {s + '_key'!r}}}); "
+                f"got (split_by={list(split_by)!r})")
+
+
+def _check_split_use(spec: ModelSpec, split_by: Sequence[str]) -> None:
+    """A split column takes one value per slice: as the model's groups, response or
+    covariate, every slice's fit would fail (one group, a constant, a collinear term)."""
+    for s in split_by:
+        if s not in spec.columns:
+            continue
+        role = ("its groups column" if s == spec.groups else
+                "its response" if s == spec.response else "a column of its formulas")
+        raise SpecError(
+            f"model {spec.shown!r}: split column {s!r} is also {role}, and it takes a single "
+            f"value within each slice, so no slice could be fitted; split by another column "
+            f"or drop it from the model; got (split_by={list(split_by)!r}, "
+            f"groups={spec.groups!r}, formula={spec.formula!r})")
+
+
+def _check_term_type(spec: ModelSpec, col: str, typ: pa.DataType) -> None:
+    """Dates and times in a formula would be read as a factor with one level per value.
+    (Decimals are read as float64, see ``_floats_for_decimals``.)"""
+    if col == spec.groups or not (pa.types.is_temporal(typ)):
+        return
+    for pf in spec.parsed.values():
+        if col not in pf.names:
+            continue
+        ref = "{" + str(pf.names.index(col)) + "}"
+        if pf.template.count(ref) == pf.template.count(f"C({ref}"):
+            continue  # only inside C(): the user asked for a factor
+        raise SpecError(
+            f"model {spec.shown!r}: column {col!r} is a {_type_name(typ)} column, which a "
+            f"formula cannot use as a number; convert it to one (e.g. days since the start: "
+            f"(df[{col!r}] - df[{col!r}].min()).dt.days) or write C({col}) for a factor; "
+            f"got ({col}={_type_name(typ)})")
+
+
+def _floats_for_decimals(table: pa.Table) -> pa.Table:
+    """Decimal columns as float64: pandas would hold them as Python objects, which the
+    formula reads as a factor."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_decimal(f.type):
+            table = table.set_column(i, pa.field(f.name, pa.float64()),
+                                     table.column(i).cast(pa.float64()))
+    return table
 
 
 def _type_name(typ: pa.DataType) -> str:

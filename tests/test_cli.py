@@ -269,6 +269,18 @@ def test_validate_checks_the_cluster_config_file(tmp_path: Path) -> None:
     assert code == 0 and out.startswith("ok: "), err
 
 
+def test_validate_checks_the_memory_limit_as_run_does(tmp_path: Path) -> None:
+    job = _job(tmp_path, cluster={"memory_limit": "lots"})
+    for cmd in (["validate", str(job)], ["run", str(job)]):
+        code, _, err = invoke(cmd)
+        assert code == 2, (cmd, err)
+        assert err.startswith("error: ") and "cluster.memory_limit" in err, err
+        assert "positive size such as '4GB'" in err and "got (memory_limit='lots')" in err, err
+    for ok in ("auto", "0", "1.5GB"):
+        code, out, err = invoke(["validate", str(_job(tmp_path, cluster={"memory_limit": ok}))])
+        assert code == 0 and out.startswith("ok: "), (ok, err)
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])
 def test_run_rejects_a_non_positive_timeout(value: str, tmp_path: Path) -> None:
     job = _job(tmp_path)

@@ -119,6 +119,9 @@ def _caret(msg: str) -> tuple[str, int, int]:
     ("y ~ x + np.random.rand(3)", "np.random.rand", "function is not allowed"),
     ("y ~ Q(x)", "x", "Q() takes one quoted column name"),
     ("y ~ I(x, z=1)", "=", "expected ')'"),
+    ("y ~ x + (1 | g)", "|", "groups='g' and re_formula='~x'"),
+    ("y ~ `ab", "`", "as Q('a b')"),
+    ("y ~ x.1 + z", ".1", "as Q('x.1')"),
 ])
 def test_syntax_error_marks_token(formula: str, token: str | None, rule: str) -> None:
     with pytest.raises(SpecError) as exc:

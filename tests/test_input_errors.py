@@ -129,7 +129,7 @@ def test_categorical_in_one_file_and_text_in_another_reads_as_text(tmp_path: Pat
     a["subject"] = a["subject"].astype("category")
     a.to_parquet(d / "a.parquet", index=False)
     b.to_parquet(d / "b.parquet", index=False)
-    src, plan = api.prepare(d, SPEC, split_by="subject")
+    src, plan = api.prepare(d, ms.ModelSpec("y ~ time", groups="site"), split_by="subject")
     assert src.schema.field("subject").type == pa.string()
     df, _ = src.read(plan.columns)
     assert len(df) == len(a) + len(b)
@@ -230,3 +230,67 @@ def test_commit_restores_parts_another_writer_took_back(tmp_path: Path) -> None:
     st._publish_one = take_back_then_publish  # type: ignore[method-assign]
     assert st.publish("t1", tables)
     assert len(st.params()) == 1 and len(st.variance()) == 1
+
+
+@pytest.mark.parametrize("name", ["status", "llf", "term", "estimate", "group", "spec_id"])
+def test_a_split_column_named_like_a_results_column_is_refused(name: str) -> None:
+    df = _frame().rename(columns={"site": name})
+    with pytest.raises(SpecError) as exc:
+        api.prepare(df, [SPEC], [name])
+    msg = str(exc.value)
+    assert f"split column {name!r} has the name of a results column" in msg
+    assert f"df.rename(columns={{{name!r}: {name + '_key'!r}}})" in msg
+    assert msg.endswith(f"got (split_by=[{name!r}])")
+
+
+@pytest.mark.parametrize("split, role", [("subject", "its groups column"),
+                                         ("y", "its response"),
+                                         ("time", "a column of its formulas")])
+def test_a_split_column_the_model_uses_is_refused(split: str, role: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        api.prepare(_frame(), [SPEC], ["site", split])
+    msg = str(exc.value)
+    assert f"split column {split!r} is also {role}" in msg and "no slice could be fitted" in msg
+    assert f"got (split_by=['site', {split!r}], groups='subject'" in msg
+
+
+def test_a_date_in_a_formula_is_refused_unless_a_factor() -> None:
+    df = _frame()
+    df["when"] = pd.Timestamp("2020-01-01") + pd.to_timedelta(np.arange(len(df)) % 5, unit="D")
+    with pytest.raises(SpecError) as exc:
+        ms.fit(df, ms.ModelSpec("y ~ when", groups="subject"))
+    assert "column 'when' is a timestamp[" in str(exc.value)
+    assert "or write C(when) for a factor" in str(exc.value)
+    with pytest.raises(SpecError, match="column 'when' is a timestamp"):
+        ms.fit(df, ms.ModelSpec("y ~ C(when) + I(when)", groups="subject"))
+    r = ms.fit(df, ms.ModelSpec("y ~ C(when)", groups="subject"))
+    assert r.status == "ok" and r.params["term"].str.startswith("C(when)").sum() == 4
+    # ...and as the groups column it is just a label.
+    assert ms.fit(df, ms.ModelSpec("y ~ time", groups="when")).status == "ok"
+
+
+def test_decimal_columns_are_numbers(tmp_path: Path) -> None:
+    import decimal
+
+    df = _frame()
+    plain = ms.fit(df, SPEC)
+    dec = df.assign(y=[decimal.Decimal(f"{v:.6f}") for v in df["y"]],
+                    time=[decimal.Decimal(f"{v:.6f}") for v in df["time"]])
+    r = ms.fit(dec, SPEC)
+    assert r.status == "ok" and list(r.params["term"]) == ["Intercept", "time"]
+    assert r.fit["llf"] == pytest.approx(plain.fit["llf"], abs=1e-3)
+    path = tmp_path / "dec.parquet"
+    dec.to_parquet(path, index=False)
+    assert pq.read_schema(path).field("y").type == pa.decimal128(8, 6) or \
+        pa.types.is_decimal(pq.read_schema(path).field("y").type)
+    src = open_source(str(path))
+    frame, _ = src.read(["y", "time", "subject"])
+    assert frame["y"].dtype == "float64" and frame["time"].dtype == "float64"
+
+
+def test_a_dash_in_a_column_name_suggests_quoting() -> None:
+    df = _frame().rename(columns={"time": "time-point"})
+    with pytest.raises(SpecError) as exc:
+        ms.fit(df, ms.ModelSpec("y ~ time-point", groups="subject"))
+    assert "quoting: Q('time-point')" in str(exc.value)
+    assert ms.fit(df, ms.ModelSpec("y ~ Q('time-point')", groups="subject")).status == "ok"
