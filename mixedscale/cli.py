@@ -272,8 +272,9 @@ def fit_cmd(
     from .spec import ModelSpec
 
     try:
+        # Named by its formula: the store's spec_name would otherwise be the hash.
         spec = ModelSpec(formula=formula, groups=groups, re_formula=re_formula, reml=not ml,
-                         cov_structure=cov_structure)  # type: ignore[arg-type]
+                         cov_structure=cov_structure, name=formula)  # type: ignore[arg-type]
         result = fit_many(data, [spec], split_by=split_by or None, store=store,
                           scheduler=scheduler, workers=workers,
                           progress=False if quiet else None)
@@ -389,13 +390,16 @@ def _store_summary(st: Any, fits: Any, fmt: Fmt) -> None:
     typer.echo(f"store {info['store']}: {info['n_fits']} fits, by status "
                f"{info['by_status']}; {info['n_runs']} runs (last: {info['last_run_state']})")
     if len(fits):
-        cols = [c for c in ("fit_id", "spec_name", "status", "fit_seconds") if c in fits]
+        # fit_id and the split columns, so each row names its slice.
+        keys = [str(c) for c in fits.columns[: list(fits.columns).index("spec_id")]] \
+            if "spec_id" in fits else ["fit_id"]
+        cols = [*keys, *(c for c in ("spec_name", "status", "fit_seconds") if c in fits)]
         typer.echo("slowest fits:")
         _emit(fits.sort_values("fit_seconds", ascending=False)[cols], Fmt.table, 5)
         worst = fits.assign(_g=fits["grad_max"].fillna(float("inf")))
         worst = worst[worst["status"] != "ok"] if (worst["status"] != "ok").any() else worst
-        cols = [c for c in ("fit_id", "spec_name", "status", "grad_max", "hessian_pd",
-                            "singular", "error_message") if c in fits]
+        cols = [*keys, *(c for c in ("spec_name", "status", "grad_max", "hessian_pd",
+                                     "singular", "error_message") if c in fits)]
         typer.echo("worst diagnostics:")
         _emit(worst.sort_values("_g", ascending=False)[cols], Fmt.table, 5)
 

@@ -174,6 +174,8 @@ def test_show_formats(store: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert f"{n} fits" in r.stdout and "slowest fits" in r.stdout
     assert "worst diagnostics" in r.stdout
+    worst = r.stdout.split("worst diagnostics:")[1]
+    assert "┃ gene ┃" in worst and "│ g002 │" in worst, worst  # names the slice
 
     r = run_cli(["show", str(store), "--format", "json"], cwd=tmp_path, timeout=60)
     info = json.loads(r.stdout)
@@ -233,7 +235,8 @@ def test_fit_command(tmp_path: Path, address: str) -> None:
         assert {"term", "estimate"} <= set(params.columns) and len(params) == 4, r.stdout
         assert "error (gene=g002): the response is constant" in r.stderr
         assert ("mixedscale run" in r.stderr) is not bool(quiet)
-    assert len(pd.read_parquet(out / "fits")) == 3
+    fits = pd.read_parquet(out / "fits")
+    assert len(fits) == 3 and set(fits["spec_name"]) == {"y ~ time"}  # not the hash
 
 
 # -- job-file and option validation: `validate` and `run` agree with the Python API ----
