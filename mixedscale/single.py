@@ -191,7 +191,7 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
     rec.update(
         status="ok" if best.verified and not beaten else "not_converged",
         converged=bool(best.converged), singular=singular, llf=est.llf,
-        aic=-2 * est.llf + 2 * n_par, bic=-2 * est.llf + np.log(d.n) * n_par,
+        aic=-2 * est.llf + 2 * n_par, bic=-2 * est.llf + float(np.log(d.n)) * n_par,
         scale=est.sigma2, engine=best.engine, method=best.method,
         n_attempts=len(all_attempts), attempts=_records(all_attempts, est.llf - best.llf),
         grad_max=float(best.grad_max), hessian_pd=bool(best.hessian_pd),
@@ -274,7 +274,9 @@ def _variance_table(d: Design, spec: ModelSpec, prob: Problem, est: Estimates) -
     for k, name in enumerate(prob.vc_names):
         rows.append((name, "Intercept", None, "vc", float(est.vc_var[k])))
     rows.append(("Residual", None, None, "residual", est.sigma2))
-    return pd.DataFrame(rows, columns=VARIANCE_COLUMNS)
+    # Text columns typed as such, so a column of only None reads like the others.
+    return pd.DataFrame(rows, columns=VARIANCE_COLUMNS).astype(
+        dict.fromkeys(VARIANCE_COLUMNS[:4], pd.StringDtype(na_value=np.nan)))
 
 
 def wald(beta: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -468,3 +468,15 @@ def test_a_point_that_passes_lme4s_checks_is_ok_whatever_the_optimizer_flag(
     assert res.status == "ok", res
     assert res.fit["converged"] is False
     assert any(a["engine"] == "fast" for a in res.fit["attempts"])  # cross-checked
+
+
+def test_result_types_do_not_depend_on_the_covariance_structure() -> None:
+    df = _panel(seed=3)
+    tables = [mixedscale.fit(df, ModelSpec("y ~ x", groups="g", re_formula="~x",
+                                           cov_structure=cs))
+              for cs in ("unstructured", "diagonal")]
+    for r in tables:
+        assert r.status == "ok", r.fit
+        assert r.variance["term2"].dtype == r.variance["term1"].dtype == "str"
+        assert all(type(r.fit[k]) is float for k in ("llf", "aic", "bic", "scale"))
+    assert tables[0].variance.dtypes.equals(tables[1].variance.dtypes)
