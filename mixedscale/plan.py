@@ -215,19 +215,22 @@ def _tails(infos: Sequence[SliceInfo]) -> list[str]:
 
 
 def _norm_column(col: pd.Series) -> list[Any]:
-    """A key column's values as ``_norm_key`` gives them: Python scalars, NaN as None."""
+    """A key column's values as ``_norm_key`` gives them: Python scalars, missing as None."""
     vals = col.tolist()
-    if col.dtype.kind in "iub" or (isinstance(col.dtype, pd.StringDtype) and not col.hasnans):
+    # Nullable Int64/boolean (kind "i"/"b" too) and string columns give pd.NA for missing.
+    if (col.dtype.kind in "iub" or isinstance(col.dtype, pd.StringDtype)) and not col.hasnans:
         return vals  # already Python scalars with no missing values
     return [_norm_key((v,))[0] for v in vals]
 
 
 def _norm_key(row: Sequence[Any]) -> tuple[Any, ...]:
+    """A split key as plain Python scalars, a missing value (NaN, pd.NA, NaT) as None:
+    the form fit ids are computed from and rows are matched to their slice by."""
     out = []
     for v in row:
         if isinstance(v, np.generic):
             v = v.item()
-        if isinstance(v, float) and np.isnan(v):
+        if (isinstance(v, float) and np.isnan(v)) or v is pd.NA or v is pd.NaT:
             v = None
         out.append(v)
     return tuple(out)
