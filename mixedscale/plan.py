@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from .errors import DataError, SpecError
 from .source import Source, read_split_keys
@@ -113,6 +114,8 @@ class Plan:
     bytes_one_pass: int  # one pass over the needed columns
     plan_seconds: float = 0.0
     skipped_files: dict[str, str] = field(default_factory=dict)
+    # The split columns as the source types them: the type each store part holds them as.
+    key_fields: list[pa.Field] = field(default_factory=list)
 
     @property
     def n_fits(self) -> int:
@@ -266,7 +269,8 @@ def make_plan(src: Source, specs: Sequence[ModelSpec], split_by: Sequence[str] =
         tasks = _tasks(slices, units, specs, engine)
     return Plan(specs=specs, split_by=split_by, columns=columns, slices=slices, units=units,
                 tasks=tasks, shuffle=shuffle, bytes_scan=bytes_scan, bytes_one_pass=one_pass,
-                plan_seconds=time.perf_counter() - t0, skipped_files=dict(src.bad_files))
+                plan_seconds=time.perf_counter() - t0, skipped_files=dict(src.bad_files),
+                key_fields=[src.schema.field(c) for c in split_by])
 
 
 @contextlib.contextmanager

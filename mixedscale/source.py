@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from .errors import DataError, SpecError, missing_column_error
 from .spec import ModelSpec
-from .store import protocols
+from .store import protocols, type_name
 
 __all__ = ["FILTER_OPS", "CorruptFile", "RowGroup", "Source", "open_source"]
 
@@ -103,7 +103,7 @@ class Source:
                     or pa.types.is_decimal(resp)):
                 raise DataError(
                     f"model {spec.shown!r}: the response must be numeric; "
-                    f"got ({spec.response}={_type_name(resp)})"
+                    f"got ({spec.response}={type_name(resp)})"
                 )
         for col, op, val in self.filter or []:
             if col not in cols:
@@ -200,17 +200,8 @@ def _check_filter_value(col: str, op: str, val: Any, typ: pa.DataType) -> None:
             isinstance(v, str) for v in vals):
         hint = "; quote text values (in YAML: '1', not 1)"
     raise SpecError(f"filter value {shown} does not match column {col!r} of type "
-                    f"{_type_name(typ)}"
+                    f"{type_name(typ)}"
                     f"{hint}; got (filter=[{col!r}, {op!r}, {val!r}])")
-
-
-def _type_name(typ: pa.DataType) -> str:
-    """Arrow's type name, with text and categorical types named as users know them."""
-    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
-        return "text"
-    if pa.types.is_dictionary(typ):
-        return f"categorical of {_type_name(typ.value_type)}"
-    return str(typ)
 
 
 def _parses_as_number(text: str) -> bool:

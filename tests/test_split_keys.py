@@ -1,5 +1,5 @@
 """Split keys: missing values of every key dtype are a slice of their own, fitted and
-stored as null."""
+stored as null; a split column typed differently by two jobs of one store is refused."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import pytest
 
 import mixedscale as ms
 from mixedscale.api import prepare
-from mixedscale.executor import RunOptions, _Run
+from mixedscale.executor import RunOptions, _Run, pending
 from mixedscale.plan import Plan
 from mixedscale.source import Source
 from mixedscale.store import Store
 from mixedscale.worker import Loaded, Opaque, _restrict, load_unit, partition, run_task
 
+from .clusterutil import invoke
 from .conftest import make_genes
 
 RI = ms.ModelSpec("y ~ time", groups="subject", name="ri")
@@ -149,3 +150,86 @@ def test_fit_many_fits_a_nullable_int_key_with_missing_values(cluster_client: An
         assert fits.loc[fits["k"].isna(), "n_obs"].tolist() == [len(MISSING) * 8 * 4]
         assert pq.read_table(tmp_path / name / "fits").schema.field("k").type == pa.int64()
 
+
+# -- one split column, two types -------------------------------------------------------
+
+
+def _sited(n_genes: int = 4) -> pd.DataFrame:
+    df = make_genes(n_genes=n_genes)
+    df["site"] = df["subject"] % 3
+    return df
+
+
+def _commit_all(data: Any, split: str | list[str], store: Store) -> Plan:
+    """A job's fits committed without the checks of a run (as older versions did)."""
+    store.init()
+    src, plan = prepare(data, [RI], split)
+    run = _Run(plan, src, store, None, RunOptions())
+    for t in plan.tasks:
+        assert run_task(run.payload(t), Loaded(src.read(plan.columns)[0], 0), store).committed
+    return plan
+
+
+def _texted(df: pd.DataFrame, col: str) -> pd.DataFrame:
+    return df.assign(**{col: df[col].astype(str)})
+
+
+def test_a_split_column_typed_otherwise_in_the_store_is_refused(tmp_path: Path) -> None:
+    df = _sited()
+    store = Store(str(tmp_path / "store"))
+    _commit_all(df, "site", store)
+    # Text where the store holds int64: refused when the run opens the store.
+    _, plan = prepare(_texted(df, "site"), [RI], "site", store=store.url)
+    with pytest.raises(ms.SpecError, match=r"split column 'site' is text here but int64 in "
+                       r"the results store's earlier fits .*cast it to int64 or use another "
+                       r"store; got \(split_by=\['site'\], store='.*store'\)"):
+        pending(plan, store)
+    # Types that read together pass: int32 and float64 beside int64, and other columns.
+    for ok in (df.assign(site=df["site"].astype("int32")),
+               df.assign(site=df["site"].astype(float))):
+        _, plan = prepare(ok, [RI], "site")
+        pending(plan, store)
+    _, plan = prepare(_texted(df, "subject"), [RI], ["gene", "subject"])
+    pending(plan, store)
+    ms.open_store(store.url).fits()  # nothing refused was written
+
+
+def test_fit_many_refuses_the_second_type_before_any_cluster(tmp_path: Path) -> None:
+    df = _sited()
+    store = tmp_path / "store"
+    _commit_all(_texted(df, "site"), "site", Store(str(store)))
+    before = sorted(p.name for p in (store / "fits").iterdir())
+    # The scheduler is unreachable: refusing must come first.
+    with pytest.raises(ms.SpecError, match=r"split column 'site' is int64 here but text"):
+        ms.fit_many(df, RI, split_by="site", store=str(store),
+                    scheduler="tcp://127.0.0.1:1", progress=False)
+    assert sorted(p.name for p in (store / "fits").iterdir()) == before
+    assert not list((store / "_runs").glob("*.json"))  # no run was started
+
+
+def test_a_store_with_parts_of_two_types_reads_as_a_store_error(tmp_path: Path) -> None:
+    df = _sited()
+    store = Store(str(tmp_path / "store"))
+    _commit_all(df, "site", store)
+    _commit_all(_texted(df, "site"), "site", store)  # an older version let it in
+    st = ms.open_store(store.url)
+    for read in (st.fits, st.params, st.variance):
+        with pytest.raises(ms.StoreError, match=r"hold column 'site' as (int64|text) in "
+                           r"'.*part-.*\.parquet' but as (text|int64) in .*move the parts "
+                           r"of one type .*got \(store="):
+            read()
+    code, out, err = invoke(["show", store.url])  # an error line, not a traceback
+    assert code == 3 and "error: the results store's parts hold column 'site'" in err
+    assert "Traceback" not in out + err
+
+
+def test_the_cli_refuses_the_second_type_with_exit_2(tmp_path: Path) -> None:
+    df = _sited()
+    store = Store(str(tmp_path / "store"))
+    _commit_all(df, "site", store)
+    f = tmp_path / "d.parquet"
+    _texted(df, "site").to_parquet(f, index=False)
+    code, _, err = invoke(["fit", str(f), "--formula", "y ~ time", "--groups", "subject",
+                           "--split-by", "site", "--store", store.url,
+                           "--scheduler", "tcp://127.0.0.1:1"])
+    assert code == 2 and "split column 'site' is text here but int64" in err
