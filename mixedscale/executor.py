@@ -210,7 +210,7 @@ class _Run:
         self.unit_refs: dict[int, int] = {}  # tasks of a unit not finished yet
         self.loads_seen: set[str] = set()
         self.unit_futures: dict[tuple[int, frozenset[str]], Any] = {}
-        self.key_fields = [src.schema.field(c) for c in plan.split_by]
+        self.key_fields = plan.key_fields
         self.store_failures: dict[str, int] = {}
         self.bad_files: dict[str, str] = {}  # input files found corrupt at fit time
         self.resubmits: dict[str, int] = {}  # task key -> resubmissions after KilledWorker
@@ -449,7 +449,11 @@ def pending(plan: Plan, store: Store | None) -> Resume:
     under other task keys (an earlier packing: another planner version or cost model,
     or a smaller spec grid) are matched by the fit ids they hold, and the tasks that
     share fits with them shrink to their missing fits, named by what they hold. Only
-    those parts' fit_id columns are read, and only when such parts exist."""
+    those parts' fit_id columns are read, and only when such parts exist.
+
+    Those parts (other jobs' fits) must hold the plan's split columns, if at all, as
+    types that read together with the plan's: else SpecError, before any work. (Its
+    own parts, named by its fit ids, were written with the same keys.)"""
     if store is None:
         return Resume(list(plan.tasks), 0, None)
     done = store.committed_parts()
@@ -464,6 +468,7 @@ def pending(plan: Plan, store: Store | None) -> Resume:
             if len(hit):
                 parts.add(name)
                 done_ids.update(hit.to_pylist())
+        store.check_split_types(plan.key_fields, foreign)  # schemas read just above
     split = {d.partition("-f")[0] for d in done if "-f" in d}  # tasks split into fits
     todo: list[Task] = []
     skipped = 0

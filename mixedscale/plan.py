@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from .errors import DataError, SpecError
 from .source import Source, read_split_keys
@@ -113,6 +114,8 @@ class Plan:
     bytes_one_pass: int  # one pass over the needed columns
     plan_seconds: float = 0.0
     skipped_files: dict[str, str] = field(default_factory=dict)
+    # The split columns as the source types them: the type each store part holds them as.
+    key_fields: list[pa.Field] = field(default_factory=list)
 
     @property
     def n_fits(self) -> int:
@@ -215,19 +218,22 @@ def _tails(infos: Sequence[SliceInfo]) -> list[str]:
 
 
 def _norm_column(col: pd.Series) -> list[Any]:
-    """A key column's values as ``_norm_key`` gives them: Python scalars, NaN as None."""
+    """A key column's values as ``_norm_key`` gives them: Python scalars, missing as None."""
     vals = col.tolist()
-    if col.dtype.kind in "iub" or (isinstance(col.dtype, pd.StringDtype) and not col.hasnans):
+    # Nullable Int64/boolean (kind "i"/"b" too) and string columns give pd.NA for missing.
+    if (col.dtype.kind in "iub" or isinstance(col.dtype, pd.StringDtype)) and not col.hasnans:
         return vals  # already Python scalars with no missing values
     return [_norm_key((v,))[0] for v in vals]
 
 
 def _norm_key(row: Sequence[Any]) -> tuple[Any, ...]:
+    """A split key as plain Python scalars, a missing value (NaN, pd.NA, NaT) as None:
+    the form fit ids are computed from and rows are matched to their slice by."""
     out = []
     for v in row:
         if isinstance(v, np.generic):
             v = v.item()
-        if isinstance(v, float) and np.isnan(v):
+        if (isinstance(v, float) and np.isnan(v)) or v is pd.NA or v is pd.NaT:
             v = None
         out.append(v)
     return tuple(out)
@@ -263,7 +269,8 @@ def make_plan(src: Source, specs: Sequence[ModelSpec], split_by: Sequence[str] =
         tasks = _tasks(slices, units, specs, engine)
     return Plan(specs=specs, split_by=split_by, columns=columns, slices=slices, units=units,
                 tasks=tasks, shuffle=shuffle, bytes_scan=bytes_scan, bytes_one_pass=one_pass,
-                plan_seconds=time.perf_counter() - t0, skipped_files=dict(src.bad_files))
+                plan_seconds=time.perf_counter() - t0, skipped_files=dict(src.bad_files),
+                key_fields=[src.schema.field(c) for c in split_by])
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from .errors import DataError, SpecError, missing_column_error
 from .spec import ModelSpec
-from .store import protocols
+from .store import protocols, type_name
 
 __all__ = ["FILTER_OPS", "CorruptFile", "RowGroup", "Source", "open_source"]
 
@@ -107,7 +107,7 @@ class Source:
                     or pa.types.is_decimal(resp)):
                 raise DataError(
                     f"model {spec.shown!r}: the response must be numeric; "
-                    f"got ({spec.response}={_type_name(resp)})"
+                    f"got ({spec.response}={type_name(resp)})"
                 )
         for col, op, val in self.filter or []:
             if col not in cols:
@@ -207,7 +207,7 @@ def _check_filter_value(col: str, op: str, val: Any, typ: pa.DataType) -> None:
             isinstance(v, str) for v in vals):
         hint = "; quote text values (in YAML: '1', not 1)"
     raise SpecError(f"filter value {shown} does not match column {col!r} of type "
-                    f"{_type_name(typ)}"
+                    f"{type_name(typ)}"
                     f"{hint}; got (filter=[{col!r}, {op!r}, {val!r}])")
 
 
@@ -252,10 +252,10 @@ def _check_term_type(spec: ModelSpec, col: str, typ: pa.DataType) -> None:
         if pf.template.count(ref) == pf.template.count(f"C({ref}"):
             continue  # only inside C(): the user asked for a factor
         raise SpecError(
-            f"model {spec.shown!r}: column {col!r} is a {_type_name(typ)} column, which a "
+            f"model {spec.shown!r}: column {col!r} is a {type_name(typ)} column, which a "
             f"formula cannot use as a number; convert it to one (e.g. days since the start: "
             f"(df[{col!r}] - df[{col!r}].min()).dt.days) or write C({col}) for a factor; "
-            f"got ({col}={_type_name(typ)})")
+            f"got ({col}={type_name(typ)})")
 
 
 def _floats_for_decimals(table: pa.Table) -> pa.Table:
@@ -266,15 +266,6 @@ def _floats_for_decimals(table: pa.Table) -> pa.Table:
             table = table.set_column(i, pa.field(f.name, pa.float64()),
                                      table.column(i).cast(pa.float64()))
     return table
-
-
-def _type_name(typ: pa.DataType) -> str:
-    """Arrow's type name, with text and categorical types named as users know them."""
-    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
-        return "text"
-    if pa.types.is_dictionary(typ):
-        return f"categorical of {_type_name(typ.value_type)}"
-    return str(typ)
 
 
 def _parses_as_number(text: str) -> bool:

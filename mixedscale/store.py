@@ -172,6 +172,27 @@ def nan_to_null(table: pa.Table) -> pa.Table:
     return table
 
 
+def type_name(typ: pa.DataType) -> str:
+    """Arrow's type name, with text and categorical types named as users know them."""
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        return "text"
+    if pa.types.is_dictionary(typ):
+        return f"categorical of {type_name(typ.value_type)}"
+    return str(typ)
+
+
+def _mergeable(a: pa.DataType, b: pa.DataType) -> bool:
+    """Whether parts holding a column as ``a`` and as ``b`` can be read together: the
+    readers concatenate parts with Arrow's permissive promotion (int32 and int64, text
+    and large text, int and float merge; text and int, bool and int do not)."""
+    try:
+        pa.unify_schemas([pa.schema([("c", a)]), pa.schema([("c", b)])],
+                         promote_options="permissive")
+    except (pa.ArrowException, TypeError):
+        return False
+    return True
+
+
 def protocols(fs: Any) -> tuple[str, ...]:
     """An fsspec filesystem's protocol names (fsspec gives a str or a tuple)."""
     return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
@@ -197,6 +218,7 @@ class Store:
         except (ImportError, ValueError) as exc:
             raise StoreError(f"cannot open store {self.url!r}: {exc}") from None
         self.local = "file" in protocols(self.fs)
+        self._schemas: dict[str, pa.Schema] = {}  # committed fits part -> its schema
 
     def __getstate__(self) -> dict[str, Any]:
         return {"url": self.url}
@@ -357,17 +379,57 @@ class Store:
         return out
 
     def part_fit_ids(self, names: Sequence[str]) -> dict[str, pa.Array]:
-        """The fit ids in each named committed part (its fit_id column only)."""
+        """The fit ids in each named committed part (its fit_id column only); the
+        parts' schemas are remembered for ``part_schemas``."""
         out = {}
         for name in names:
             f = self.path("fits", f"part-{name}.parquet")
             try:
                 with self.fs.open(f, "rb") as fh:
-                    col = pq.read_table(fh, columns=["fit_id"]).column("fit_id")
+                    pf = pq.ParquetFile(fh)
+                    self._schemas[name] = pf.schema_arrow
+                    col = pf.read(columns=["fit_id"]).column("fit_id")
             except (OSError, pa.ArrowException, KeyError) as exc:
                 raise StoreError(f"store part {f!r} is unreadable: {exc}") from None
             out[name] = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
         return out
+
+    def part_schemas(self, names: Sequence[str]) -> dict[str, pa.Schema]:
+        """The schema of each named committed fits part, from its footer. Remembered: a
+        committed part is never rewritten."""
+        for name in names:
+            if name in self._schemas:
+                continue
+            f = self.path("fits", f"part-{name}.parquet")
+            try:
+                with self.fs.open(f, "rb") as fh:
+                    self._schemas[name] = pq.ParquetFile(fh).schema_arrow
+            except (OSError, pa.ArrowException) as exc:
+                raise StoreError(f"store part {f!r} is unreadable: {exc}") from None
+        return {name: self._schemas[name] for name in names}
+
+    def check_split_types(self, key_fields: Sequence[pa.Field], names: Sequence[str]) -> None:
+        """Raise SpecError if a split column's type cannot be read together with its
+        type in the named committed parts (earlier jobs' fits). Both jobs would run, but
+        every read of the whole store would then fail; so the later job is refused."""
+        seen: set[tuple[str, pa.DataType, pa.DataType]] = set()
+        for name, schema in sorted(self.part_schemas(names).items()):
+            for f in key_fields:
+                i = schema.get_field_index(f.name)
+                if i < 0 or (f.name, f.type, schema.field(i).type) in seen:
+                    continue
+                theirs = schema.field(i).type
+                seen.add((f.name, f.type, theirs))
+                if _mergeable(f.type, theirs):
+                    continue
+                split = [k.name for k in key_fields]
+                part = self.path("fits", f"part-{name}.parquet")
+                raise SpecError(
+                    f"split column {f.name!r} is {type_name(f.type)} here but "
+                    f"{type_name(theirs)} in the results store's earlier fits (such as "
+                    f"{part!r}), and parts of both types cannot be read together; cast "
+                    f"it to {type_name(theirs)} or use another store; "
+                    f"got (split_by={split!r}, store={self.url!r})")
 
     def _read_parts(self, files: list[tuple[int, str]], columns: Sequence[str] | None = None
                     ) -> pa.Table | None:
@@ -388,7 +450,35 @@ class Store:
             except (OSError, pa.ArrowException) as exc:
                 raise StoreError(f"store part {f!r} is unreadable: {exc}") from None
             parts.append(t.append_column("_part", pa.array(np.full(t.num_rows, i))))
-        return pa.concat_tables(parts, promote_options="permissive") if parts else None
+        if not parts:
+            return None
+        try:
+            return pa.concat_tables(parts, promote_options="permissive")
+        except pa.ArrowException as exc:
+            raise self._type_conflict([f for _, f in files], parts, exc) from None
+
+    def _type_conflict(self, files: list[str], parts: list[pa.Table], exc: Exception
+                       ) -> StoreError:
+        """The error for parts that cannot be read together, naming the column and its
+        two types: jobs that split by one column typed differently, in a store written
+        before mixedscale refused that (see ``check_split_types``)."""
+        first: dict[str, tuple[pa.DataType, str]] = {}
+        for f, t in zip(files, parts, strict=True):
+            for fld in t.schema:
+                if fld.name not in first:
+                    first[fld.name] = (fld.type, f)
+                    continue
+                typ, where = first[fld.name]
+                if not _mergeable(typ, fld.type):
+                    return StoreError(
+                        f"the results store's parts hold column {fld.name!r} as "
+                        f"{type_name(typ)} in {where!r} but as {type_name(fld.type)} in "
+                        f"{f!r} (jobs that split by it with different types), so they "
+                        "cannot be read together; move the parts of one type (the fits, "
+                        "params and variance files of the same name) to a store of their "
+                        f"own; got (store={self.url!r})")
+        return StoreError(f"the results store's parts cannot be read together: {exc}; "
+                          f"got (store={self.url!r})")
 
     def _tables(self, names: tuple[str, ...], tasks: set[str] | None = None,
                 ids: Sequence[str] | None = None, fit_columns: Sequence[str] | None = None,

@@ -194,11 +194,17 @@ def _restrict(df: pd.DataFrame, split_by: Sequence[str], keys: Sequence[tuple[An
               ) -> pd.DataFrame:
     if not split_by or df.empty:
         return df
-    idx = pd.MultiIndex.from_frame(df[list(split_by)]) if len(split_by) > 1 else \
-        pd.Index(df[split_by[0]])
-    wanted = pd.MultiIndex.from_tuples(list(keys)) if len(split_by) > 1 else \
-        pd.Index([k[0] for k in keys])
-    return df.loc[np.asarray(idx.isin(wanted))]
+    if len(split_by) > 1:  # a MultiIndex matches missing values (codes -1) to None
+        idx = pd.MultiIndex.from_frame(df[list(split_by)])
+        return df.loc[np.asarray(idx.isin(pd.MultiIndex.from_tuples(list(keys))))]
+    # One column: isin does not match a None key to NaN or pd.NA (nor, beside other
+    # values, to None), so the missing key (None, see _norm_key) is matched by isna.
+    col = df[split_by[0]]
+    present = [k[0] for k in keys if k[0] is not None]
+    mask = np.asarray(pd.Index(col).isin(pd.Index(present)), dtype=bool)
+    if len(present) < len(keys):
+        mask |= np.asarray(col.isna(), dtype=bool)
+    return df.loc[mask]
 
 
 def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],

@@ -1,0 +1,236 @@
+"""Split keys: missing values of every key dtype are a slice of their own, fitted and
+stored as null; a split column typed differently by two jobs of one store is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import mixedscale as ms
+from mixedscale.api import prepare
+from mixedscale.executor import RunOptions, _Run, pending
+from mixedscale.plan import Plan
+from mixedscale.source import Source
+from mixedscale.store import Store
+from mixedscale.worker import Loaded, Opaque, _restrict, load_unit, partition, run_task
+
+from .clusterutil import invoke
+from .conftest import make_genes
+
+RI = ms.ModelSpec("y ~ time", groups="subject", name="ri")
+N_GENES = 6
+MISSING = (0, 3)  # genes whose key is missing: first, and between present ones
+
+
+def _keyed(kind: str) -> pd.DataFrame:
+    """Genes with a split column ``k`` of dtype ``kind``: two values, missing for
+    the genes in MISSING (so the missing slice is neither first nor last in the data)."""
+    df = make_genes(n_genes=N_GENES, n_subjects=8)
+    g = df["gene"].str[1:].astype(int).to_numpy()
+    miss = np.isin(g, MISSING)
+    values = {
+        "Int64": pd.array(np.where(miss, pd.NA, g % 2), dtype="Int64"),
+        "boolean": pd.array(np.where(miss, pd.NA, g % 2 == 1), dtype="boolean"),
+        "string": pd.array(np.where(miss, None, np.where(g % 2, "odd", "even")),
+                           dtype="string"),
+        "str": pd.Series(np.where(miss, None, np.where(g % 2, "odd", "even")), dtype="str"),
+        "object": pd.Series(np.where(miss, None, np.where(g % 2, "odd", "even")),
+                            dtype=object),
+        "float": np.where(miss, np.nan, (g % 2).astype(float)),
+        "datetime": pd.to_datetime(np.where(miss, None, np.where(g % 2, "2020-01-01",
+                                                                 "2021-06-30"))),
+    }
+    df["k"] = values[kind]
+    return df
+
+
+KINDS = ["Int64", "boolean", "string", "str", "object", "float", "datetime"]
+
+
+def _unit_data(src: Source, plan: Plan, unit: int, how: str) -> Any:
+    """A unit's rows, loaded as the executor has a worker load them."""
+    keys = [plan.slices[i].key for i in plan.units[unit].slices]
+    if how == "frame":  # executor._Run.unit_data
+        df, _ = src.read(plan.columns)
+        return Loaded(_restrict(df, plan.split_by, keys), 0)
+    if how == "shuffle":
+        key_unit = {plan.slices[i].key: u.index for u in plan.units for i in u.slices}
+        return [partition(src, src.row_groups, plan.columns, plan.split_by,
+                          Opaque(key_unit)).get(unit)]
+    rgs = [src.row_groups[i] for i in plan.units[unit].row_groups]
+    return load_unit(src, rgs, plan.columns, plan.split_by, Opaque(keys))
+
+
+def _run(data: Any, store: Store, how: str) -> tuple[Source, Plan]:
+    """Every task of the plan, without a cluster, committed to ``store``."""
+    src, plan = prepare(data, [RI], "k")
+    run = _Run(plan, src, store, None, RunOptions())
+    for t in plan.tasks:
+        assert run_task(run.payload(t), _unit_data(src, plan, t.unit, how), store).committed
+    return src, plan
+
+
+@pytest.mark.parametrize("how", ["frame", "direct", "shuffle"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_missing_key_is_a_slice_fitted_and_stored_as_null(tmp_path: Path, kind: str,
+                                                            how: str) -> None:
+    df = _keyed(kind)
+    data: Any = df
+    if how != "frame":
+        data = str(tmp_path / "d.parquet")  # a row group of 2 genes: units split them
+        df.to_parquet(data, index=False, row_group_size=2 * 8 * 4)
+    store = Store(str(tmp_path / "store"))
+    store.init()
+    src, plan = _run(data, store, how)
+    assert [s.key[0] is None for s in plan.slices].count(True) == 1  # one missing key
+    fits = pq.read_table(store.path("fits"))
+    assert fits.schema.field("k").type == src.schema.field("k").type  # typed as the source
+    rows = fits.select(["k", "status", "n_obs"]).to_pylist()
+    want = df.groupby("k", dropna=False, observed=True).size()
+    assert len(rows) == len(want) == 3
+    for r in rows:
+        assert r["status"] == "ok", r
+    missing = [r for r in rows if r["k"] is None]
+    assert len(missing) == 1 and missing[0]["n_obs"] == len(MISSING) * 8 * 4
+    assert sorted(r["n_obs"] for r in rows) == sorted(want.tolist())
+    assert ms.open_store(store.url).fits()["k"].isna().sum() == 1
+
+
+def test_nullable_int_keys_keep_the_fit_ids_of_int_keys() -> None:
+    """Int64 keys with missing values plan as ints and None (NaN keys' form); without
+    missing values, as int64's: fit ids by the planner's JSON of the keys."""
+    df = _keyed("Int64")
+    _, plan = prepare(df, [RI], "k")
+    assert [s.key for s in plan.slices] == [(0,), (1,), (None,)]
+    assert all(s.fingerprint for s in plan.slices)  # content-hashed, the missing one too
+    for t in plan.tasks:
+        for it in t.items:
+            s = plan.slices[it.slice]
+            blob = f"[{json.dumps(RI.spec_id)}, {json.dumps(list(s.key))}, " \
+                   f"{json.dumps(s.fingerprint)}]"
+            assert it.fit_id == hashlib.sha256(blob.encode()).hexdigest()[:20]
+    full = df[df["k"].notna()].reset_index(drop=True)
+    _, nullable = prepare(full, [RI], "k")
+    _, plain = prepare(full.assign(k=full["k"].astype("int64")), [RI], "k")
+    assert nullable.fit_ids() == plain.fit_ids()
+
+
+@pytest.mark.parametrize("kind", ["float", "object", "Int64", "string"])
+def test_a_unit_of_the_missing_key_alone_keeps_its_rows(kind: str) -> None:
+    df = _keyed(kind)
+    n_missing = len(MISSING) * 8 * 4
+    assert len(_restrict(df, ["k"], [(None,)])) == n_missing
+    some = _keyed(kind)["k"].dropna().iloc[0]
+    some = some.item() if isinstance(some, np.generic) else some
+    both = _restrict(df, ["k"], [(some,), (None,)])
+    assert len(both) == n_missing + int((df["k"] == some).sum())
+    two = _restrict(df.assign(j=df["gene"]), ["k", "j"], [(None, "g000")])
+    assert len(two) == 8 * 4
+
+
+@pytest.mark.cluster
+def test_fit_many_fits_a_nullable_int_key_with_missing_values(cluster_client: Any,
+                                                              tmp_path: Path) -> None:
+    df = _keyed("Int64")
+    f = tmp_path / "d.parquet"
+    df.to_parquet(f, index=False)
+    for data, name in ((df, "frame"), (str(f), "parquet")):
+        res = ms.fit_many(data, RI, split_by="k", store=str(tmp_path / name),
+                          client=cluster_client, progress=False)
+        fits = res.fits
+        assert res.summary()["by_status"] == {"ok": 3}, name
+        assert fits.loc[fits["k"].isna(), "n_obs"].tolist() == [len(MISSING) * 8 * 4]
+        assert pq.read_table(tmp_path / name / "fits").schema.field("k").type == pa.int64()
+
+
+# -- one split column, two types -------------------------------------------------------
+
+
+def _sited(n_genes: int = 4) -> pd.DataFrame:
+    df = make_genes(n_genes=n_genes)
+    df["site"] = df["subject"] % 3
+    return df
+
+
+def _commit_all(data: Any, split: str | list[str], store: Store) -> Plan:
+    """A job's fits committed without the checks of a run (as older versions did)."""
+    store.init()
+    src, plan = prepare(data, [RI], split)
+    run = _Run(plan, src, store, None, RunOptions())
+    for t in plan.tasks:
+        assert run_task(run.payload(t), Loaded(src.read(plan.columns)[0], 0), store).committed
+    return plan
+
+
+def _texted(df: pd.DataFrame, col: str) -> pd.DataFrame:
+    return df.assign(**{col: df[col].astype(str)})
+
+
+def test_a_split_column_typed_otherwise_in_the_store_is_refused(tmp_path: Path) -> None:
+    df = _sited()
+    store = Store(str(tmp_path / "store"))
+    _commit_all(df, "site", store)
+    # Text where the store holds int64: refused when the run opens the store.
+    _, plan = prepare(_texted(df, "site"), [RI], "site", store=store.url)
+    with pytest.raises(ms.SpecError, match=r"split column 'site' is text here but int64 in "
+                       r"the results store's earlier fits .*cast it to int64 or use another "
+                       r"store; got \(split_by=\['site'\], store='.*store'\)"):
+        pending(plan, store)
+    # Types that read together pass: int32 and float64 beside int64, and other columns.
+    for ok in (df.assign(site=df["site"].astype("int32")),
+               df.assign(site=df["site"].astype(float))):
+        _, plan = prepare(ok, [RI], "site")
+        pending(plan, store)
+    _, plan = prepare(_texted(df.assign(batch=df["subject"] % 2), "batch"), [RI],
+                      ["gene", "batch"])
+    pending(plan, store)
+    ms.open_store(store.url).fits()  # nothing refused was written
+
+
+def test_fit_many_refuses_the_second_type_before_any_cluster(tmp_path: Path) -> None:
+    df = _sited()
+    store = tmp_path / "store"
+    _commit_all(_texted(df, "site"), "site", Store(str(store)))
+    before = sorted(p.name for p in (store / "fits").iterdir())
+    # The scheduler is unreachable: refusing must come first.
+    with pytest.raises(ms.SpecError, match=r"split column 'site' is int64 here but text"):
+        ms.fit_many(df, RI, split_by="site", store=str(store),
+                    scheduler="tcp://127.0.0.1:1", progress=False)
+    assert sorted(p.name for p in (store / "fits").iterdir()) == before
+    assert not list((store / "_runs").glob("*.json"))  # no run was started
+
+
+def test_a_store_with_parts_of_two_types_reads_as_a_store_error(tmp_path: Path) -> None:
+    df = _sited()
+    store = Store(str(tmp_path / "store"))
+    _commit_all(df, "site", store)
+    _commit_all(_texted(df, "site"), "site", store)  # an older version let it in
+    st = ms.open_store(store.url)
+    for read in (st.fits, st.params, st.variance):
+        with pytest.raises(ms.StoreError, match=r"hold column 'site' as (int64|text) in "
+                           r"'.*part-.*\.parquet' but as (text|int64) in .*move the parts "
+                           r"of one type .*got \(store="):
+            read()
+    code, out, err = invoke(["show", store.url])  # an error line, not a traceback
+    assert code == 3 and "error: the results store's parts hold column 'site'" in err
+    assert "Traceback" not in out + err
+
+
+def test_the_cli_refuses_the_second_type_with_exit_2(tmp_path: Path) -> None:
+    df = _sited()
+    store = Store(str(tmp_path / "store"))
+    _commit_all(df, "site", store)
+    f = tmp_path / "d.parquet"
+    _texted(df, "site").to_parquet(f, index=False)
+    code, _, err = invoke(["fit", str(f), "--formula", "y ~ time", "--groups", "subject",
+                           "--split-by", "site", "--store", store.url,
+                           "--scheduler", "tcp://127.0.0.1:1"])
+    assert code == 2 and "split column 'site' is text here but int64" in err
