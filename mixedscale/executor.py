@@ -449,21 +449,31 @@ def pending(plan: Plan, store: Store | None) -> Resume:
     under other task keys (an earlier packing: another planner version or cost model,
     or a smaller spec grid) are matched by the fit ids they hold, and the tasks that
     share fits with them shrink to their missing fits, named by what they hold. Only
-    those parts' fit_id columns are read, and only when such parts exist."""
+    those parts' fit_id columns are read, and only when such parts exist.
+
+    A committed part that cannot be read (its fit ids, or its task's params or
+    variance footers: ``Store.unreadable_parts``) would be skipped forever and fail
+    every reader: it is set aside (``Store.set_aside``) and its fits count as missing.
+    This plan's own parts are checked thus; other parts as their fit ids are read."""
     if store is None:
         return Resume(list(plan.tasks), 0, None)
     done = store.committed_parts()
     keys = {t.key for t in plan.tasks}
     parts = {d for d in done if d.partition("-f")[0] in keys}
     foreign = sorted(done - parts)
+    bad = store.unreadable_parts(sorted(parts))
     done_ids: set[str] = set()
     if foreign:
         planned = pa.array(plan.fit_ids(), type=pa.string())
-        for name, ids in store.part_fit_ids(foreign).items():
+        for name, ids in store.part_fit_ids(foreign, unreadable=bad).items():
             hit = ids.filter(pc.is_in(ids, value_set=planned))
             if len(hit):
                 parts.add(name)
                 done_ids.update(hit.to_pylist())
+    for name, why in sorted(bad.items()):
+        store.set_aside(name, why)
+    done -= bad.keys()
+    parts -= bad.keys()
     split = {d.partition("-f")[0] for d in done if "-f" in d}  # tasks split into fits
     todo: list[Task] = []
     skipped = 0
