@@ -15,6 +15,7 @@ import yaml
 
 from .clusterutil import (
     check_invariant,
+    flip_column,
     free_port,
     invoke,
     manifests,
@@ -27,6 +28,8 @@ from .conftest import ROOT, make_genes
 pytestmark = pytest.mark.cluster
 
 JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+# statsmodels' engine fits one slice at a time: a small job still has several tasks.
+SM = {"name": "sm", "formula": "y ~ time", "groups": "subject", "engine": "statsmodels"}
 SMALL_JOBS = {"nba": 1, "sleepstudy": 8}  # job -> fits
 
 
@@ -234,6 +237,52 @@ def test_fit_command(tmp_path: Path, address: str) -> None:
         assert "error (gene=g002): the response is constant" in r.stderr
         assert ("mixedscale run" in r.stderr) is not bool(quiet)
     assert len(pd.read_parquet(out / "fits")) == 3
+
+
+def test_a_corrupt_store_part_is_set_aside_by_a_rerun_and_refitted(tmp_path: Path,
+                                                                    address: str) -> None:
+    """A truncated committed part: `show` exits 3 with one line saying a rerun repairs
+    it; the rerun (no -q: it prints the summary) sets the task's parts aside in
+    _corrupt/, refits its fits and ends with every fit in the store exactly once."""
+    data = tmp_path / "data.parquet"
+    make_genes(n_genes=4).to_parquet(data, index=False)
+    store = tmp_path / "store"
+    job = write_job(tmp_path / "job.yaml", data, store, models=[SM])  # 2 tasks
+    plan = planned(job)
+    assert len(plan.tasks) >= 2, "precondition: a part to damage and parts to keep"
+    r = run_cli(["run", str(job), "-q"], cwd=tmp_path, scheduler=address)
+    assert r.returncode == 0, r.stderr
+    victim = plan.tasks[0]
+    part = store / "fits" / f"part-{victim.key}.parquet"
+    part.write_bytes(part.read_bytes()[:100])
+
+    r = run_cli(["show", str(store)], cwd=tmp_path)
+    assert r.returncode == 3, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert str(part) in r.stderr and "rerunning the job" in r.stderr, r.stderr
+
+    r = run_cli(["run", str(job)], cwd=tmp_path, scheduler=address)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    (warning,) = [ln for ln in r.stderr.splitlines() if str(part) in ln]
+    assert warning.startswith("WARNING") and "_corrupt" in warning, r.stderr
+    assert "n_planned" in r.stdout  # the summary read the repaired store
+    check_invariant(store, plan.fit_ids())  # every fit once, none lost
+    assert manifests(store)[-1]["n_run"] == len(victim.items)
+    assert sorted(p.parent.name for p in (store / "_corrupt").rglob("*.parquet")) == \
+        ["fits", "params", "variance"]
+    r = run_cli(["show", str(store)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+    # Damage a resume does not check (another column's pages): the summary's read
+    # fails with one line and exit 3, not a traceback.
+    other = store / "fits" / f"part-{plan.tasks[1].key}.parquet"
+    flip_column(other, "status")
+    r = run_cli(["run", str(job)], cwd=tmp_path, scheduler=address)
+    assert r.returncode == 3, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert str(other) in line and "move it" in line, r.stderr
 
 
 # -- job-file and option validation: `validate` and `run` agree with the Python API ----
