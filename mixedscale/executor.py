@@ -13,7 +13,8 @@ Statistics never happen here. Failure handling:
   executor waits for it again rather than reading a half-known state.
 - A corrupt input file fails, as ``DataError`` rows naming the file, only the
   fits whose slices have rows in it; other tasks of the same load unit are
-  resubmitted with that file left out.
+  resubmitted with that file left out. Workers report it in the task's outcome
+  (``TaskOutcome.corrupt``) rather than raise it, so they log no traceback.
 - A store write failure is retried, then fails the run (exit 3); nothing
   partial is visible because parts are staged and published atomically.
 - Losing the scheduler, or a stop request (SIGTERM), ends the run as
@@ -727,6 +728,9 @@ def _handle(run: _Run, fut: Any, task: Task, queue: list[Task], bar: _Progress,
                 run.commit_failure(task, f"InternalError.{type(err).__name__}", str(err))
                 bar.advance(len(task.items))
                 return True
+        if out is not None and out.corrupt is not None:  # its data met a corrupt file
+            _corrupt(run, task, out.corrupt, queue, bar)
+            return True
         if out is not None:
             run.account_status(out.by_status, out.n_fits)
             run.fit_seconds += out.fit_seconds
