@@ -15,12 +15,14 @@ import yaml
 
 from .clusterutil import (
     check_invariant,
+    faults_env,
     flip_column,
     free_port,
     invoke,
     manifests,
     planned,
     run_cli,
+    write_genes,
     write_job,
 )
 from .conftest import ROOT, make_genes
@@ -283,6 +285,33 @@ def test_a_corrupt_store_part_is_set_aside_by_a_rerun_and_refitted(tmp_path: Pat
     assert "Traceback" not in r.stderr, r.stderr
     (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert str(other) in line and "move it" in line, r.stderr
+
+
+def test_worker_failures_stay_off_stderr(tmp_path: Path) -> None:
+    """With the embedded cluster, worker processes write to the CLI's stderr: a corrupt
+    input file or a fit timeout shows mixedscale's own one-line messages only, not
+    the workers' tracebacks (Compute Failed) nor Dask's cancellation warnings."""
+    data = write_genes(tmp_path / "data", 8, files=2)
+    bad = data / "part-1.parquet"
+    flip_column(bad, "y")
+    r = run_cli(["fit", str(data), "--formula", "y ~ time", "--groups", "subject",
+                 "--split-by", "gene", "--workers", "1", "-q"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "Compute Failed" not in r.stderr, r.stderr
+    assert "distributed." not in r.stderr, r.stderr
+    (warning,) = [ln for ln in r.stderr.splitlines() if ln.startswith("WARNING")]
+    assert str(bad) in warning, r.stderr
+    assert all(str(bad) in ln for ln in r.stderr.splitlines()), r.stderr  # its fits' rows
+
+    job = write_job(tmp_path / "job.yaml", data.parent / "ok", tmp_path / "store",
+                    models=[SM], fit={"timeout": 2})
+    write_genes(data.parent / "ok", 4)
+    r = run_cli(["run", str(job), "--workers", "1", "-q"], cwd=tmp_path,
+                env=faults_env({"key": ["g001"], "do": "hang", "seconds": 60}))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "distributed." not in r.stderr, r.stderr
+    fits = check_invariant(tmp_path / "store", planned(job).fit_ids())["fits"]
+    assert fits.loc[fits["gene"] == "g001", "error_type"].item() == "FitTimeout"
 
 
 # -- job-file and option validation: `validate` and `run` agree with the Python API ----
