@@ -206,11 +206,13 @@ def run(
                 client.close()
             if jq is not None:
                 jq.close()
+        # The summary and --fail-on read the store: an unreadable part is a StoreError.
+        if not quiet:
+            _print_summary(result)
+        code = _fail_on(result, fail_on)
     except MixedscaleError as exc:
         raise _exit_for(exc) from None
-    if not quiet:
-        _print_summary(result)
-    raise typer.Exit(_fail_on(result, fail_on))
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -278,13 +280,13 @@ def fit_cmd(
         result = fit_many(data, [spec], split_by=split_by or None, store=store,
                           scheduler=scheduler, workers=workers,
                           progress=False if quiet else None)
+        machine = output is not Fmt.table  # stdout holds the data alone
+        _emit(result.params, output)
+        _report_failed(result.fits)
+        if not quiet:
+            _print_summary(result, stderr=machine)
     except MixedscaleError as exc:
         raise _exit_for(exc) from None
-    machine = output is not Fmt.table  # stdout holds the data alone
-    _emit(result.params, output)
-    _report_failed(result.fits)
-    if not quiet:
-        _print_summary(result, stderr=machine)
 
 
 def _report_failed(fits: Any) -> None:

@@ -524,6 +524,10 @@ def make_cluster(
             kwargs["scheduler_kwargs"] = opts
         if security is not None:
             kwargs.update(security=security, protocol="tls://")
+        from ._workerlogs import QuietWorkerLogs
+
+        # Worker processes share this process's stderr: errors only (see _workerlogs).
+        kwargs["plugins"] = (QuietWorkerLogs(),)
         import dask
 
         # Environment set before each worker process starts, so BLAS reads it at import.

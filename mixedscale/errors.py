@@ -15,6 +15,7 @@ __all__ = [
     "RunIncomplete",
     "SpecError",
     "StoreError",
+    "one_line",
     "suggest",
 ]
 
@@ -47,6 +48,11 @@ class RunIncomplete(MixedscaleError):
     """A run stopped before every planned fit was committed (interrupted, lost cluster)."""
 
     exit_code = 3
+
+
+def one_line(exc: BaseException | str) -> str:
+    """An exception's text on one line: Arrow's and others' messages can span several."""
+    return " ".join(str(exc).split())
 
 
 def suggest(name: str, candidates: Iterable[str]) -> str:

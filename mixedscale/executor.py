@@ -13,7 +13,8 @@ Statistics never happen here. Failure handling:
   executor waits for it again rather than reading a half-known state.
 - A corrupt input file fails, as ``DataError`` rows naming the file, only the
   fits whose slices have rows in it; other tasks of the same load unit are
-  resubmitted with that file left out.
+  resubmitted with that file left out. Workers report it in the task's outcome
+  (``TaskOutcome.corrupt``) rather than raise it, so they log no traceback.
 - A store write failure is retried, then fails the run (exit 3); nothing
   partial is visible because parts are staged and published atomically.
 - Losing the scheduler, or a stop request (SIGTERM), ends the run as
@@ -453,22 +454,33 @@ def pending(plan: Plan, store: Store | None) -> Resume:
 
     Those parts (other jobs' fits) must hold the plan's split columns, if at all, as
     types that read together with the plan's: else SpecError, before any work. (Its
-    own parts, named by its fit ids, were written with the same keys.)"""
+    own parts, named by its fit ids, were written with the same keys.)
+
+    A committed part that cannot be read (its fit ids, or its task's params or
+    variance footers: ``Store.unreadable_parts``) would be skipped forever and fail
+    every reader: it is set aside (``Store.set_aside``) and its fits count as missing.
+    This plan's own parts are checked thus; other parts as their fit ids are read."""
     if store is None:
         return Resume(list(plan.tasks), 0, None)
     done = store.committed_parts()
     keys = {t.key for t in plan.tasks}
     parts = {d for d in done if d.partition("-f")[0] in keys}
     foreign = sorted(done - parts)
+    bad = store.unreadable_parts(sorted(parts))
     done_ids: set[str] = set()
     if foreign:
         planned = pa.array(plan.fit_ids(), type=pa.string())
-        for name, ids in store.part_fit_ids(foreign).items():
+        for name, ids in store.part_fit_ids(foreign, unreadable=bad).items():
             hit = ids.filter(pc.is_in(ids, value_set=planned))
             if len(hit):
                 parts.add(name)
                 done_ids.update(hit.to_pylist())
-        store.check_split_types(plan.key_fields, foreign)  # schemas read just above
+    for name, why in sorted(bad.items()):
+        store.set_aside(name, why)
+    done -= bad.keys()
+    parts -= bad.keys()
+    # Other jobs' readable parts (their schemas were read with their fit ids above).
+    store.check_split_types(plan.key_fields, [n for n in foreign if n not in bad])
     split = {d.partition("-f")[0] for d in done if "-f" in d}  # tasks split into fits
     todo: list[Task] = []
     skipped = 0
@@ -722,6 +734,9 @@ def _handle(run: _Run, fut: Any, task: Task, queue: list[Task], bar: _Progress,
                 run.commit_failure(task, f"InternalError.{type(err).__name__}", str(err))
                 bar.advance(len(task.items))
                 return True
+        if out is not None and out.corrupt is not None:  # its data met a corrupt file
+            _corrupt(run, task, out.corrupt, queue, bar)
+            return True
         if out is not None:
             run.account_status(out.by_status, out.n_fits)
             run.fit_seconds += out.fit_seconds

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
-from .errors import DataError, SpecError, missing_column_error
+from .errors import DataError, SpecError, missing_column_error, one_line
 from .spec import ModelSpec
 from .store import protocols, type_name
 
@@ -162,7 +162,7 @@ class Source:
                 pf = pq.ParquetFile(fh)
                 t = pf.read_row_groups([g.index for g in groups], columns=file_cols)
         except (OSError, pa.ArrowException, ValueError) as exc:
-            raise CorruptFile(f, f"cannot read Parquet file {f!r}: {exc}") from None
+            raise CorruptFile(f, f"cannot read Parquet file {f!r}: {one_line(exc)}") from None
         for k, v in part.items():
             if k in columns:
                 t = t.append_column(k, pa.array([v] * t.num_rows))
@@ -462,8 +462,8 @@ def _scan_footers(src: Source, fs: Any, files: list[str], part_schema: pa.Schema
             with fs.open(f, "rb") as fh:
                 md = pq.ParquetFile(fh).metadata
         except (OSError, pa.ArrowException, ValueError) as exc:
-            src.bad_files[f] = f"{type(exc).__name__}: {exc}"
-            log.warning("skipping unreadable Parquet file %s: %s", f, exc)
+            src.bad_files[f] = f"{type(exc).__name__}: {one_line(exc)}"
+            log.warning("skipping unreadable Parquet file %s: %s", f, one_line(exc))
             continue
         schema = md.schema.to_arrow_schema()
         for name in schema.names:
@@ -555,7 +555,7 @@ def read_split_keys(src: Source, split_by: Sequence[str], extra: Sequence[str] =
                 nbytes += sum(md.column(names.index(c)).total_compressed_size
                               for c in file_cols if c in names)
         except (OSError, pa.ArrowException, ValueError) as exc:
-            src.bad_files[rg.file] = f"{type(exc).__name__}: {exc}"
+            src.bad_files[rg.file] = f"{type(exc).__name__}: {one_line(exc)}"
             continue
         for c, v in part.items():
             if c in cols:

@@ -8,13 +8,15 @@ Layout::
     STORE/_runs/<run_id>.json           one manifest per run
     STORE/_runs/<run_id>.started/       task markers while the run lasts
     STORE/_tmp/                         staging and shuffle scratch; ignored by readers
+    STORE/_corrupt/<table>/             unreadable parts a rerun set aside; ignored by readers
 
 A task's three part files share one deterministic name derived from the fit
 ids it holds. They are staged under ``_tmp`` and published without clobbering
 (``os.link`` on local disks, so a second writer of the same task loses
 cleanly); ``fits`` is published last, so a task counts as done exactly when
 its fits part exists, and readers only join params/variance rows whose fit_id
-is committed in ``fits``.
+is committed in ``fits``. A committed part found unreadable on resume (``pending``)
+is moved to ``_corrupt`` with its task's other parts, and its fits are refitted.
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import SpecError, StoreError
+from .errors import SpecError, StoreError, one_line
 
 __all__ = ["FIT_SCHEMA", "Store", "open_store"]
 
 log = logging.getLogger(__name__)
 
 TABLES = ("fits", "params", "variance")
+CORRUPT = "_corrupt"  # where a rerun sets unreadable committed parts aside
 _COMPRESSION = "snappy"  # Parquet's common default: about twice as fast to write as zstd
 
 
@@ -378,21 +381,117 @@ class Store:
             out = {n: f for n, f in out.items() if n in tasks or n.split("-f")[0] in tasks}
         return out
 
-    def part_fit_ids(self, names: Sequence[str]) -> dict[str, pa.Array]:
-        """The fit ids in each named committed part (its fit_id column only); the
-        parts' schemas are remembered for ``part_schemas``."""
+    def part_fit_ids(self, names: Sequence[str], unreadable: dict[str, str] | None = None
+                     ) -> dict[str, pa.Array]:
+        """The fit ids in each named committed part (its fit_id column only; the parts'
+        schemas are remembered for ``part_schemas``). With
+        ``unreadable``, a part that cannot be read is entered there (name -> why) and
+        left out, instead of raising StoreError."""
         out = {}
         for name in names:
-            f = self.path("fits", f"part-{name}.parquet")
+            try:
+                out[name] = self._fit_id_column(name)
+            except (OSError, pa.ArrowException) as exc:
+                f = self.path("fits", f"part-{name}.parquet")
+                if unreadable is None:
+                    raise self._unreadable(f, exc) from None
+                unreadable[name] = f"{f} ({one_line(exc)})"
+        return out
+
+    def _fit_id_column(self, name: str) -> pa.Array:
+        f = self.path("fits", f"part-{name}.parquet")
+        with self.fs.open(f, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            if "fit_id" not in pf.schema_arrow.names:
+                raise _not_ours(f)
+            self._schemas[name] = pf.schema_arrow
+            col = pf.read(columns=["fit_id"]).column("fit_id")
+        return col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+
+    def unreadable_parts(self, names: Sequence[str]) -> dict[str, str]:
+        """The committed tasks among ``names`` with an unreadable part: name -> the
+        part and why.
+
+        Cheap enough for every resume: the fit_id column of each fits part (what
+        resuming relies on) and the footers of its params and variance parts, never
+        whole tables. Damage inside other columns' pages is found only by readers."""
+        bad: dict[str, str] = {}
+        for name in names:
+            why = self._problem(name)
+            if why is not None:
+                bad[name] = why
+        return bad
+
+    def _problem(self, name: str) -> str | None:
+        """Which part of a committed task cannot be read and why, or None."""
+        try:
+            self._fit_id_column(name)
+        except (OSError, pa.ArrowException) as exc:
+            return f"{self.path('fits', f'part-{name}.parquet')} ({one_line(exc)})"
+        for t in ("params", "variance"):
+            f = self.path(t, f"part-{name}.parquet")
             try:
                 with self.fs.open(f, "rb") as fh:
-                    pf = pq.ParquetFile(fh)
-                    self._schemas[name] = pf.schema_arrow
-                    col = pf.read(columns=["fit_id"]).column("fit_id")
-            except (OSError, pa.ArrowException, KeyError) as exc:
-                raise StoreError(f"store part {f!r} is unreadable: {exc}") from None
-            out[name] = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-        return out
+                    pq.read_metadata(fh)
+            except FileNotFoundError:
+                # Every commit publishes all three parts (empty ones too), params and
+                # variance first: a committed task without one lost it, e.g. to a
+                # set_aside cut short after moving it.
+                return f"{f} (missing)"
+            except (OSError, pa.ArrowException) as exc:
+                return f"{f} ({one_line(exc)})"
+        return None
+
+    def set_aside(self, name: str, why: str) -> bool:
+        """Move a committed task's parts to ``_corrupt/<table>/`` because one of them is
+        unreadable, so its fits count as missing (a rerun refits them) and readers no
+        longer fail on it. Nothing is deleted. Params and variance go first and fits,
+        the commit marker, last: a move cut short leaves the task committed with a part
+        missing, which ``_problem`` reports, for the next rerun to finish. False if
+        nothing was moved: the parts
+        read fine by now, or are gone (another run repaired them, or is doing so)."""
+        if self._problem(name) is None:
+            return False
+        tag = uuid.uuid4().hex[:8]  # a task's parts may be set aside more than once
+        moved = False
+        for t in ("params", "variance", "fits"):
+            src = self.path(t, f"part-{name}.parquet")
+            dst = self.path(CORRUPT, t, f"part-{name}.{tag}.parquet")
+            try:
+                if not self.fs.exists(src):
+                    continue
+                self.fs.makedirs(self.path(CORRUPT, t), exist_ok=True)
+                if self.local:
+                    os.rename(src, dst)
+                else:
+                    self.fs.mv(src, dst)
+                moved = True
+            except FileNotFoundError:  # moved by another run meanwhile
+                continue
+            except OSError as exc:
+                raise StoreError(
+                    f"store part {src!r} is unreadable and could not be moved aside to "
+                    f"{dst!r} ({one_line(exc)}); move it out of the store by hand and rerun "
+                    f"the job; got (store={self.url!r})") from None
+        if moved:
+            log.warning("unreadable store part %s; moved its task's parts to %s/ to refit "
+                        "its fits", why, self.path(CORRUPT))
+        return moved
+
+    def _unreadable(self, path: str, exc: BaseException) -> StoreError:
+        """A reader's error for an unreadable part, with the repair that works for it."""
+        head = f"store part {path!r} is unreadable ({one_line(exc)}); "
+        name = _basename(path)[5:-8]  # part-<name>.parquet
+        try:
+            found = self._problem(name) is not None
+        except StoreError:
+            found = False
+        if found:  # what a rerun's resume checks: it repairs this part itself
+            return StoreError(head + "rerunning the job that wrote it repairs the store: "
+                              f"the rerun moves the part to {CORRUPT}/ and refits its fits")
+        return StoreError(head + "move it and the parts of the same name in fits/, params/ "
+                          "and variance/ out of the store, then rerun the job that wrote it "
+                          "to refit its fits")
 
     def part_schemas(self, names: Sequence[str]) -> dict[str, pa.Schema]:
         """The schema of each named committed fits part, from its footer. Remembered: a
@@ -442,13 +541,11 @@ class Store:
                     pf = pq.ParquetFile(fh)
                     names = pf.schema_arrow.names
                     if "fit_id" not in names:
-                        raise StoreError(
-                            f"{f!r} is not a mixedscale part (it has no fit_id column); "
-                            "move files other than mixedscale's out of the store")
+                        raise _not_ours(f)
                     t = pf.read(columns=None if columns is None
                                 else [c for c in columns if c in names])
             except (OSError, pa.ArrowException) as exc:
-                raise StoreError(f"store part {f!r} is unreadable: {exc}") from None
+                raise self._unreadable(f, exc) from None
             parts.append(t.append_column("_part", pa.array(np.full(t.num_rows, i))))
         if not parts:
             return None
@@ -656,6 +753,11 @@ HEARTBEAT_SECONDS = 60.0
 SILENT_HEARTBEATS = 10
 _MARKERS = frozenset({"started", "oom"})
 _SHUFFLE = "shuffle-"
+
+
+def _not_ours(path: str) -> StoreError:
+    return StoreError(f"{path!r} is not a mixedscale part (it has no fit_id column); "
+                      "move files other than mixedscale's out of the store")
 
 
 def _basename(name: str) -> str:

@@ -29,7 +29,7 @@ from .batch import MIN_BATCH, batchable, fit_slices
 from .errors import DataError, MixedscaleError, StoreError
 from .plan import FitItem, Task, _norm_column, _norm_key
 from .single import FitResult, fit_shared
-from .source import RowGroup, Source
+from .source import CorruptFile, RowGroup, Source
 from .spec import ModelSpec
 from .store import (
     FAULTS_ENV,
@@ -44,7 +44,7 @@ from .store import (
 
 T = TypeVar("T")
 
-__all__ = ["Opaque", "Packed", "TaskOutcome", "TaskPayload", "forget_shuffled",
+__all__ = ["LoadFailed", "Opaque", "Packed", "TaskOutcome", "TaskPayload", "forget_shuffled",
            "load_shuffled", "load_unit", "partition", "partition_to_store", "piece", "run_task"]
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,17 @@ class TaskOutcome:
     # Seconds of the task's wall by phase: "data" (load or merge, row positions),
     # "fits" (fitting, fit seconds included), "tables" (result rows), "write" (commit).
     phases: dict[str, float] = field(default_factory=dict)
+    # The task's data could not be read: nothing was fitted or committed.
+    corrupt: CorruptFile | None = None
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """A read that met a corrupt input file, returned as a value: a Dask task that
+    raises is logged by its worker at ERROR with a traceback (on the CLI's stderr for
+    the embedded cluster), and the executor handles this expected case on its own."""
+
+    error: CorruptFile
 
 
 class Positions:
@@ -184,9 +195,13 @@ def _packed(blob: bytes) -> Packed[Any]:
 
 
 def load_unit(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
-              split_by: Sequence[str], keys: Opaque[Sequence[tuple[Any, ...]]]) -> Loaded:
+              split_by: Sequence[str], keys: Opaque[Sequence[tuple[Any, ...]]]
+              ) -> Loaded | LoadFailed:
     """Read a unit's row groups (needed columns only) and keep the unit's slices."""
-    df, nbytes = src.read(columns, rgs)
+    try:
+        df, nbytes = src.read(columns, rgs)
+    except CorruptFile as exc:
+        return LoadFailed(exc)
     return Loaded(_restrict(df, split_by, keys.value), nbytes)
 
 
@@ -209,9 +224,12 @@ def _restrict(df: pd.DataFrame, split_by: Sequence[str], keys: Sequence[tuple[An
 
 def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
               split_by: Sequence[str], key_unit: Opaque[dict[tuple[Any, ...], int]]
-              ) -> dict[int, Loaded]:
+              ) -> dict[int, Loaded] | LoadFailed:
     """Shuffle step for data not sorted by the split key: one read, rows bucketed by unit."""
-    df, nbytes = src.read(columns, rgs)
+    try:
+        df, nbytes = src.read(columns, rgs)
+    except CorruptFile as exc:
+        return LoadFailed(exc)
     if df.empty:
         return {}
     groups = df.groupby(list(split_by), sort=False, dropna=False, observed=True).indices
@@ -228,8 +246,8 @@ def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
     return out
 
 
-def piece(parts: dict[int, Loaded], unit: int) -> Loaded | None:
-    return parts.get(unit)
+def piece(parts: dict[int, Loaded] | LoadFailed, unit: int) -> Loaded | LoadFailed | None:
+    return parts if isinstance(parts, LoadFailed) else parts.get(unit)
 
 
 _SCRATCH_CODEC = "lz4" if pa.Codec.is_available("lz4") else None
@@ -237,7 +255,8 @@ _SCRATCH_CODEC = "lz4" if pa.Codec.is_available("lz4") else None
 
 def partition_to_store(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
                        split_by: Sequence[str], key_unit: Opaque[dict[tuple[Any, ...], int]],
-                       store: Store, folder: str, index: int) -> dict[int, tuple[str, int]]:
+                       store: Store, folder: str, index: int
+                       ) -> dict[int, tuple[str, int]] | LoadFailed:
     """The shuffle step, spilled: rows bucketed by unit are written to scratch files in
     the store, so no worker holds more than one batch of row groups, whatever the
     data's size. Returns unit -> (scratch file, its share of the input bytes).
@@ -247,7 +266,10 @@ def partition_to_store(src: Source, rgs: Sequence[RowGroup], columns: Sequence[s
     cost 4x more to write and to read at the same size."""
     out: dict[int, tuple[str, int]] = {}
     options = pa.ipc.IpcWriteOptions(compression=_SCRATCH_CODEC)
-    for u, loaded in partition(src, rgs, columns, split_by, key_unit).items():
+    parts = partition(src, rgs, columns, split_by, key_unit)
+    if isinstance(parts, LoadFailed):
+        return parts
+    for u, loaded in parts.items():
         path = store.path("_tmp", folder, f"u{u}", f"p{index}.arrow")
         table = pa.Table.from_pandas(loaded.frame, preserve_index=False)
         tmp = f"{path}.{uuid.uuid4().hex}"
@@ -314,17 +336,23 @@ def forget_shuffled() -> None:
         _SHUFFLED.clear()
 
 
-def _merge(data: Loaded | pd.DataFrame | dict[str, Any] | Sequence[Loaded | None],
-           store: Store | None = None) -> Loaded:
+def _merge(data: Loaded | LoadFailed | pd.DataFrame | dict[str, Any]
+           | Sequence[Loaded | LoadFailed | None], store: Store | None = None) -> Loaded:
     """A task's data: a loaded unit, in-memory shuffle pieces, or {"unit", "scratch"}:
     a unit read from shuffle scratch files inside the fit task itself. (A separate load
     task per unit would become runnable for every unit at once when the shuffle ends,
-    and Dask would run them all, holding every unit in memory.)"""
+    and Dask would run them all, holding every unit in memory.) Raises CorruptFile if
+    a read it depends on met one."""
     if isinstance(data, Loaded):
         return data
+    if isinstance(data, LoadFailed):
+        raise data.error
     if isinstance(data, dict):
         if store is None:
             raise StoreError("a shuffled unit needs the store that holds its scratch files")
+        for p in data["scratch"]:
+            if isinstance(p, LoadFailed):
+                raise p.error
         unit = int(data["unit"])
         key = tuple(p[unit] for p in data["scratch"] if unit in p)
         with _SHUFFLED_LOCK:
@@ -335,7 +363,10 @@ def _merge(data: Loaded | pd.DataFrame | dict[str, Any] | Sequence[Loaded | None
         return hit
     if isinstance(data, pd.DataFrame):
         return Loaded(data, 0)
-    got = [d for d in data if d is not None]
+    for d in data:
+        if isinstance(d, LoadFailed):
+            raise d.error
+    got = [d for d in data if isinstance(d, Loaded)]
     if not got:
         return Loaded(pd.DataFrame(), 0, "")
     merged = Loaded(pd.concat([d.frame for d in got], ignore_index=True), 0)
@@ -511,7 +542,12 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
     task = payload.task
     faults = bool(os.environ.get(_FAULTS_ENV))
     _maybe_inject(payload)
-    loaded = _merge(data, store)
+    try:
+        loaded = _merge(data, store)
+    except CorruptFile as exc:  # returned, not raised: see LoadFailed
+        return TaskOutcome(key=task.key, n_fits=0, by_status={}, fit_seconds=0.0,
+                           wall_seconds=time.perf_counter() - t0, committed=False,
+                           worker=_worker_address(), corrupt=exc)
     df = loaded.frame
     pos = loaded.positions(payload.split_by)
     t_data = time.perf_counter()

@@ -319,6 +319,22 @@ def write_genes(path: Path, n_genes: int, *, files: int = 1, seed: int = 0,
     return path
 
 
+def flip_column(path: Path, column: str) -> None:
+    """Invert every byte of ``column``'s chunks (page headers and data), footer intact:
+    the file still plans, but that column cannot be read."""
+    import pyarrow.parquet as pq
+
+    md = pq.ParquetFile(path).metadata
+    raw = bytearray(path.read_bytes())
+    names = [md.schema.column(i).name for i in range(md.num_columns)]
+    for g in range(md.num_row_groups):
+        cc = md.row_group(g).column(names.index(column))
+        start = min(o for o in (cc.dictionary_page_offset, cc.data_page_offset) if o)
+        for i in range(start, start + cc.total_compressed_size):
+            raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
 def write_job(path: Path, data: str | Path, store: str | Path, *, models: Sequence[Mapping[
         str, Any]] | None = None, split_by: Sequence[str] = ("gene",), fit: Mapping[str, Any]
         | None = None, name: str = "test") -> Path:
@@ -441,8 +457,8 @@ def check_invariant(store: Path, planned_fit_ids: Sequence[str] | set[str], *,
         for f in tmp.iterdir():
             assert any(re.match(p, f.name) for p in _STAGING), \
                 f"unexpected file under _tmp: {f.name}"
-    for extra in store.iterdir():
-        assert extra.name in {"fits", "params", "variance", "_runs", "_tmp"}, \
+    for extra in store.iterdir():  # _corrupt: unreadable parts a rerun set aside
+        assert extra.name in {"fits", "params", "variance", "_runs", "_tmp", "_corrupt"}, \
             f"unexpected entry in the store: {extra.name}"
     return {
         "fits": fits,

@@ -15,11 +15,14 @@ import yaml
 
 from .clusterutil import (
     check_invariant,
+    faults_env,
+    flip_column,
     free_port,
     invoke,
     manifests,
     planned,
     run_cli,
+    write_genes,
     write_job,
 )
 from .conftest import ROOT, make_genes
@@ -27,6 +30,8 @@ from .conftest import ROOT, make_genes
 pytestmark = pytest.mark.cluster
 
 JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+# statsmodels' engine fits one slice at a time: a small job still has several tasks.
+SM = {"name": "sm", "formula": "y ~ time", "groups": "subject", "engine": "statsmodels"}
 SMALL_JOBS = {"nba": 1, "sleepstudy": 8}  # job -> fits
 
 
@@ -237,6 +242,79 @@ def test_fit_command(tmp_path: Path, address: str) -> None:
         assert ("mixedscale run" in r.stderr) is not bool(quiet)
     fits = pd.read_parquet(out / "fits")
     assert len(fits) == 3 and set(fits["spec_name"]) == {"y ~ time"}  # not the hash
+
+
+def test_a_corrupt_store_part_is_set_aside_by_a_rerun_and_refitted(tmp_path: Path,
+                                                                    address: str) -> None:
+    """A truncated committed part: `show` exits 3 with one line saying a rerun repairs
+    it; the rerun (no -q: it prints the summary) sets the task's parts aside in
+    _corrupt/, refits its fits and ends with every fit in the store exactly once."""
+    data = tmp_path / "data.parquet"
+    make_genes(n_genes=4).to_parquet(data, index=False)
+    store = tmp_path / "store"
+    job = write_job(tmp_path / "job.yaml", data, store, models=[SM])  # 2 tasks
+    plan = planned(job)
+    assert len(plan.tasks) >= 2, "precondition: a part to damage and parts to keep"
+    r = run_cli(["run", str(job), "-q"], cwd=tmp_path, scheduler=address)
+    assert r.returncode == 0, r.stderr
+    victim = plan.tasks[0]
+    part = store / "fits" / f"part-{victim.key}.parquet"
+    part.write_bytes(part.read_bytes()[:100])
+
+    r = run_cli(["show", str(store)], cwd=tmp_path)
+    assert r.returncode == 3, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert str(part) in r.stderr and "rerunning the job" in r.stderr, r.stderr
+
+    r = run_cli(["run", str(job)], cwd=tmp_path, scheduler=address)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    (warning,) = [ln for ln in r.stderr.splitlines() if str(part) in ln]
+    assert warning.startswith("WARNING") and "_corrupt" in warning, r.stderr
+    assert "n_planned" in r.stdout  # the summary read the repaired store
+    check_invariant(store, plan.fit_ids())  # every fit once, none lost
+    assert manifests(store)[-1]["n_run"] == len(victim.items)
+    assert sorted(p.parent.name for p in (store / "_corrupt").rglob("*.parquet")) == \
+        ["fits", "params", "variance"]
+    r = run_cli(["show", str(store)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+    # Damage a resume does not check (another column's pages): the summary's read
+    # fails with one line and exit 3, not a traceback.
+    other = store / "fits" / f"part-{plan.tasks[1].key}.parquet"
+    flip_column(other, "status")
+    r = run_cli(["run", str(job)], cwd=tmp_path, scheduler=address)
+    assert r.returncode == 3, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert str(other) in line and "move it" in line, r.stderr
+
+
+def test_worker_failures_stay_off_stderr(tmp_path: Path) -> None:
+    """With the embedded cluster, worker processes write to the CLI's stderr: a corrupt
+    input file or a fit timeout shows mixedscale's own one-line messages only, not
+    the workers' tracebacks (Compute Failed) nor Dask's cancellation warnings."""
+    data = write_genes(tmp_path / "data", 8, files=2)
+    bad = data / "part-1.parquet"
+    flip_column(bad, "y")
+    r = run_cli(["fit", str(data), "--formula", "y ~ time", "--groups", "subject",
+                 "--split-by", "gene", "--workers", "1", "-q"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "Compute Failed" not in r.stderr, r.stderr
+    assert "distributed." not in r.stderr, r.stderr
+    (warning,) = [ln for ln in r.stderr.splitlines() if ln.startswith("WARNING")]
+    assert str(bad) in warning, r.stderr
+    assert all(str(bad) in ln for ln in r.stderr.splitlines()), r.stderr  # its fits' rows
+
+    job = write_job(tmp_path / "job.yaml", data.parent / "ok", tmp_path / "store",
+                    models=[SM], fit={"timeout": 2})
+    write_genes(data.parent / "ok", 4)
+    r = run_cli(["run", str(job), "--workers", "1", "-q"], cwd=tmp_path,
+                env=faults_env({"key": ["g001"], "do": "hang", "seconds": 60}))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "distributed." not in r.stderr, r.stderr
+    fits = check_invariant(tmp_path / "store", planned(job).fit_ids())["fits"]
+    assert fits.loc[fits["gene"] == "g001", "error_type"].item() == "FitTimeout"
 
 
 # -- job-file and option validation: `validate` and `run` agree with the Python API ----

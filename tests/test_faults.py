@@ -38,6 +38,7 @@ from .clusterutil import (
     committed_parts,
     dask_cluster,
     faults_env,
+    flip_column,
     invoke,
     manifests,
     planned,
@@ -417,25 +418,12 @@ def test_disk_full_on_a_real_tmpfs(tmp_path: Path, sleepy: DaskCluster) -> None:
 
 
 # 10 ---------------------------------------------------------------------------------
-def _flip_column(path: Path, column: str) -> None:
-    """Invert every byte of ``column``'s chunk (page headers and data), footer intact."""
-    md = pq.ParquetFile(path).metadata
-    raw = bytearray(path.read_bytes())
-    names = [md.schema.column(i).name for i in range(md.num_columns)]
-    for g in range(md.num_row_groups):
-        cc = md.row_group(g).column(names.index(column))
-        start = min(o for o in (cc.dictionary_page_offset, cc.data_page_offset) if o)
-        for i in range(start, start + cc.total_compressed_size):
-            raw[i] ^= 0xFF
-    path.write_bytes(bytes(raw))
-
-
 def test_corrupt_inputs_are_named_and_other_slices_proceed(
         tmp_path: Path, sleepy: DaskCluster) -> None:
     data = write_genes(tmp_path / "data", 40, files=4)  # part-k holds g(10k)..g(10k+9)
     truncated, flipped, empty = (data / f"part-{i}.parquet" for i in (1, 2, 3))
     truncated.write_bytes(truncated.read_bytes()[:-100])
-    _flip_column(flipped, "y")
+    flip_column(flipped, "y")
     empty.write_bytes(b"")
     with pytest.raises(Exception):  # noqa: B017 - the precondition: y is unreadable
         pq.read_table(flipped, columns=["y"])

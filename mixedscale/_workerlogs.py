@@ -1,0 +1,29 @@
+"""The embedded cluster's worker processes log like the driver: errors only.
+
+They share the driver's stderr. Their warnings there are expected events that
+mixedscale reports itself, in one line, or that need no action: a task cancelled
+when the executor restarts a worker (a fit timeout) or when a stopped run closes
+the cluster (``Async instruction ... ended with CancelledError``), or an event loop
+held up by a long fit. Errors still show, with their tracebacks: a task that raises
+(a failed store write, or a bug); tasks return the failures they expect instead
+(a corrupt input file: see ``worker.LoadFailed``).
+
+Its own module because it imports ``distributed`` at import time (the plugin must
+subclass WorkerPlugin), and worker processes unpickle it by this name.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+__all__ = ["QuietWorkerLogs"]
+
+
+class QuietWorkerLogs(WorkerPlugin):  # type: ignore[misc]
+    name = "mixedscale-quiet-logs"
+
+    def setup(self, worker: Any) -> None:
+        logging.getLogger("distributed").setLevel(logging.ERROR)
