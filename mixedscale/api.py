@@ -14,12 +14,14 @@ import pyarrow as pa
 
 from .errors import SpecError
 from .executor import (
+    RETRYABLE,
     RunOptions,
     RunSummary,
     execute,
     local_cluster,
     long_lived_frozen,
     pending,
+    retire_errors,
 )
 from .plan import Plan, make_plan
 from .source import Source, lists_under, open_source
@@ -214,6 +216,7 @@ def fit_many(
     security: Any = None,
     memory_limit: str | None = None,
     options: RunOptions | None = None,
+    retry_errors: bool = False,
 ) -> RunResult:
     """Fit every spec on every slice of ``data`` on a Dask cluster.
 
@@ -222,7 +225,9 @@ def fit_many(
     ``store``: a folder or URL for the results store; None keeps results in memory.
     With a store, the result's tables are read back from it when the run ends.
     ``client``/``scheduler``: an existing cluster; otherwise an embedded LocalCluster.
-    Re-running with the same store resumes: only missing fits run.
+    Re-running with the same store resumes: only missing fits run. ``retry_errors``:
+    also fit again the committed fits that failed for the run's sake (``FitTimeout``,
+    ``WorkerCrash``, ``MemoryLimit``, ``DataError`` of an unreadable input file).
     """
     if engine is not None and engine not in ENGINES:
         raise SpecError(f"engine must be one of {list(ENGINES)}; got (engine={engine!r})")
@@ -237,8 +242,12 @@ def fit_many(
         opts.timeout = timeout if timeout is not None else opts.timeout
         opts.engine = engine or opts.engine
         opts.progress = progress if progress is not None else opts.progress
+        if retry_errors:
+            opts.retry_errors = RETRYABLE
         log.info("planned %d fits in %d tasks (%.2f s)", plan.n_fits, len(plan.tasks),
                  plan.plan_seconds)
+        if st is not None and opts.retry_errors:
+            retire_errors(plan, st, opts.retry_errors)
         resume = pending(plan, st)  # read once: it may read parts of an earlier packing
         if not resume.todo:  # a complete job: nothing to fit, no cluster to start
             summary = execute(plan, src, st, None, opts, resume)

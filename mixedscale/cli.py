@@ -154,6 +154,10 @@ def run(
                                                "statsmodels, for every model")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", help="per-fit timeout, "
                                                   "seconds")] = None,
+    retry_errors: Annotated[bool, typer.Option(
+        "--retry-errors", help="also refit the store's fits that failed for the run's "
+        "sake: FitTimeout, WorkerCrash, MemoryLimit, DataError (an unreadable input "
+        "file)")] = False,
 ) -> None:
     """Run a job file: plan, fit on Dask, stream results into the store."""
     _setup_logging(quiet)
@@ -200,7 +204,8 @@ def run(
                 workers=workers or job.cluster.workers,
                 engine=engine if engine is not None else job.fit.engine,
                 timeout=timeout if timeout is not None else job.fit.timeout, security=security,
-                memory_limit=job.cluster.memory_limit, options=opts)
+                memory_limit=job.cluster.memory_limit, options=opts,
+                retry_errors=retry_errors)
         finally:
             if client is not None:
                 client.close()

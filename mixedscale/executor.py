@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -60,7 +60,8 @@ from .worker import (
     run_task,
 )
 
-__all__ = ["RunOptions", "RunSummary", "execute", "local_cluster", "pending"]
+__all__ = ["RETRYABLE", "RunOptions", "RunSummary", "execute", "local_cluster", "pending",
+           "retire_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,13 @@ class RunOptions:
     # Read the job's tables back into the RunResult when the run ends. The CLI, which
     # needs only the status counts, does not: 10^6 fits' rows are ~1.2 GB.
     read_back: bool = True
+    # Error types of committed fits to fit again (see ``RETRYABLE``); empty: none.
+    retry_errors: tuple[str, ...] = ()
+
+
+# Failures of the run, not of the model: a rerun may well fit these (a longer timeout,
+# more memory, a repaired input file). Model errors are deterministic: not retried.
+RETRYABLE = ("FitTimeout", "WorkerCrash", "MemoryLimit", "DataError")
 
 
 @dataclass
@@ -441,6 +449,33 @@ class Resume(NamedTuple):
     todo: list[Task]  # tasks still to run
     n_skipped: int  # fits already committed
     parts: set[str] | None  # store parts holding this plan's fits (None: no store)
+
+
+def retire_errors(plan: Plan, store: Store, types: Sequence[str]) -> int:
+    """Move aside the committed tasks holding this plan's fits whose error_type is in
+    ``types``, so ``pending`` counts their fits as missing and the run fits them
+    again: every fit of such a task (its part is rewritten whole, never edited, so a
+    crash cannot leave a fit twice or half its rows). A part that also holds fits
+    of other jobs is left alone, with a warning: they would be gone until those jobs
+    rerun. Returns the number of error fits to be refitted."""
+    wanted = pa.array(sorted(set(types)), type=pa.string())
+    planned = pa.array(plan.fit_ids(), type=pa.string())
+    n = 0
+    for name, (ids, etypes) in sorted(store.part_errors(sorted(store.committed_parts()))
+                                      .items()):
+        hit = pc.and_(pc.is_in(etypes, value_set=wanted), pc.is_in(ids, value_set=planned))
+        k = int(pc.sum(pc.cast(hit, pa.int64())).as_py() or 0)
+        if not k:
+            continue
+        if not pc.all(pc.is_in(ids, value_set=planned)).as_py():
+            log.warning("store part %s holds fits of other jobs too; its %d error fits are "
+                        "not retried (rerun the job that wrote it with retry_errors)", name, k)
+            continue
+        if store.retire(name):
+            n += k
+    if n:
+        log.info("refitting %d error fits of earlier runs (%s)", n, ", ".join(types))
+    return n
 
 
 def pending(plan: Plan, store: Store | None) -> Resume:

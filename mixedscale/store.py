@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 TABLES = ("fits", "params", "variance")
 CORRUPT = "_corrupt"  # where a rerun sets unreadable committed parts aside
+RETRIED = "_retried"  # where a rerun retrying error fits moves their tasks' parts
 _COMPRESSION = "snappy"  # Parquet's common default: about twice as fast to write as zstd
 
 
@@ -445,22 +446,35 @@ class Store:
     def set_aside(self, name: str, why: str) -> bool:
         """Move a committed task's parts to ``_corrupt/<table>/`` because one of them is
         unreadable, so its fits count as missing (a rerun refits them) and readers no
-        longer fail on it. Nothing is deleted. Params and variance go first and fits,
-        the commit marker, last: a move cut short leaves the task committed with a part
-        missing, which ``_problem`` reports, for the next rerun to finish. False if
-        nothing was moved: the parts
-        read fine by now, or are gone (another run repaired them, or is doing so)."""
+        longer fail on it. False if nothing was moved: the parts read fine by now, or
+        are gone (another run repaired them, or is doing so)."""
         if self._problem(name) is None:
             return False
-        tag = uuid.uuid4().hex[:8]  # a task's parts may be set aside more than once
+        moved = self._move_task(name, CORRUPT, "is unreadable and ")
+        if moved:
+            log.warning("unreadable store part %s; moved its task's parts to %s/ to refit "
+                        "its fits", why, self.path(CORRUPT))
+        return moved
+
+    def retire(self, name: str) -> bool:
+        """Move a committed task's parts to ``_retried/<table>/``, so a rerun refits its
+        fits (``RunOptions.retry_errors``). False if they were gone already."""
+        return self._move_task(name, RETRIED, "")
+
+    def _move_task(self, name: str, folder: str, why: str) -> bool:
+        """Move a task's parts into ``folder``; nothing is deleted. Params and variance
+        go first and fits, the commit marker, last: a move cut short leaves the task
+        committed with a part missing, which ``_problem`` reports, for the next rerun
+        to finish."""
+        tag = uuid.uuid4().hex[:8]  # a task's parts may be moved more than once
         moved = False
         for t in ("params", "variance", "fits"):
             src = self.path(t, f"part-{name}.parquet")
-            dst = self.path(CORRUPT, t, f"part-{name}.{tag}.parquet")
+            dst = self.path(folder, t, f"part-{name}.{tag}.parquet")
             try:
                 if not self.fs.exists(src):
                     continue
-                self.fs.makedirs(self.path(CORRUPT, t), exist_ok=True)
+                self.fs.makedirs(self.path(folder, t), exist_ok=True)
                 if self.local:
                     os.rename(src, dst)
                 else:
@@ -470,13 +484,24 @@ class Store:
                 continue
             except OSError as exc:
                 raise StoreError(
-                    f"store part {src!r} is unreadable and could not be moved aside to "
-                    f"{dst!r} ({one_line(exc)}); move it out of the store by hand and rerun "
+                    f"store part {src!r} {why}could not be moved to {dst!r} "
+                    f"({one_line(exc)}); move it out of the store by hand and rerun "
                     f"the job; got (store={self.url!r})") from None
-        if moved:
-            log.warning("unreadable store part %s; moved its task's parts to %s/ to refit "
-                        "its fits", why, self.path(CORRUPT))
         return moved
+
+    def part_errors(self, names: Sequence[str]) -> dict[str, tuple[pa.Array, pa.Array]]:
+        """(fit_id, error_type) of each named committed part, read alone."""
+        out = {}
+        for name in names:
+            f = self.path("fits", f"part-{name}.parquet")
+            try:
+                with self.fs.open(f, "rb") as fh:
+                    t = pq.ParquetFile(fh).read(columns=["fit_id", "error_type"])
+            except (OSError, pa.ArrowException, KeyError) as exc:
+                raise self._unreadable(f, exc) from None
+            out[name] = (t.column("fit_id").combine_chunks(),
+                         t.column("error_type").combine_chunks())
+        return out
 
     def _unreadable(self, path: str, exc: BaseException) -> StoreError:
         """A reader's error for an unreadable part, with the repair that works for it."""

@@ -457,8 +457,9 @@ def check_invariant(store: Path, planned_fit_ids: Sequence[str] | set[str], *,
         for f in tmp.iterdir():
             assert any(re.match(p, f.name) for p in _STAGING), \
                 f"unexpected file under _tmp: {f.name}"
-    for extra in store.iterdir():  # _corrupt: unreadable parts a rerun set aside
-        assert extra.name in {"fits", "params", "variance", "_runs", "_tmp", "_corrupt"}, \
+    for extra in store.iterdir():  # _corrupt, _retried: parts a rerun moved aside
+        assert extra.name in {"fits", "params", "variance", "_runs", "_tmp", "_corrupt",
+                              "_retried"}, \
             f"unexpected entry in the store: {extra.name}"
     return {
         "fits": fits,

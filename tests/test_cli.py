@@ -173,6 +173,19 @@ def test_exit_3_unreachable_scheduler(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
+def test_retry_errors_keeps_model_errors(store: Path, errjob: Path, address: str) -> None:
+    """The errjob's one error is a model error (a constant response): deterministic,
+    so --retry-errors fits nothing again and moves nothing."""
+    before = pd.read_parquet(store / "fits")
+    r = run_cli(["run", str(errjob), "--retry-errors", "--fail-on", "error"],
+                cwd=errjob.parent, scheduler=address)
+    assert r.returncode == 1 and "--fail-on error: 1 fits matched" in r.stderr, r.stderr
+    assert "│ n_fitted_this_run │ 0" in r.stdout, r.stdout
+    assert not (store / "_retried").exists()
+    after = pd.read_parquet(store / "fits")
+    assert sorted(after["fit_id"]) == sorted(before["fit_id"])
+
+
 def test_show_formats(store: Path, tmp_path: Path) -> None:
     n = len(check_invariant(store, planned(store.parent / "job.yaml").fit_ids())["fits"])
     r = run_cli(["show", str(store)], cwd=tmp_path, timeout=60)

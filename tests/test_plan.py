@@ -277,11 +277,12 @@ def test_tasks_pickle_column_wise_and_round_trip() -> None:
     assert pickle.loads(pickle.dumps(empty)) == empty
 
 
-def _commit(plan: plan_mod.Plan, src: object, store: Store, tasks: list[Task]) -> None:
+def _commit(plan: plan_mod.Plan, src: object, store: Store, tasks: list[Task],
+            timeout: float | None = None) -> None:
     from mixedscale.executor import RunOptions, _Run
     from mixedscale.worker import Loaded, run_task
 
-    run = _Run(plan, src, store, None, RunOptions())  # type: ignore[arg-type]
+    run = _Run(plan, src, store, None, RunOptions(timeout=timeout))  # type: ignore[arg-type]
     frame = src.frame  # type: ignore[attr-defined]
     for t in tasks:
         assert run_task(run.payload(t), Loaded(frame, 0), store).committed
@@ -400,6 +401,54 @@ def test_a_set_aside_cut_short_is_finished_by_the_next_resume(tmp_path: Path) ->
     fits, params, _ = store.run_tables(pending(plan, store).parts or set(), plan.fit_ids())
     assert sorted(fits["fit_id"]) == sorted(plan.fit_ids())
     assert set(params["fit_id"]) == set(plan.fit_ids())
+
+
+def test_retry_errors_refits_the_run_failures_of_earlier_runs_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Fits that timed out are committed error rows, so a plain rerun skips them. With
+    retry_errors their tasks' parts move to _retried/ and the rerun fits them again:
+    every fit once in the end, ok; model errors and other jobs' parts stay as they are."""
+    from mixedscale.executor import RETRYABLE, retire_errors
+
+    df = make_genes(n_genes=12)
+    df.loc[df["gene"] == "g011", "y"] = 1.0  # a model error: deterministic, kept
+    root = tmp_path / "store"
+    store = Store(str(root))
+    store.init()
+    src, plan = prepare(df, [RI], "gene", engine="statsmodels")
+    slow, rest = plan.tasks[0], plan.tasks[1:]
+    _commit(plan, src, store, [slow], timeout=1e-6)  # every fit of it times out
+    _commit(plan, src, store, rest)
+    before = store.fits()
+    assert set(before.loc[before["fit_id"].isin([i.fit_id for i in slow.items]),
+                          "error_type"]) == {"FitTimeout"}
+    assert pending(plan, store).todo == []  # a plain rerun keeps the error rows
+    n_model_errors = int((before["error_type"] == "ConstantResponse").sum()) or \
+        int((before["status"] == "error").sum()) - len(slow.items)
+    assert n_model_errors == 1
+
+    assert retire_errors(plan, store, RETRYABLE) == len(slow.items)
+    assert sorted(p.parent.name for p in (root / "_retried").rglob("*.parquet")) == \
+        ["fits", "params", "variance"]
+    todo = pending(plan, store).todo
+    assert {it.fit_id for t in todo for it in t.items} == {it.fit_id for it in slow.items}
+    _commit(plan, src, store, todo)
+    after = store.fits()
+    assert after["fit_id"].is_unique and set(after["fit_id"]) == set(plan.fit_ids())
+    assert (after["status"] == "ok").sum() == plan.n_fits - 1  # the model error stays
+    assert retire_errors(plan, store, RETRYABLE) == 0  # nothing left to retry
+
+    # A part that also holds another job's fits is left alone, with a warning.
+    _, wider = prepare(df, [RI, RS], "gene", engine="statsmodels")
+    store2 = Store(str(tmp_path / "store2"))
+    store2.init()
+    _commit(wider, src, store2, wider.tasks, timeout=1e-6)
+    with caplog.at_level("WARNING", logger="mixedscale.executor"):
+        n = retire_errors(plan, store2, RETRYABLE)
+    assert 0 < n < plan.n_fits  # parts of RI fits alone moved; the mixed one kept
+    assert any("holds fits of other jobs" in r.getMessage() for r in caplog.records)
+    others = set(wider.fit_ids()) - set(plan.fit_ids())
+    assert others <= set(store2.fits()["fit_id"])  # no fit of the other job is gone
 
 
 def test_a_reader_names_the_manual_repair_when_a_rerun_would_not_see_the_damage(
