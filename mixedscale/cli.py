@@ -336,10 +336,17 @@ def _cell(v: Any) -> str:
 
 @app.command()
 def show(
-    store: Annotated[str, typer.Argument(metavar="STORE")],
-    table: Annotated[Table | None, typer.Option("--table")] = None,
-    output: Annotated[Fmt, typer.Option("--format")] = Fmt.table,
-    limit: Annotated[int | None, typer.Option("--limit", min=1)] = None,
+    store: Annotated[str, typer.Argument(metavar="STORE", help="results store folder or URL")],
+    table: Annotated[Table | None, typer.Option(
+        "--table", help="print this table instead of the summary")] = None,
+    output: Annotated[Fmt, typer.Option(
+        "--format", help="a terminal table (headline columns), or csv/json (all)")
+        ] = Fmt.table,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", min=1, help="print at most this many rows of --table")] = None,
+    latest: Annotated[bool, typer.Option(
+        "--latest", help="per slice and model, only the fit committed last (after the "
+        "data changed, older fits stay in the store)")] = False,
 ) -> None:
     """Summarize a results store, or print one of its tables."""
     from .store import open_store
@@ -354,12 +361,12 @@ def show(
         except StoreError as exc:  # no store there: a wrong path, not a failed run
             raise SpecError(str(exc)) from None
         if table is not None:
-            df = getattr(st, table.value)()
+            df = getattr(st, table.value)(latest=latest)
             if output is Fmt.table and len(df.columns):
                 df = df[_table_columns(df, table)]
             _emit(df, output, limit)
             return
-        fits = st.fits()
+        fits = st.fits(latest=latest)
     except MixedscaleError as exc:
         raise _exit_for(exc) from None
     _store_summary(st, fits, output)

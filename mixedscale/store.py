@@ -604,7 +604,7 @@ class Store:
 
     def _tables(self, names: tuple[str, ...], tasks: set[str] | None = None,
                 ids: Sequence[str] | None = None, fit_columns: Sequence[str] | None = None,
-                expect: int | None = None) -> list[pd.DataFrame]:
+                expect: int | None = None, latest: bool = False) -> list[pd.DataFrame]:
         """Committed rows of the given tables, one copy per fit_id.
 
         A part counts once its fits part exists (fits are published last). The same
@@ -613,15 +613,20 @@ class Store:
         position among the committed fits parts, in every table. ``fit_columns``: the
         fits table's columns to read (fit_id always); without "fits" in ``names``,
         only its fit_id is read. ``expect``: the number of fits that must be there (a
-        finished run's); fewer raise StoreError."""
+        finished run's); fewer raise StoreError. ``latest``: see ``fits``."""
         committed = self._parts("fits", tasks)
         order = sorted(committed)
         cols = (None if fit_columns is None else ["fit_id", *fit_columns]) \
-            if "fits" in names else ["fit_id"]
+            if "fits" in names or latest else ["fit_id"]
         fits = self._read_parts([(i, committed[n]) for i, n in enumerate(order)], cols)
         if fits is None:
             self._check_found(0, expect)
             return [pd.DataFrame() for _ in names]
+        if latest:
+            fits = self._latest(fits, order)
+            ids = fits.column("fit_id").to_pylist() if ids is None else ids
+            if "fits" not in names:
+                fits = fits.select(["fit_id", "_part"])
         wanted = None if ids is None else pa.array(ids, type=pa.string())
         if wanted is not None:  # in Arrow: pandas' isin on Arrow strings is 100x slower
             fits = fits.filter(pc.is_in(fits.column("fit_id"), value_set=wanted))
@@ -631,6 +636,8 @@ class Store:
             part = fits.column("_part").to_numpy()
             first = pd.Series(part).groupby(fit_ids.to_numpy()).transform("min").to_numpy()
             fits = fits.filter(pa.array(part == first))
+            winners = fits.select(["fit_id", "_part"]).rename_columns(["fit_id", "_win"])
+        if latest and winners is None:  # a fit kept from one of its parts: rows of that one
             winners = fits.select(["fit_id", "_part"]).rename_columns(["fit_id", "_win"])
         self._check_found(fits.num_rows, expect)
         out = []
@@ -656,8 +663,26 @@ class Store:
                 "where it is now with mixedscale.open_store, or rerun the job; "
                 f"got (store={self.url!r})")
 
-    def fits(self) -> pd.DataFrame:
-        return self._tables(("fits",))[0]
+    def _latest(self, fits: pa.Table, order: list[str]) -> pa.Table:
+        """Per split key and spec, the rows of the fit committed last (by its part's
+        modification time, then name)."""
+        when = {_basename(str(e["name"]))[5:-8]: _mtime(e, 0.0) for e in self._entries("fits")}
+        part = fits.column("_part").to_numpy()
+        keys = [c for c in fits.column_names
+                if c not in FIT_SCHEMA.names and c not in ("fit_id", "_part")]
+        df = fits.select(keys).to_pandas()
+        df["_t"] = np.array([when.get(n, 0.0) for n in order])[part]
+        df["_p"] = part
+        keep = df.sort_values(["_t", "_p"], kind="stable").drop_duplicates(keys, keep="last")
+        mask = np.zeros(len(df), dtype=bool)
+        mask[keep.index.to_numpy()] = True
+        return fits.filter(pa.array(mask))
+
+    def fits(self, latest: bool = False) -> pd.DataFrame:
+        """Every committed fit. A store keeps every fit it was given: after the data
+        changed (a rewritten file is new data: new fit ids) or a rerun refitted, a
+        slice and spec may have several. ``latest``: only the one committed last."""
+        return self._tables(("fits",), latest=latest)[0]
 
     def run_tables(self, tasks: set[str], ids: Sequence[str] | None = None,
                    names: tuple[str, ...] = TABLES, fit_columns: Sequence[str] | None = None,
@@ -667,11 +692,13 @@ class Store:
         ``_tables``."""
         return self._tables(names, tasks, ids, fit_columns, expect)
 
-    def params(self) -> pd.DataFrame:
-        return self._tables(("params",))[0]
+    def params(self, latest: bool = False) -> pd.DataFrame:
+        """Fixed effects of every committed fit (``latest``: see ``fits``)."""
+        return self._tables(("params",), latest=latest)[0]
 
-    def variance(self) -> pd.DataFrame:
-        return self._tables(("variance",))[0]
+    def variance(self, latest: bool = False) -> pd.DataFrame:
+        """Variance components of every committed fit (``latest``: see ``fits``)."""
+        return self._tables(("variance",), latest=latest)[0]
 
     def runs(self) -> pd.DataFrame:
         """One row per run manifest. A driver killed outright never closes its

@@ -198,6 +198,8 @@ def test_show_formats(store: Path, tmp_path: Path) -> None:
     r = run_cli(["show", str(store), "--format", "json"], cwd=tmp_path, timeout=60)
     info = json.loads(r.stdout)
     assert info["n_fits"] == n and info["last_run_state"] == "complete"
+    r = run_cli(["show", str(store), "--format", "json", "--latest"], cwd=tmp_path, timeout=60)
+    assert json.loads(r.stdout)["n_fits"] == n  # one fit per slice and spec already
     assert info["by_status"].get("error") == 1
 
     for table, cols in (("fits", {"fit_id", "gene", "spec_id", "status"}),

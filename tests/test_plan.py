@@ -451,6 +451,46 @@ def test_retry_errors_refits_the_run_failures_of_earlier_runs_once(
     assert others <= set(store2.fits()["fit_id"])  # no fit of the other job is gone
 
 
+def test_latest_keeps_the_last_committed_fit_per_slice_and_spec(tmp_path: Path) -> None:
+    """Changed data gives new fit ids, so the store holds the old fit and the new one
+    of a changed slice side by side; latest=True reads only the new one, in every table."""
+    import os
+
+    df = make_genes(n_genes=6)
+    root = tmp_path / "store"
+    store = Store(str(root))
+    store.init()
+    src, plan = prepare(df, [RI, RS], "gene")
+    _commit(plan, src, store, plan.tasks)
+    for f in root.glob("*/part-*.parquet"):  # committed well before the rerun
+        os.utime(f, (1e9, 1e9))
+    changed = df.assign(y=df["y"].where(df["gene"] != "g003", df["y"] * 2))
+    src2, plan2 = prepare(changed, [RI, RS], "gene")
+    new_ids = set(plan2.fit_ids()) - set(plan.fit_ids())
+    assert len(new_ids) == 2  # g003 under both specs
+    _commit(plan2, src2, store, pending(plan2, store).todo)
+
+    every = store.fits()
+    assert len(every) == plan.n_fits + 2
+    latest = store.fits(latest=True)
+    assert set(latest["fit_id"]) == set(plan2.fit_ids())
+    assert not latest.duplicated(["gene", "spec_id"]).any()
+    for table in ("params", "variance"):
+        rows = getattr(store, table)(latest=True)
+        assert set(rows["fit_id"]) == set(plan2.fit_ids())
+        full = getattr(store, table)()
+        per_fit = full.groupby("fit_id").size()
+        assert len(rows) == int(per_fit[list(plan2.fit_ids())].sum())  # each fit's rows once
+    # The same fits committed twice (two jobs sharing a spec and slice), the copy last:
+    # each fit's rows still once.
+    before = {t: len(getattr(store, t)(latest=True)) for t in ("fits", "params", "variance")}
+    key = plan.tasks[0].key
+    for t in ("params", "variance", "fits"):
+        (root / t / f"part-zz{key}.parquet").write_bytes(
+            (root / t / f"part-{key}.parquet").read_bytes())
+    assert {t: len(getattr(store, t)(latest=True)) for t in before} == before
+
+
 def test_a_reader_names_the_manual_repair_when_a_rerun_would_not_see_the_damage(
         tmp_path: Path) -> None:
     """Resume checks fit ids and footers only (cheap at 10^5+ fits); damage inside
