@@ -74,6 +74,8 @@ class Source:
     bad_files: dict[str, str] = field(default_factory=dict)
     # DataFrame columns Arrow cannot type (mixed values) -> why; an error only if used.
     untyped: dict[str, str] = field(default_factory=dict)
+    # A DataFrame's named index levels (dropped: rows are matched by position), for hints.
+    index_levels: tuple[str, ...] = ()
 
     @property
     def columns(self) -> list[str]:
@@ -83,6 +85,11 @@ class Source:
     def check_specs(self, specs: Sequence[ModelSpec], split_by: Sequence[str]) -> None:
         """Every spec's columns exist and have usable types; raise SpecError/DataError."""
         cols = self.columns
+        for c in [*split_by, *(c for spec in specs for c in spec.columns)]:
+            if c not in cols and c in self.index_levels:
+                raise SpecError(f"{c!r} is an index level of the DataFrame, not a column; "
+                                f"make it one with df.reset_index(); "
+                                f"got (index={list(self.index_levels)})")
         for s in split_by:
             if s not in cols:
                 raise missing_column_error(s, cols, "(from split_by)")
@@ -188,6 +195,11 @@ def _check_filter_value(col: str, op: str, val: Any, typ: pa.DataType) -> None:
     silently match nothing). Checked by evaluating the filter on an empty column."""
     # Each value of a list on its own: Arrow would cast ["1"] to [1] for an integer
     # column, where pandas (for a DataFrame) would silently match nothing.
+    if val is None or (op in ("in", "not in") and any(v is None for v in val)):
+        raise SpecError("a filter value cannot be None: a comparison with a missing value "
+                        "matches no row; filter missing values out of the data first, or "
+                        "split by the column (missing keys are a slice of their own); "
+                        f"got (filter=[{col!r}, {op!r}, {val!r}])")
     tests = [[col, "==", v] for v in val] if op in ("in", "not in") else [[col, op, val]]
     try:
         empty = pa.table({col: pa.array([], type=typ)})
@@ -323,6 +335,7 @@ def open_source(data: Any, *, filter: Any = None, columns_hint: Sequence[str] = 
     flt = normalize_filter(filter)
     if isinstance(data, pd.DataFrame):
         df = data.copy(deep=False)
+        levels = tuple(str(n) for n in df.index.names if n is not None)
         df.columns = [str(c) for c in df.columns]
         df.index = pd.RangeIndex(len(df))  # row labels play no part; repeats broke lookups
         dups = sorted(set(df.columns[df.columns.duplicated()]))
@@ -343,7 +356,7 @@ def open_source(data: Any, *, filter: Any = None, columns_hint: Sequence[str] = 
                     fields_.append(pa.field(c, pa.null()))
             schema = pa.schema(fields_)
         return Source(path=None, frame=df, fs=None, files=[], schema=schema, partition_cols=[],
-                      filter=flt, untyped=untyped)
+                      filter=flt, untyped=untyped, index_levels=levels)
     if not isinstance(data, (str, bytes)) and not hasattr(data, "__fspath__"):
         raise SpecError(
             f"data must be a path, URL or DataFrame; got (data={type(data).__name__})"
@@ -406,6 +419,9 @@ def _list_files(fs: Any, root: str, shown: str) -> list[str]:
     files = [f for f in files if f.endswith((".parquet", ".parq", ".pq")) or "." not in
              f.rsplit("/", 1)[-1]]
     if not files:
+        if fs.isfile(root):
+            raise DataError(f"{shown!r} is not a Parquet file (its name should end in "
+                            ".parquet, .parq or .pq); give the data's file or folder")
         raise DataError(f"no Parquet files under {shown!r} (looked for *.parquet)")
     return files
 

@@ -244,7 +244,10 @@ def grid(name: str | None = None, **axes: Any) -> list[ModelSpec]:
     valid = {f.name for f in fields(ModelSpec) if f.init} - {"name"}
     unknown = sorted(set(axes) - valid)
     if unknown:
-        raise SpecError(f"grid takes ModelSpec fields {sorted(valid)}; got ({unknown[0]}=...)")
+        from .errors import suggest
+
+        hint = suggest(unknown[0], valid) or f"; it takes ModelSpec fields {sorted(valid)}"
+        raise SpecError(f"grid has no axis {unknown[0]!r}{hint}; got ({unknown[0]}=...)")
     fixed: dict[str, Any] = {}
     varying: dict[str, list[Any]] = {}
     for k, v in axes.items():

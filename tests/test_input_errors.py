@@ -294,3 +294,22 @@ def test_a_dash_in_a_column_name_suggests_quoting() -> None:
         ms.fit(df, ms.ModelSpec("y ~ time-point", groups="subject"))
     assert "quoting: Q('time-point')" in str(exc.value)
     assert ms.fit(df, ms.ModelSpec("y ~ Q('time-point')", groups="subject")).status == "ok"
+
+
+def test_hints_for_common_slips(tmp_path: Path) -> None:
+    df = _frame()
+    with pytest.raises(SpecError, match=r"grid has no axis 'group'; did you mean 'groups'\?"):
+        ms.grid(formula=["y ~ time"], group="subject")
+    with pytest.raises(SpecError, match=r"'subject' is an index level of the DataFrame, not a "
+                       r"column; make it one with df.reset_index\(\); got \(index=\['subject'\]\)"):
+        ms.fit(df.set_index("subject"), SPEC)
+    with pytest.raises(SpecError, match=r"'site' is an index level"):
+        api.prepare(df.set_index(["site", "subject"]).reset_index("subject"), SPEC, "site")
+    job = tmp_path / "job.yaml"
+    job.write_text("data: {}\n")
+    with pytest.raises(DataError, match=r"'.*job.yaml' is not a Parquet file"):
+        api.prepare(str(job), SPEC)
+    for flt in ([("site", "==", None)], [("site", "in", [1, None])]):
+        with pytest.raises(SpecError, match=r"a filter value cannot be None: a comparison with "
+                           r"a missing value matches no row"):
+            api.prepare(df, SPEC, filter=flt)
