@@ -272,6 +272,12 @@ def fit_cmd(
                                         "summary (the results are still printed)")] = False,
     output: Annotated[Fmt, typer.Option("--format", help="the fixed effects as a table, "
                                         "or csv/json on stdout alone")] = Fmt.table,
+    engine: Annotated[str | None, typer.Option("--engine", help="auto, fast or "
+                                               "statsmodels")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="per-fit timeout, "
+                                                  "seconds")] = None,
+    fail_on: Annotated[FailOn | None, typer.Option("--fail-on", help="exit 1 if any fit "
+                                                   "has this status or worse")] = None,
 ) -> None:
     """Fit one model, optionally per slice, without a job file."""
     _setup_logging(quiet)
@@ -283,15 +289,17 @@ def fit_cmd(
         spec = ModelSpec(formula=formula, groups=groups, re_formula=re_formula, reml=not ml,
                          cov_structure=cov_structure, name=formula)  # type: ignore[arg-type]
         result = fit_many(data, [spec], split_by=split_by or None, store=store,
-                          scheduler=scheduler, workers=workers,
-                          progress=False if quiet else None)
+                          scheduler=scheduler, workers=workers, engine=engine,
+                          timeout=timeout, progress=False if quiet else None)
         machine = output is not Fmt.table  # stdout holds the data alone
         _emit(result.params, output)
         _report_failed(result.fits)
         if not quiet:
             _print_summary(result, stderr=machine)
+        code = _fail_on(result, fail_on)
     except MixedscaleError as exc:
         raise _exit_for(exc) from None
+    raise typer.Exit(code)
 
 
 def _report_failed(fits: Any) -> None:

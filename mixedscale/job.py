@@ -178,6 +178,9 @@ def _pretty(err: ValidationError, model: type[BaseModel], where: str) -> SpecErr
             node = sub[0] if sub else node
         keys = list(getattr(node, "model_fields", {}))
         hint = suggest(str(e["loc"][-1]), keys) or f"; allowed keys: {', '.join(keys)}"
+        if e["loc"][0] == "grid" and e["loc"][-1] in ("optimizers", "maxiter"):
+            hint = (f"; a grid's models take them from the job's fit section "
+                    f"(fit.{e['loc'][-1]}), or list the model under models")
         return SpecError(f"{where}: unknown key {loc!r}{hint}")
     own = e.get("ctx", {}).get("error") if e.get("type") == "value_error" else None
     if own is not None:  # our own validators' messages: already "rule; got (...)"

@@ -257,6 +257,13 @@ def test_fit_command(tmp_path: Path, address: str) -> None:
         assert ("mixedscale run" in r.stderr) is not bool(quiet)
     fits = pd.read_parquet(out / "fits")
     assert len(fits) == 3 and set(fits["spec_name"]) == {"y ~ time"}  # not the hash
+    r = run_cli(["fit", str(data), "--formula", "y ~ time", "--groups", "subject",
+                 "--split-by", "gene", "--scheduler", address, "--engine", "statsmodels",
+                 "--timeout", "60", "--fail-on", "error", "-q"], cwd=tmp_path)
+    assert r.returncode == 1 and "--fail-on error: 1 fits matched" in r.stderr, r.stderr
+    r = run_cli(["fit", str(data), "--formula", "y ~ time", "--groups", "subject",
+                 "--engine", "slow"], cwd=tmp_path)
+    assert r.returncode == 2 and "engine must be one of" in r.stderr, r.stderr
 
 
 def test_a_corrupt_store_part_is_set_aside_by_a_rerun_and_refitted(tmp_path: Path,
@@ -439,3 +446,10 @@ def test_yaml_syntax_error_does_not_blame_tags(tmp_path: Path) -> None:
     assert code == 2 and "is not valid YAML" in err and "line 3" in err, err
     assert "!!python" not in err, err
     assert len(err.strip().splitlines()) == 1, err  # one line, as every other error
+
+
+def test_a_grid_with_optimizers_points_to_the_fit_section(tmp_path: Path) -> None:
+    job = _job(tmp_path, models=[], grid={"formula": ["y ~ time"], "groups": "subject",
+                                          "maxiter": 50})
+    code, _, err = invoke(["validate", str(job)])
+    assert code == 2 and "unknown key 'grid.maxiter'" in err and "(fit.maxiter)" in err, err
