@@ -26,7 +26,7 @@ from .executor import (
 from .plan import Plan, make_plan
 from .source import Source, lists_under, open_source
 from .spec import ENGINES, ModelSpec
-from .store import TABLES, Store, check_writable, protocols
+from .store import TABLES, Store, check_writable, protocols, to_pandas
 
 __all__ = ["RunResult", "fit_many", "prepare"]
 
@@ -195,7 +195,7 @@ def _tables(summary: RunSummary, plan: Plan, store: Store | None,
     out = []
     for t in names:
         parts = summary.tables.get(t, [])
-        df = pa.concat_tables(parts).to_pandas() if parts else pd.DataFrame()
+        df = to_pandas(pa.concat_tables(parts)) if parts else pd.DataFrame()
         out.append(df.reset_index(drop=True))
     return out
 
