@@ -867,6 +867,15 @@ def check_writable(url: str) -> None:
     if "file" not in protocols(fs):
         return
     at = Path(root)
+    if at.is_dir():
+        # A folder of other files (say, the job's own) would get fits/ and params/ mixed
+        # in among them, and nobody would find the results again.
+        entries = {p.name for p in at.iterdir() if not p.name.startswith(".")}
+        if entries and not entries & {"fits", "params", "variance", "_runs", "_tmp"}:
+            shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            raise SpecError(f"the store folder {str(at)!r} holds other files ({shown}) and "
+                            "no results store; give a new or empty folder, e.g. "
+                            f"{str(at / 'results')!r}; got (store={url!r})")
     while not at.exists() and at.parent != at:
         at = at.parent
     if not at.is_dir():

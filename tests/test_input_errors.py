@@ -313,3 +313,17 @@ def test_hints_for_common_slips(tmp_path: Path) -> None:
         with pytest.raises(SpecError, match=r"a filter value cannot be None: a comparison with "
                            r"a missing value matches no row"):
             api.prepare(df, SPEC, filter=flt)
+
+
+def test_a_folder_of_other_files_is_not_taken_for_a_store(tmp_path: Path) -> None:
+    (tmp_path / "job.yaml").write_text("data: {}\n")
+    with pytest.raises(SpecError, match=r"the store folder .* holds other files \(job.yaml\) "
+                       r"and no results store; give a new or empty folder"):
+        api.prepare(_frame(), SPEC, store=str(tmp_path))
+    for ok in (tmp_path / "new", tmp_path / "empty"):
+        if ok.name == "empty":
+            ok.mkdir()
+        api.prepare(_frame(), SPEC, store=str(ok))
+    Store(str(tmp_path / "store")).init()
+    (tmp_path / "store" / "notes.txt").write_text("mine")  # a store with a user's note
+    api.prepare(_frame(), SPEC, store=str(tmp_path / "store"))
