@@ -404,11 +404,13 @@ def test_a_set_aside_cut_short_is_finished_by_the_next_resume(tmp_path: Path) ->
 
 
 def test_retry_errors_refits_the_run_failures_of_earlier_runs_once(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Fits that timed out are committed error rows, so a plain rerun skips them. With
-    retry_errors their tasks' parts move to _retried/ and the rerun fits them again:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fit that timed out is a committed error row, so a plain rerun skips it. With
+    retry_errors its task's parts move to _retried/ and the rerun fits them again:
     every fit once in the end, ok; model errors and other jobs' parts stay as they are."""
     from mixedscale.executor import RETRYABLE, retire_errors
+    from mixedscale.store import FAULTS_ENV
 
     df = make_genes(n_genes=12)
     df.loc[df["gene"] == "g011", "y"] = 1.0  # a model error: deterministic, kept
@@ -416,39 +418,45 @@ def test_retry_errors_refits_the_run_failures_of_earlier_runs_once(
     store = Store(str(root))
     store.init()
     src, plan = prepare(df, [RI], "gene", engine="statsmodels")
-    slow, rest = plan.tasks[0], plan.tasks[1:]
-    _commit(plan, src, store, [slow], timeout=1e-6)  # every fit of it times out
-    _commit(plan, src, store, rest)
+    monkeypatch.setenv(FAULTS_ENV, json.dumps(
+        [{"at": "fit", "key": ["g000"], "do": "sleep", "seconds": 1.5}]))
+    _commit(plan, src, store, plan.tasks, timeout=0.5)  # g000 times out
+    monkeypatch.delenv(FAULTS_ENV)
     before = store.fits()
-    assert set(before.loc[before["fit_id"].isin([i.fit_id for i in slow.items]),
-                          "error_type"]) == {"FitTimeout"}
+    timed = set(before.loc[before["error_type"] == "FitTimeout", "gene"])
+    assert timed == {"g000"} and (before["status"] == "error").sum() == 2
     assert pending(plan, store).todo == []  # a plain rerun keeps the error rows
-    n_model_errors = int((before["error_type"] == "ConstantResponse").sum()) or \
-        int((before["status"] == "error").sum()) - len(slow.items)
-    assert n_model_errors == 1
 
-    assert retire_errors(plan, store, RETRYABLE) == len(slow.items)
+    assert retire_errors(plan, store, RETRYABLE) == 1
     assert sorted(p.parent.name for p in (root / "_retried").rglob("*.parquet")) == \
         ["fits", "params", "variance"]
+    (slow,) = [t for t in plan.tasks if not (root / "fits" / f"part-{t.key}.parquet").exists()]
     todo = pending(plan, store).todo
     assert {it.fit_id for t in todo for it in t.items} == {it.fit_id for it in slow.items}
     _commit(plan, src, store, todo)
     after = store.fits()
     assert after["fit_id"].is_unique and set(after["fit_id"]) == set(plan.fit_ids())
-    assert (after["status"] == "ok").sum() == plan.n_fits - 1  # the model error stays
+    assert list(after.loc[after["status"] != "ok", "gene"]) == ["g011"]  # the model error
     assert retire_errors(plan, store, RETRYABLE) == 0  # nothing left to retry
 
     # A part that also holds another job's fits is left alone, with a warning.
     _, wider = prepare(df, [RI, RS], "gene", engine="statsmodels")
+    g000 = [it for t in wider.tasks for it in t.items
+            if wider.slices[it.slice].key == ("g000",)]
+    assert {wider.specs[it.spec].name for it in g000} == {"ri", "rs"}
+    mixed = Task(key=plan_mod.task_key([it.fit_id for it in g000]), unit=0,
+                 items=tuple(g000), cost_ms=1.0)
     store2 = Store(str(tmp_path / "store2"))
     store2.init()
-    _commit(wider, src, store2, wider.tasks, timeout=1e-6)
+    monkeypatch.setenv(FAULTS_ENV, json.dumps(
+        [{"at": "fit", "key": ["g000"], "do": "sleep", "seconds": 1.5}]))
+    _commit(wider, src, store2, [mixed], timeout=0.5)
+    monkeypatch.delenv(FAULTS_ENV)
+    assert set(store2.fits()["error_type"]) == {"FitTimeout"}
     with caplog.at_level("WARNING", logger="mixedscale.executor"):
-        n = retire_errors(plan, store2, RETRYABLE)
-    assert 0 < n < plan.n_fits  # parts of RI fits alone moved; the mixed one kept
+        assert retire_errors(plan, store2, RETRYABLE) == 0
     assert any("holds fits of other jobs" in r.getMessage() for r in caplog.records)
-    others = set(wider.fit_ids()) - set(plan.fit_ids())
-    assert others <= set(store2.fits()["fit_id"])  # no fit of the other job is gone
+    assert len(store2.fits()) == 2 and not (tmp_path / "store2" / "_retried").exists()
 
 
 def test_latest_keeps_the_last_committed_fit_per_slice_and_spec(tmp_path: Path) -> None:
