@@ -396,13 +396,17 @@ class Store:
         left out, instead of raising StoreError."""
         out = {}
         for name in names:
+            err = None
             try:
                 out[name] = self._fit_id_column(name)
             except (OSError, pa.ArrowException) as exc:
                 f = self.path("fits", f"part-{name}.parquet")
                 if unreadable is None:
-                    raise self._unreadable(f, exc) from None
-                unreadable[name] = f"{f} ({one_line(exc)})"
+                    err = self._unreadable(f, exc)
+                else:
+                    unreadable[name] = f"{f} ({one_line(exc)})"
+            if err is not None:
+                raise err  # outside the except: see _read_parts
         return out
 
     def _fit_id_column(self, name: str) -> pa.Array:
@@ -500,11 +504,14 @@ class Store:
         out = {}
         for name in names:
             f = self.path("fits", f"part-{name}.parquet")
+            err = None
             try:
                 with self.fs.open(f, "rb") as fh:
                     t = pq.ParquetFile(fh).read(columns=["fit_id", "error_type"])
             except (OSError, pa.ArrowException, KeyError) as exc:
-                raise self._unreadable(f, exc) from None
+                err = self._unreadable(f, exc)
+            if err is not None:
+                raise err  # outside the except: see _read_parts
             out[name] = (t.column("fit_id").combine_chunks(),
                          t.column("error_type").combine_chunks())
         return out
@@ -565,18 +572,12 @@ class Store:
                     ) -> pa.Table | None:
         """The parts (``columns`` only, if given), concatenated, with ``_part``: the given
         number of each file."""
-        parts = []
+        parts: list[pa.Table] = []
         for i, f in files:
-            try:
-                with self.fs.open(f, "rb") as fh:
-                    pf = pq.ParquetFile(fh)
-                    names = pf.schema_arrow.names
-                    if "fit_id" not in names:
-                        raise _not_ours(f)
-                    t = pf.read(columns=None if columns is None
-                                else [c for c in columns if c in names])
-            except (OSError, pa.ArrowException) as exc:
-                raise self._unreadable(f, exc) from None
+            t, err = self._read_part(f, columns)
+            if err is not None:
+                raise err
+            assert t is not None  # one of the two, by _read_part's contract
             parts.append(t.append_column("_part", pa.array(np.full(t.num_rows, i))))
         if not parts:
             return None
@@ -584,6 +585,23 @@ class Store:
             return pa.concat_tables(parts, promote_options="permissive")
         except pa.ArrowException as exc:
             raise self._type_conflict([f for _, f in files], parts, exc) from None
+
+    def _read_part(self, f: str, columns: Sequence[str] | None
+                   ) -> tuple[pa.Table | None, StoreError | None]:
+        """One part, or the error to raise for it. Returned, not raised: an error raised
+        here would keep this frame's ParquetFile alive in its traceback, and one freed only
+        at interpreter exit, after Arrow's own teardown, aborts the process
+        (apache/arrow#34314: the CLI's exit after an unreadable part, seen in CI)."""
+        try:
+            with self.fs.open(f, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                names = pf.schema_arrow.names
+                if "fit_id" not in names:
+                    return None, _not_ours(f)
+                return pf.read(columns=None if columns is None
+                               else [c for c in columns if c in names]), None
+        except (OSError, pa.ArrowException) as exc:
+            return None, self._unreadable(f, exc)
 
     def _type_conflict(self, files: list[str], parts: list[pa.Table], exc: Exception
                        ) -> StoreError:
