@@ -500,18 +500,14 @@ class Store:
         return moved
 
     def part_errors(self, names: Sequence[str]) -> dict[str, tuple[pa.Array, pa.Array]]:
-        """(fit_id, error_type) of each named committed part, read alone."""
+        """(fit_id, error_type) of each named committed part, read alone. A part that
+        cannot be read is left out: the resume that follows sets it aside (``pending``)."""
         out = {}
         for name in names:
-            f = self.path("fits", f"part-{name}.parquet")
-            err = None
-            try:
-                with self.fs.open(f, "rb") as fh:
-                    t = pq.ParquetFile(fh).read(columns=["fit_id", "error_type"])
-            except (OSError, pa.ArrowException, KeyError) as exc:
-                err = self._unreadable(f, exc)
-            if err is not None:
-                raise err  # outside the except: see _read_parts
+            t, err = self._read_part(self.path("fits", f"part-{name}.parquet"),
+                                     ["fit_id", "error_type"])
+            if err is not None or t is None or "error_type" not in t.column_names:
+                continue
             out[name] = (t.column("fit_id").combine_chunks(),
                          t.column("error_type").combine_chunks())
         return out

@@ -459,6 +459,22 @@ def test_retry_errors_refits_the_run_failures_of_earlier_runs_once(
     assert len(store2.fits()) == 2 and not (tmp_path / "store2" / "_retried").exists()
 
 
+def test_retry_errors_leaves_an_unreadable_part_to_the_resume(tmp_path: Path) -> None:
+    from mixedscale.executor import RETRYABLE, retire_errors
+
+    df = make_genes(n_genes=12)
+    root = tmp_path / "store"
+    store = Store(str(root))
+    store.init()
+    src, plan = prepare(df, [RI], "gene")
+    _commit(plan, src, store, plan.tasks)
+    _truncate(root / "fits" / f"part-{plan.tasks[0].key}.parquet")
+    assert retire_errors(plan, store, RETRYABLE) == 0  # no error rows; no raise either
+    todo = pending(plan, store).todo  # the resume sets the damaged task aside
+    assert {it.fit_id for t in todo for it in t.items} == \
+        {it.fit_id for it in plan.tasks[0].items}
+
+
 def test_latest_keeps_the_last_committed_fit_per_slice_and_spec(tmp_path: Path) -> None:
     """Changed data gives new fit ids, so the store holds the old fit and the new one
     of a changed slice side by side; latest=True reads only the new one, in every table."""
