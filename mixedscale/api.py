@@ -243,6 +243,9 @@ def fit_many(
         opts.engine = engine or opts.engine
         opts.progress = progress if progress is not None else opts.progress
         if retry_errors:
+            if st is None:
+                raise SpecError("retry_errors refits the failed fits of a results store; "
+                                "give store=; got (retry_errors=True, store=None)")
             opts.retry_errors = RETRYABLE
         log.info("planned %d fits in %d tasks (%.2f s)", plan.n_fits, len(plan.tasks),
                  plan.plan_seconds)

@@ -333,7 +333,9 @@ def _emit(df: Any, fmt: Fmt, limit: int | None = None) -> None:
 
 
 def _cell(v: Any) -> str:
-    if isinstance(v, float) and v != v:
+    import pandas as pd  # loaded by then: the table came from pandas
+
+    if v is None or v is pd.NA or (isinstance(v, float) and v != v):
         return ""
     if isinstance(v, float):
         return f"{v:.6g}"
@@ -418,12 +420,17 @@ def _store_summary(st: Any, fits: Any, fmt: Fmt) -> None:
         cols = [*keys, *(c for c in ("spec_name", "status", "fit_seconds") if c in fits)]
         typer.echo("slowest fits:")
         _emit(fits.sort_values("fit_seconds", ascending=False)[cols], Fmt.table, 5)
-        worst = fits.assign(_g=fits["grad_max"].fillna(float("inf")))
-        worst = worst[worst["status"] != "ok"] if (worst["status"] != "ok").any() else worst
+        import numpy as np
+
+        # Sorted by position: a helper column could clash with a split column's name.
+        by_grad = fits.iloc[np.argsort(-fits["grad_max"].fillna(float("inf")).to_numpy(),
+                                       kind="stable")]
+        bad = by_grad["status"] != "ok"
+        worst = by_grad[bad] if bad.any() else by_grad
         cols = [*keys, *(c for c in ("spec_name", "status", "grad_max", "hessian_pd",
                                      "singular", "error_message") if c in fits)]
         typer.echo("worst diagnostics:")
-        _emit(worst.sort_values("_g", ascending=False)[cols], Fmt.table, 5)
+        _emit(worst[cols], Fmt.table, 5)
 
 
 @app.command()

@@ -228,8 +228,15 @@ def _check_split_names(split_by: Sequence[str]) -> None:
     from .store import BODY
 
     own = {"fit_id", "spec_id"}.union(*(schema.names for schema in BODY.values()))
+    lower = {n.lower() for n in own}
     for s in split_by:
-        if s in own:
+        if s.startswith("_"):
+            raise SpecError(
+                f"split column {s!r} starts with '_', which marks mixedscale's internal "
+                f"columns (a part's number, a row group...); rename it, e.g. "
+                f"df.rename(columns={{{s!r}: {s.lstrip('_') or 'key'!r}}}); "
+                f"got (split_by={list(split_by)!r})")
+        if s.lower() in lower:  # DuckDB and Spark match column names case-insensitively
             raise SpecError(
                 f"split column {s!r} has the name of a results column (the fits, params and "
                 f"variance tables carry the split keys beside their own columns); rename it, "

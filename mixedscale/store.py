@@ -665,7 +665,11 @@ class Store:
             tab = fits
             if name != "fits":
                 have = self._parts(name, tasks)
-                tab = self._read_parts([(i, have[n]) for i, n in enumerate(order) if n in have])
+                gone = [n for n in order if n not in have]
+                if gone:  # every commit publishes all three parts: a missing one is damage
+                    raise self._unreadable(self.path(name, f"part-{gone[0]}.parquet"),
+                                           FileNotFoundError("missing"))
+                tab = self._read_parts([(i, have[n]) for i, n in enumerate(order)])
                 if tab is not None and wanted is not None:
                     tab = tab.filter(pc.is_in(tab.column("fit_id"), value_set=wanted))
                 if tab is not None and winners is not None:
@@ -685,15 +689,22 @@ class Store:
 
     def _latest(self, fits: pa.Table, order: list[str]) -> pa.Table:
         """Per split key and spec, the rows of the fit committed last (by its part's
-        modification time, then name)."""
+        modification time, then name). A key is the values of the split columns its
+        part has: a job split by one column and a job split by another (or by none)
+        never share a key, also where values are missing."""
         when = {_basename(str(e["name"]))[5:-8]: _mtime(e, 0.0) for e in self._entries("fits")}
         part = fits.column("_part").to_numpy()
         keys = [c for c in fits.column_names
                 if c not in FIT_SCHEMA.names and c not in ("fit_id", "_part")]
+        own = {n: tuple(c for c in schema.names if c in keys)
+               for n, schema in self.part_schemas(order).items()}
         df = fits.select(keys).to_pandas()
-        df["_t"] = np.array([when.get(n, 0.0) for n in order])[part]
-        df["_p"] = part
-        keep = df.sort_values(["_t", "_p"], kind="stable").drop_duplicates(keys, keep="last")
+        df.columns = [f"k{i}" for i in range(len(keys))]  # no clash with the names below
+        df["sig"] = pd.factorize(pd.Series([own[n] for n in order], dtype=object))[0][part]
+        df["t"] = np.array([when.get(n, 0.0) for n in order])[part]
+        df["p"] = part
+        keep = df.sort_values(["t", "p"], kind="stable").drop_duplicates(
+            [*df.columns[:len(keys)], "sig"], keep="last")
         mask = np.zeros(len(df), dtype=bool)
         mask[keep.index.to_numpy()] = True
         return fits.filter(pa.array(mask))

@@ -609,9 +609,13 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
         return [(idxs[j], one(idxs[j])) for j in out.fallback], frames
 
     def timeout_rows(idxs: list[int]) -> Chunk:
-        return [(i, _error_result(specs[task.items[i].spec], "FitTimeout",
-                                  f"fit exceeded the per-fit timeout of {payload.timeout:g} s"))
-                for i in idxs], {}
+        out = []
+        for i in idxs:
+            r = _error_result(specs[task.items[i].spec], "FitTimeout",
+                              f"fit exceeded the per-fit timeout of {payload.timeout:g} s")
+            r.fit["fit_seconds"] = payload.timeout  # at least: so "slowest fits" lists it
+            out.append((i, r))
+        return out, {}
 
     def run_all(units: list[tuple[str, list[int]]]) -> tuple[list[Chunk | None], int]:
         def run_unit(u: int) -> Chunk:

@@ -232,7 +232,21 @@ def test_commit_restores_parts_another_writer_took_back(tmp_path: Path) -> None:
     assert len(st.params()) == 1 and len(st.variance()) == 1
 
 
-@pytest.mark.parametrize("name", ["status", "llf", "term", "estimate", "group", "spec_id"])
+@pytest.mark.parametrize("name", ["_part", "_win", "_rows", "_"])
+def test_a_split_column_named_like_an_internal_column_is_refused(name: str) -> None:
+    df = _frame().rename(columns={"site": name})
+    with pytest.raises(SpecError, match=rf"split column {name!r} starts with '_', which "
+                       r"marks mixedscale's internal columns"):
+        api.prepare(df, [SPEC], [name])
+
+
+def test_retry_errors_needs_a_store() -> None:
+    with pytest.raises(SpecError, match=r"got \(retry_errors=True, store=None\)"):
+        ms.fit_many(_frame(), SPEC, retry_errors=True, scheduler="tcp://127.0.0.1:1")
+
+
+@pytest.mark.parametrize("name", ["status", "llf", "term", "estimate", "group", "spec_id",
+                                  "Status", "GROUP"])
 def test_a_split_column_named_like_a_results_column_is_refused(name: str) -> None:
     df = _frame().rename(columns={"site": name})
     with pytest.raises(SpecError) as exc:

@@ -425,6 +425,7 @@ def test_retry_errors_refits_the_run_failures_of_earlier_runs_once(
     before = store.fits()
     timed = set(before.loc[before["error_type"] == "FitTimeout", "gene"])
     assert timed == {"g000"} and (before["status"] == "error").sum() == 2
+    assert list(before.loc[before["error_type"] == "FitTimeout", "fit_seconds"]) == [0.5]
     assert pending(plan, store).todo == []  # a plain rerun keeps the error rows
 
     assert retire_errors(plan, store, RETRYABLE) == 1
@@ -513,6 +514,40 @@ def test_latest_keeps_the_last_committed_fit_per_slice_and_spec(tmp_path: Path) 
         (root / t / f"part-zz{key}.parquet").write_bytes(
             (root / t / f"part-{key}.parquet").read_bytes())
     assert {t: len(getattr(store, t)(latest=True)) for t in before} == before
+
+
+def test_latest_tells_apart_jobs_split_by_other_columns(tmp_path: Path) -> None:
+    """Two jobs with one spec, split by different columns, each with a missing key: the
+    two missing-key slices are different slices, and both stay under latest=True; so
+    does a job with no split at all."""
+    df = make_genes(n_genes=6)
+    df["tissue"] = df["gene"].map({"g000": "a", "g001": "a", "g002": "b", "g003": "b"})
+    df.loc[df["gene"] == "g003", "gene"] = None
+    store = Store(str(tmp_path / "store"))
+    store.init()
+    for split in ("gene", "tissue", None):
+        src, plan = prepare(df, [RI], split)
+        _commit(plan, src, store, pending(plan, store).todo)
+    every = store.fits()
+    assert len(every) == 6 + 3 + 1  # gene keys (g003 missing), tissue keys (some), none
+    latest = store.fits(latest=True)
+    assert sorted(latest["fit_id"]) == sorted(every["fit_id"])
+    assert len(store.params(latest=True)) == len(store.params())
+
+
+def test_a_reader_refuses_a_committed_task_without_its_variance_part(tmp_path: Path) -> None:
+    df = make_genes(n_genes=6)
+    root = tmp_path / "store"
+    store = Store(str(root))
+    store.init()
+    src, plan = prepare(df, [RI], "gene")
+    _commit(plan, src, store, plan.tasks)
+    gone = root / "variance" / f"part-{plan.tasks[0].key}.parquet"
+    gone.unlink()
+    with pytest.raises(StoreError) as info:
+        store.variance()
+    assert str(gone) in str(info.value) and "rerunning the job" in str(info.value)
+    store.fits()  # the fits table itself is whole
 
 
 def test_a_reader_names_the_manual_repair_when_a_rerun_would_not_see_the_damage(
