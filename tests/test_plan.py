@@ -288,6 +288,22 @@ def _commit(plan: plan_mod.Plan, src: object, store: Store, tasks: list[Task],
         assert run_task(run.payload(t), Loaded(frame, 0), store).committed
 
 
+def _store(tmp_path: Path) -> tuple[Path, Store]:
+    """A new, empty store at tmp_path/store."""
+    store = Store(str(tmp_path / "store"))
+    store.init()
+    return tmp_path / "store", store
+
+
+def _committed(tmp_path: Path, df: pd.DataFrame, split: str = "gene"
+               ) -> tuple[Path, Store, object, plan_mod.Plan]:
+    """A store holding every fit of RI on ``df`` split by ``split``."""
+    root, store = _store(tmp_path)
+    src, plan = prepare(df, [RI], split)
+    _commit(plan, src, store, plan.tasks)
+    return root, store, src, plan
+
+
 def test_resume_matches_fits_committed_under_another_packing(tmp_path: Path) -> None:
     """A store written under another packing (an older planner, another cost model, or
     a smaller spec grid) resumes by fit id: nothing committed is fitted again."""
@@ -332,9 +348,7 @@ def test_an_unreadable_committed_part_is_set_aside_and_refitted(
     and a resume moves the task's parts to _corrupt/ and refits its fits: the store
     ends complete, each fit once."""
     df = make_genes(n_genes=40, n_subjects=10)
-    root = tmp_path / "store"
-    store = Store(str(root))
-    store.init()
+    root, store = _store(tmp_path)
     src, plan = prepare(df, [RI], "gene", engine="statsmodels")
     assert len(plan.tasks) >= 2
     if damaged == "old_packing":  # a part this plan matches by fit id, not by name
@@ -385,11 +399,7 @@ def test_a_set_aside_cut_short_is_finished_by_the_next_resume(tmp_path: Path) ->
     after the first move, the task is committed without its params part: the next
     resume must see that as damage and refit, not keep ok fits with no params."""
     df = make_genes(n_genes=12)
-    root = tmp_path / "store"
-    store = Store(str(root))
-    store.init()
-    src, plan = prepare(df, [RI], "gene")
-    _commit(plan, src, store, plan.tasks)
+    root, store, src, plan = _committed(tmp_path, df)
     victim = plan.tasks[0]
     (root / "_corrupt" / "params").mkdir(parents=True)
     (root / "params" / f"part-{victim.key}.parquet").rename(
@@ -414,9 +424,7 @@ def test_retry_errors_refits_the_run_failures_of_earlier_runs_once(
 
     df = make_genes(n_genes=12)
     df.loc[df["gene"] == "g011", "y"] = 1.0  # a model error: deterministic, kept
-    root = tmp_path / "store"
-    store = Store(str(root))
-    store.init()
+    root, store = _store(tmp_path)
     src, plan = prepare(df, [RI], "gene", engine="statsmodels")
     monkeypatch.setenv(FAULTS_ENV, json.dumps(
         [{"at": "fit", "key": ["g000"], "do": "sleep", "seconds": 1.5}]))
@@ -464,11 +472,7 @@ def test_retry_errors_leaves_an_unreadable_part_to_the_resume(tmp_path: Path) ->
     from mixedscale.executor import RETRYABLE, retire_errors
 
     df = make_genes(n_genes=12)
-    root = tmp_path / "store"
-    store = Store(str(root))
-    store.init()
-    src, plan = prepare(df, [RI], "gene")
-    _commit(plan, src, store, plan.tasks)
+    root, store, _, plan = _committed(tmp_path, df)
     _truncate(root / "fits" / f"part-{plan.tasks[0].key}.parquet")
     assert retire_errors(plan, store, RETRYABLE) == 0  # no error rows; no raise either
     todo = pending(plan, store).todo  # the resume sets the damaged task aside
@@ -482,9 +486,7 @@ def test_latest_keeps_the_last_committed_fit_per_slice_and_spec(tmp_path: Path) 
     import os
 
     df = make_genes(n_genes=6)
-    root = tmp_path / "store"
-    store = Store(str(root))
-    store.init()
+    root, store = _store(tmp_path)
     src, plan = prepare(df, [RI, RS], "gene")
     _commit(plan, src, store, plan.tasks)
     for f in root.glob("*/part-*.parquet"):  # committed well before the rerun
@@ -537,11 +539,7 @@ def test_latest_tells_apart_jobs_split_by_other_columns(tmp_path: Path) -> None:
 
 def test_a_reader_refuses_a_committed_task_without_its_variance_part(tmp_path: Path) -> None:
     df = make_genes(n_genes=6)
-    root = tmp_path / "store"
-    store = Store(str(root))
-    store.init()
-    src, plan = prepare(df, [RI], "gene")
-    _commit(plan, src, store, plan.tasks)
+    root, store, _, plan = _committed(tmp_path, df)
     gone = root / "variance" / f"part-{plan.tasks[0].key}.parquet"
     gone.unlink()
     with pytest.raises(StoreError) as info:
