@@ -454,7 +454,7 @@ class Resume(NamedTuple):
 def retire_errors(plan: Plan, store: Store, types: Sequence[str]) -> int:
     """Move aside the committed tasks holding this plan's fits whose error_type is in
     ``types``, so ``pending`` counts their fits as missing and the run fits them
-    again: every fit of such a task (its part is rewritten whole, never edited, so a
+    again: every fit of such a task (its parts are moved whole, never edited, so a
     crash cannot leave a fit twice or half its rows). A part that also holds fits
     of other jobs is left alone, with a warning: they would be gone until those jobs
     rerun. Returns the number of error fits to be refitted."""

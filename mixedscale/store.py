@@ -9,6 +9,7 @@ Layout::
     STORE/_runs/<run_id>.started/       task markers while the run lasts
     STORE/_tmp/                         staging and shuffle scratch; ignored by readers
     STORE/_corrupt/<table>/             unreadable parts a rerun set aside; ignored by readers
+    STORE/_retried/<table>/             parts of tasks a rerun refitted (retry_errors); ditto
 
 A task's three part files share one deterministic name derived from the fit
 ids it holds. They are staged under ``_tmp`` and published without clobbering
@@ -16,7 +17,9 @@ ids it holds. They are staged under ``_tmp`` and published without clobbering
 cleanly); ``fits`` is published last, so a task counts as done exactly when
 its fits part exists, and readers only join params/variance rows whose fit_id
 is committed in ``fits``. A committed part found unreadable on resume (``pending``)
-is moved to ``_corrupt`` with its task's other parts, and its fits are refitted.
+is moved to ``_corrupt`` with its task's other parts, and its fits are refitted;
+parts are moved whole, never edited, as are those of tasks whose failed fits a rerun
+retries (``executor.retire_errors``).
 """
 
 from __future__ import annotations
