@@ -269,6 +269,14 @@ def fit_many(
 
 def _check_cluster_args(client: Any, scheduler: Any, workers: Any, memory_limit: Any) -> None:
     """Wrong cluster arguments fail here, before planning, not in Dask."""
+    given = {k: v for k, v in (("workers", workers), ("memory_limit", memory_limit))
+             if v is not None}
+    if given and (client is not None or scheduler is not None):
+        on = "client" if client is not None else "scheduler"
+        k, v = next(iter(given.items()))
+        raise SpecError(f"{k} sizes the embedded cluster; with {on}= the cluster is "
+                        f"already there, sized by whoever started it, so {k} would be "
+                        f"ignored; drop it; got ({on}=..., {k}={v!r})")
     if client is not None:
         from distributed import Client
 

@@ -196,15 +196,18 @@ def run(
             ccfg = with_overrides(ccfg, "--cluster", kind=kind)
             jq = make_cluster(ccfg, security)
             client = Client(jq, security=security)
+        address = scheduler or job.cluster.address
+        # The job's size is for the embedded cluster; a --workers given with a scheduler
+        # still reaches fit_many, which refuses the contradiction.
+        embedded = client is None and address is None
         try:
             result = fit_many(
                 job.data.path, job.specs(), split_by=job.data.split_by, store=job.store,
-                client=client, filter=job.data.filter,
-                scheduler=scheduler or job.cluster.address,
-                workers=workers or job.cluster.workers,
+                client=client, filter=job.data.filter, scheduler=address,
+                workers=workers or (job.cluster.workers if embedded else None),
                 engine=engine if engine is not None else job.fit.engine,
                 timeout=timeout if timeout is not None else job.fit.timeout, security=security,
-                memory_limit=job.cluster.memory_limit, options=opts,
+                memory_limit=job.cluster.memory_limit if embedded else None, options=opts,
                 retry_errors=retry_errors)
         finally:
             if client is not None:

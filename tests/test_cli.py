@@ -164,7 +164,12 @@ def test_exit_2_missing_data(tmp_path: Path) -> None:
 
 
 def test_exit_3_unreachable_scheduler(tmp_path: Path) -> None:
-    job = _job(tmp_path)
+    # The job's cluster size is for the embedded cluster: with --scheduler it is unused,
+    # not a contradiction; an explicit --workers beside --scheduler is one (exit 2).
+    job = _job(tmp_path, cluster={"workers": 2, "memory_limit": "2GB"})
+    code, _, err = invoke(["run", str(job), "--scheduler", "tcp://127.0.0.1:1",
+                           "--workers", "3"])
+    assert code == 2 and "workers sizes the embedded cluster" in err, err
     port = free_port()  # nothing listens there
     r = run_cli(["run", str(job), "--scheduler", f"tcp://127.0.0.1:{port}"], cwd=tmp_path,
                 timeout=90, env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"})

@@ -341,3 +341,11 @@ def test_a_folder_of_other_files_is_not_taken_for_a_store(tmp_path: Path) -> Non
     Store(str(tmp_path / "store")).init()
     (tmp_path / "store" / "notes.txt").write_text("mine")  # a store with a user's note
     api.prepare(_frame(), SPEC, store=str(tmp_path / "store"))
+
+
+def test_cluster_size_with_an_existing_cluster_is_refused() -> None:
+    for kw, shown in (({"workers": 2}, "workers=2"), ({"memory_limit": "2GB"},
+                                                       "memory_limit='2GB'")):
+        with pytest.raises(SpecError, match=rf"sizes the embedded cluster; with scheduler= "
+                           rf"the cluster is already there.*got \(scheduler=\.\.\., {shown}\)"):
+            ms.fit_many(_frame(), SPEC, scheduler="tcp://127.0.0.1:1", **kw)
