@@ -312,7 +312,8 @@ def _report_failed(fits: Any) -> None:
     keys = [c for c in fits.columns[: list(fits.columns).index("spec_id")] if c != "fit_id"]
     for row in fits[fits["status"] != "ok"].to_dict("records"):
         where = ", ".join(f"{k}={row[k]}" for k in keys)
-        typer.echo(f"{row['status']}{f' ({where})' if where else ''}: "
+        # "fit error", not "error:": that prefix is the CLI's own fatal errors'.
+        typer.echo(f"fit {row['status']}{f' ({where})' if where else ''}: "
                    f"{row.get('error_message') or row.get('error_type') or ''}", err=True)
 
 

@@ -258,7 +258,7 @@ def test_fit_command(tmp_path: Path, address: str) -> None:
         # stdout is the csv alone (the summary goes to stderr), with or without -q
         params = pd.read_csv(io.StringIO(r.stdout))  # 2 genes x 2 terms
         assert {"term", "estimate"} <= set(params.columns) and len(params) == 4, r.stdout
-        assert "error (gene=g002): the response is constant" in r.stderr
+        assert "fit error (gene=g002): the response is constant" in r.stderr
         assert ("mixedscale run" in r.stderr) is not bool(quiet)
     fits = pd.read_parquet(out / "fits")
     assert len(fits) == 3 and set(fits["spec_name"]) == {"y ~ time"}  # not the hash
