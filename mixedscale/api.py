@@ -124,9 +124,10 @@ def check_store_outside_data(data: Any, store: str | None) -> None:
     if store is None or not isinstance(data, (str, os.PathLike)):
         return
     if lists_under(os.fspath(data), os.fspath(store)):
+        where = ("(a glob lists '_' folders too)" if any(c in os.fspath(data) for c in "*?[")
+                 else "(or in a folder whose name starts with '_' there)")
         raise SpecError(f"the store is inside the data folder, so its result files would "
-                        f"be read as input data; put the store outside {data!r} (or in a "
-                        f"folder whose name starts with '_' there); "
+                        f"be read as input data; put the store outside {data!r} {where}; "
                         f"got (store={store!r})")
 
 

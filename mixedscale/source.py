@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 
 from .errors import DataError, SpecError, missing_column_error, one_line
 from .spec import ModelSpec
-from .store import protocols, type_name
+from .store import TABLES, protocols, type_name
 
 __all__ = ["FILTER_OPS", "CorruptFile", "RowGroup", "Source", "open_source"]
 
@@ -448,9 +449,12 @@ def lists_under(data: str, path: str) -> bool:
     if protocols(dfs) != protocols(pfs):
         return False
     droot, proot = droot.rstrip("/"), proot.rstrip("/")
-    if any(ch in droot for ch in "*?["):  # a glob: the folder it starts from
-        droot = _base_dir(dfs, droot)
-    elif not dfs.isdir(droot):
+    if any(ch in droot for ch in "*?["):  # a glob: would it match the store's parts?
+        from fsspec.utils import glob_translate
+
+        pattern = re.compile(glob_translate(droot))
+        return any(pattern.match(f"{proot}/{t}/part-0.parquet") for t in TABLES)
+    if not dfs.isdir(droot):
         return False  # a single file
     return proot == droot or (proot.startswith(droot + "/") and not _hidden(proot[len(droot):]))
 
