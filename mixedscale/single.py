@@ -104,7 +104,7 @@ def fit(data: pd.DataFrame, spec: ModelSpec) -> FitResult:
 
         src = open_source(data)
         src.check_specs([spec], [])
-        if any(str(src.schema.field(c).type).startswith("decimal") for c in spec.columns):
+        if src.decimals(spec.columns):
             data, _ = src.read(spec.columns)  # decimals as floats, as fit_many reads them
     return fit_shared(data, spec, None)
 

@@ -136,12 +136,16 @@ class Source:
         return pq.filters_to_expression([list(f) for f in self.filter])
 
     # -- reading
+    def decimals(self, columns: Sequence[str]) -> list[str]:
+        """The decimal columns among ``columns``: ``read`` gives them as float64."""
+        return [c for c in columns if pa.types.is_decimal(self.schema.field(c).type)]
+
     def read(self, columns: Sequence[str], row_groups: Sequence[RowGroup] | None = None
              ) -> tuple[pd.DataFrame, int]:
         """Read columns of the given row groups (all if None), filtered. Returns (frame, bytes)."""
         if self.frame is not None:
             df = self.frame.loc[:, list(dict.fromkeys(columns))]
-            dec = [c for c in df.columns if pa.types.is_decimal(self.schema.field(c).type)]
+            dec = self.decimals(list(df.columns))
             if dec:  # Python Decimal objects, which the formula would read as a factor
                 df = df.astype(dict.fromkeys(dec, "float64"))
             return _apply_filter_frame(df, self.filter), 0

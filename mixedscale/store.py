@@ -655,12 +655,12 @@ class Store:
             fits = fits.filter(pc.is_in(fits.column("fit_id"), value_set=wanted))
         winners: pa.Table | None = None
         fit_ids = fits.column("fit_id")
-        if pc.count_distinct(fit_ids).as_py() < fits.num_rows:
+        repeats = pc.count_distinct(fit_ids).as_py() < fits.num_rows
+        if repeats:
             part = fits.column("_part").to_numpy()
             first = pd.Series(part).groupby(fit_ids.to_numpy()).transform("min").to_numpy()
             fits = fits.filter(pa.array(part == first))
-            winners = fits.select(["fit_id", "_part"]).rename_columns(["fit_id", "_win"])
-        if latest and winners is None:  # a fit kept from one of its parts: rows of that one
+        if repeats or latest:  # a fit kept from one of its parts: the rows of that one
             winners = fits.select(["fit_id", "_part"]).rename_columns(["fit_id", "_win"])
         self._check_found(fits.num_rows, expect)
         out = []

@@ -347,12 +347,14 @@ def _merge(data: Loaded | LoadFailed | pd.DataFrame | dict[str, Any]
         return data
     if isinstance(data, LoadFailed):
         raise data.error
+    pieces = data["scratch"] if isinstance(data, dict) else \
+        [] if isinstance(data, pd.DataFrame) else data
+    for d in pieces:  # a shuffle step's read that met a corrupt file
+        if isinstance(d, LoadFailed):
+            raise d.error
     if isinstance(data, dict):
         if store is None:
             raise StoreError("a shuffled unit needs the store that holds its scratch files")
-        for p in data["scratch"]:
-            if isinstance(p, LoadFailed):
-                raise p.error
         unit = int(data["unit"])
         key = tuple(p[unit] for p in data["scratch"] if unit in p)
         with _SHUFFLED_LOCK:
@@ -363,9 +365,6 @@ def _merge(data: Loaded | LoadFailed | pd.DataFrame | dict[str, Any]
         return hit
     if isinstance(data, pd.DataFrame):
         return Loaded(data, 0)
-    for d in data:
-        if isinstance(d, LoadFailed):
-            raise d.error
     got = [d for d in data if isinstance(d, Loaded)]
     if not got:
         return Loaded(pd.DataFrame(), 0, "")
