@@ -244,13 +244,13 @@ def fit_many(
         opts.engine = engine or opts.engine
         opts.progress = progress if progress is not None else opts.progress
         if retry_errors:
-            if st is None:
-                raise SpecError("retry_errors refits the failed fits of a results store; "
-                                "give store=; got (retry_errors=True, store=None)")
             opts.retry_errors = RETRYABLE
         log.info("planned %d fits in %d tasks (%.2f s)", plan.n_fits, len(plan.tasks),
                  plan.plan_seconds)
-        if st is not None and opts.retry_errors:
+        if opts.retry_errors:
+            if st is None:
+                raise SpecError("retry_errors refits the failed fits of a results store; "
+                                "give store=; got (retry_errors=True, store=None)")
             retire_errors(plan, st, opts.retry_errors)
         resume = pending(plan, st)  # read once: it may read parts of an earlier packing
         if not resume.todo:  # a complete job: nothing to fit, no cluster to start
