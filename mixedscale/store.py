@@ -31,9 +31,11 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any, overload
@@ -147,9 +149,33 @@ class _FailingWriter:
         return self.n
 
 
-def _publish_faults(table: str, name: str) -> dict[str, Any] | None:
+_SYNC_POOL: ThreadPoolExecutor | None = None
+_SYNC_LOCK = threading.Lock()
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    """Threads that wait on disk flushes (fsync releases the GIL), one pool per process."""
+    global _SYNC_POOL
+    with _SYNC_LOCK:
+        if _SYNC_POOL is None:
+            _SYNC_POOL = ThreadPoolExecutor(3, thread_name_prefix="mixedscale-fsync")
+        return _SYNC_POOL
+
+
+def _sync_close(fh: Any) -> None:
+    try:
+        os.fsync(fh.fileno())
+    finally:
+        fh.close()
+
+
+def _publish_faults(table: str, name: str, at_link: bool = False) -> dict[str, Any] | None:
+    """The test fault for writing (``at_link`` False) or publishing one part: a full
+    disk strikes while writing it; a kill or a held commit just before it appears."""
     for rule in fault_rules("publish"):
         if rule.get("table", table) != table or not name.startswith(rule.get("task", "")):
+            continue
+        if (rule.get("do") in ("kill", "wait")) != at_link:
             continue
         if claim_fault(rule):
             if rule.get("do") == "kill":  # die between two parts of one commit
@@ -288,9 +314,12 @@ class Store:
             # driver) has committed whole in the meantime: already there.
             return False
         mine: list[str] = []  # parts this call put under their final names
+        staged: dict[str, str] = {}
         try:
+            if self.local:  # written and synced together: one disk flush's wait, not three
+                staged = self._stage_local(name, tables)
             for t in ("params", "variance", "fits"):
-                done = self._publish_one(t, name, tables[t])
+                done = self._publish_one(t, name, tables[t], staged.get(t))
                 if t == "fits" and not done:
                     return False
                 if done and t != "fits":
@@ -298,6 +327,10 @@ class Store:
         except StoreError:
             self._take_back(name, mine, tables)
             raise
+        finally:
+            for tmp in staged.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
         # Another writer of this task whose commit failed may have just taken back the
         # parts this call found in place: committed fits must keep their rows.
         for t in ("params", "variance"):
@@ -321,34 +354,72 @@ class Store:
                 with contextlib.suppress(StoreError):
                     self._publish_one(t, name, tables[t])
 
-    def _publish_one(self, table: str, name: str, data: pa.Table) -> bool:
-        final = self.path(table, f"part-{name}.parquet")
-        tmp = self.path("_tmp", f"{table}-{name}.{uuid.uuid4().hex}.parquet")
+    def _write(self, fh: Any, table: str, name: str, data: pa.Table) -> None:
         fault = _publish_faults(table, name) if os.environ.get(FAULTS_ENV) else None
+        sink = fh if fault is None else _FailingWriter(fh, int(fault.get("after_bytes", 64)))
+        pq.write_table(data, sink, compression=_COMPRESSION,
+                       use_dictionary=_dictionary_columns(data.schema))
 
-        def write(fh: Any) -> None:
-            sink = fh if fault is None else _FailingWriter(fh, int(fault.get("after_bytes", 64)))
-            pq.write_table(data, sink, compression=_COMPRESSION,
-                           use_dictionary=_dictionary_columns(data.schema))
+    def _stage_local(self, name: str, tables: dict[str, pa.Table]) -> dict[str, str]:
+        """Write the parts under temporary names, each synced to disk in a thread while
+        the next is encoded; return the temporary paths once all are durable."""
+        staged: dict[str, str] = {}
+        syncs: dict[str, Future[None]] = {}
+        t = "params"
+        try:
+            for t in ("params", "variance", "fits"):
+                staged[t] = tmp = self.path("_tmp", f"{t}-{name}.{uuid.uuid4().hex}.parquet")
+                fh = open(tmp, "wb")  # noqa: SIM115 - closed by _sync_close
+                try:
+                    self._write(fh, t, name, tables[t])
+                    fh.flush()
+                except BaseException:
+                    fh.close()
+                    raise
+                syncs[t] = _sync_pool().submit(_sync_close, fh)
+            for t, f in syncs.items():  # noqa: B007 - t names the failed part below
+                f.result()
+        except OSError as exc:
+            for f in syncs.values():  # every file closed before its removal
+                with contextlib.suppress(OSError):
+                    f.result()
+            for tmp in staged.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            final = self.path(t, f"part-{name}.parquet")
+            raise StoreError(f"writing {final!r} failed: {exc}") from exc
+        return staged
 
+    def _publish_one(self, table: str, name: str, data: pa.Table,
+                     staged: str | None = None) -> bool:
+        """Publish one part under its final name; False if that name is taken.
+        ``staged``: the part already written and synced (local stores)."""
+        final = self.path(table, f"part-{name}.parquet")
+        tmp = staged or self.path("_tmp", f"{table}-{name}.{uuid.uuid4().hex}.parquet")
         try:
             if self.local:
-                with open(tmp, "wb") as fh:
-                    write(fh)
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                if staged is None:
+                    with open(tmp, "wb") as fh:
+                        self._write(fh, table, name, data)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                if os.environ.get(FAULTS_ENV):
+                    _publish_faults(table, name, at_link=True)
                 try:
                     os.link(tmp, final)  # atomic, and fails rather than clobber
                 except FileExistsError:
                     return False
                 finally:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
+                    if staged is None:
+                        with contextlib.suppress(OSError):
+                            os.unlink(tmp)
                 return True
             # Object stores: no atomic no-clobber rename. Write the full object
             # under a temporary key, then copy; readers dedupe by fit_id.
             with self.fs.open(tmp, "wb") as fh:
-                write(fh)
+                self._write(fh, table, name, data)
+            if os.environ.get(FAULTS_ENV):
+                _publish_faults(table, name, at_link=True)
             if self.fs.exists(final):
                 self.fs.rm(tmp)
                 return False

@@ -225,11 +225,12 @@ def test_commit_restores_parts_another_writer_took_back(tmp_path: Path) -> None:
     st._publish_one("variance", "t1", tables["variance"])
     real = st._publish_one
 
-    def take_back_then_publish(table: str, name: str, data: pa.Table) -> bool:
+    def take_back_then_publish(table: str, name: str, data: pa.Table,
+                               staged: str | None = None) -> bool:
         if table == "fits":  # ...takes its parts back just before this commit
             for t in ("params", "variance"):
                 (tmp_path / "store" / t / f"part-{name}.parquet").unlink()
-        return real(table, name, data)
+        return real(table, name, data, staged)
 
     st._publish_one = take_back_then_publish  # type: ignore[method-assign]
     assert st.publish("t1", tables)
