@@ -203,7 +203,7 @@ def _finalize(out: Path, runs: list[dict[str, Any]], meta: dict[str, Any],
                              r.get("_order", 0)))
     report.add_agreement(out, runs)
     doc: dict[str, Any] = {"meta": meta, "calibration": calib, "runs": runs}
-    doc["targets"] = report.targets(runs)
+    doc["targets"] = report.targets(runs, calib)
     text, data = scaling.section(runs, calib)
     doc["scaling"] = text
     doc["scaling_data"] = data

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 import mixedscale as ms
@@ -235,6 +236,33 @@ def _publish_cost(store_dir: Path, n: int = 20) -> float | None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _encode_seconds(store_dir: Path) -> float | None:
+    """CPU seconds to encode every committed part of a run as Parquet in memory, with
+    the store's options: the part of store writes no writer can avoid (no disk, no sync)."""
+    from mixedscale.store import _COMPRESSION, _dictionary_columns
+
+    parts = [p for t in ("fits", "params", "variance")
+             for p in sorted((store_dir / t).glob("part-*.parquet"))]
+    if not parts:
+        return None
+    tables = [pq.read_table(p) for p in parts]
+    t0 = time.process_time()
+    for tb in tables:
+        pq.write_table(tb, pa.BufferOutputStream(), compression=_COMPRESSION,
+                       use_dictionary=_dictionary_columns(tb.schema))
+    return time.process_time() - t0
+
+
+def _key_scan_seconds(path: Path, key: str | list[str]) -> float:
+    """Seconds to read the split columns and count their distinct keys: the least any
+    planner must do."""
+    cols = [key] if isinstance(key, str) else list(key)
+    t0 = time.perf_counter()
+    tb = pq.read_table(path, columns=cols)
+    tb.group_by(cols).aggregate([([], "count_all")])
+    return time.perf_counter() - t0
+
+
 def run_mixedscale(ctx: Context, runner: str, engine: str, layout: str) -> dict[str, Any]:
     from distributed import Client
 
@@ -319,6 +347,8 @@ def run_mixedscale(ctx: Context, runner: str, engine: str, layout: str) -> dict[
         rec.update(dask_floor(client, res.plan, run.fit_seconds, workers))
     rec["results"] = _save(ctx, runner, _tidy_mixedscale(res, suite))
     rec["store_publish_ms"] = _publish_cost(store, 5 if ctx.quick else 20)
+    rec["encode_seconds"] = _encode_seconds(store)
+    rec["key_scan_seconds"] = _key_scan_seconds(ctx.paths[layout], suite.key)
     n_parts = len(list((store / "fits").glob("part-*.parquet")))
     rec["store_parts"] = n_parts
     if not ctx.keep_stores:
