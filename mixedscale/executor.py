@@ -252,7 +252,7 @@ class _Run:
         u = self.plan.units[unit]
         keys = [self.plan.slices[i].key for i in u.slices]
         if self.src.frame is not None:
-            df, _ = self.src.read(self.plan.columns)
+            df, _ = self.src.read(self.plan.columns, split_by=self.plan.split_by)
             from .worker import Loaded, _restrict
 
             data = Loaded(_restrict(df, self.plan.split_by, keys), 0)

@@ -140,9 +140,10 @@ class Source:
         """The decimal columns among ``columns``: ``read`` gives them as float64."""
         return [c for c in columns if pa.types.is_decimal(self.schema.field(c).type)]
 
-    def read(self, columns: Sequence[str], row_groups: Sequence[RowGroup] | None = None
-             ) -> tuple[pd.DataFrame, int]:
-        """Read columns of the given row groups (all if None), filtered. Returns (frame, bytes)."""
+    def read(self, columns: Sequence[str], row_groups: Sequence[RowGroup] | None = None,
+             split_by: Sequence[str] = ()) -> tuple[pd.DataFrame, int]:
+        """Read columns of the given row groups (all if None), filtered, the split
+        columns as ``to_frame`` gives them. Returns (frame, bytes)."""
         if self.frame is not None:
             df = self.frame.loc[:, list(dict.fromkeys(columns))]
             dec = self.decimals(list(df.columns))
@@ -164,7 +165,7 @@ class Source:
         expr = self.expression()
         if expr is not None:
             table = table.filter(expr)
-        return _floats_for_decimals(table).to_pandas(), nbytes
+        return to_frame(_floats_for_decimals(table), split_by), nbytes
 
     def _read_file(self, f: str, groups: list[RowGroup], columns: Sequence[str]) -> pa.Table:
         part = dict(groups[0].partition)
@@ -280,6 +281,24 @@ def _check_term_type(spec: ModelSpec, col: str, typ: pa.DataType) -> None:
             f"formula cannot use as a number; convert it to one (e.g. days since the start: "
             f"(df[{col!r}] - df[{col!r}].min()).dt.days) or write C({col}) for a factor; "
             f"got ({col}={type_name(typ)})")
+
+
+_NULLABLE_INTS = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(),
+                  pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype(),
+                  pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
+                  pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype()}
+
+
+def to_frame(table: pa.Table, keys: Sequence[str] = ()) -> pd.DataFrame:
+    """``table.to_pandas()``, with the integer ``keys`` columns that hold a missing
+    value as nullable integers: as float64 (pandas' default) keys above 2**53 round,
+    so two slices could become one, and every key would read as a float."""
+    df = table.to_pandas()
+    for c in keys:
+        if c in df.columns and table.column(c).null_count \
+                and table.schema.field(c).type in _NULLABLE_INTS:
+            df[c] = table.column(c).to_pandas(types_mapper=_NULLABLE_INTS.get)
+    return df
 
 
 def _floats_for_decimals(table: pa.Table) -> pa.Table:
@@ -599,7 +618,7 @@ def read_split_keys(src: Source, split_by: Sequence[str], extra: Sequence[str] =
             continue
         keys = t.select(list(split_by))
         agg = keys.group_by(list(split_by), use_threads=False).aggregate([([], "count_all")])
-        f = agg.to_pandas().rename(columns={"count_all": "_rows"})
+        f = to_frame(agg, split_by).rename(columns={"count_all": "_rows"})
         f["_rg"] = k
         frames.append(f)
     if not frames:

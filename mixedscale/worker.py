@@ -199,7 +199,7 @@ def load_unit(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
               ) -> Loaded | LoadFailed:
     """Read a unit's row groups (needed columns only) and keep the unit's slices."""
     try:
-        df, nbytes = src.read(columns, rgs)
+        df, nbytes = src.read(columns, rgs, split_by)
     except CorruptFile as exc:
         return LoadFailed(exc)
     return Loaded(_restrict(df, split_by, keys.value), nbytes)
@@ -227,7 +227,7 @@ def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
               ) -> dict[int, Loaded] | LoadFailed:
     """Shuffle step for data not sorted by the split key: one read, rows bucketed by unit."""
     try:
-        df, nbytes = src.read(columns, rgs)
+        df, nbytes = src.read(columns, rgs, split_by)
     except CorruptFile as exc:
         return LoadFailed(exc)
     if df.empty:

@@ -123,6 +123,30 @@ def test_nullable_int_keys_keep_the_fit_ids_of_int_keys() -> None:
     assert nullable.fit_ids() == plain.fit_ids()
 
 
+@pytest.mark.parametrize("how", ["direct", "shuffle"])
+def test_parquet_int_keys_with_a_missing_value_stay_exact_ints(tmp_path: Path,
+                                                               how: str) -> None:
+    """pandas reads an int64 column with nulls as float64, which rounds above 2**53:
+    keys 2**60 + 1 and 2**60 + 2 became one slice, and every key a float."""
+    df = _keyed("Int64")
+    df["k"] = df["k"] + 2**60 + 1
+    data = str(tmp_path / "d.parquet")
+    df.to_parquet(data, index=False, row_group_size=2 * 8 * 4)
+    _, plan = prepare(data, [RI], "k")
+    assert [s.key for s in plan.slices] == [(2**60 + 1,), (2**60 + 2,), (None,)]
+    assert all(type(s.key[0]) is int for s in plan.slices[:2])
+    store = Store(str(tmp_path / "store"))
+    store.init()
+    _run(data, store, how)
+    fits = ms.open_store(store.url).fits()
+    got = {(None if pd.isna(k) else int(k)): n for k, n in zip(fits["k"], fits["n_obs"],
+                                                               strict=True)}
+    want = df.groupby("k", dropna=False).size()
+    assert got == {(None if pd.isna(k) else int(k)): n for k, n in want.items()}
+    assert len(got) == 3
+    assert (fits["status"] == "ok").all()
+
+
 @pytest.mark.parametrize("kind", ["float", "object", "Int64", "string"])
 def test_a_unit_of_the_missing_key_alone_keeps_its_rows(kind: str) -> None:
     df = _keyed(kind)
