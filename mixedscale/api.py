@@ -9,8 +9,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .errors import SpecError
 from .executor import (
@@ -191,14 +193,38 @@ def _tables(summary: RunSummary, plan: Plan, store: Store | None,
         # Only this job's parts and fits: a shared store may hold many other jobs' results.
         # A finished run committed every planned fit, so fewer means the store moved.
         ids = plan.fit_ids()
-        return store.run_tables(summary.parts or set(), ids, names, fit_columns,
-                                expect=len(ids) if summary.state == "complete" else None)
-    out = []
-    for t in names:
-        parts = summary.tables.get(t, [])
-        df = to_pandas(pa.concat_tables(parts)) if parts else pd.DataFrame()
-        out.append(df.reset_index(drop=True))
-    return out
+        out = store.run_tables(summary.parts or set(), ids, names, fit_columns,
+                               expect=len(ids) if summary.state == "complete" else None)
+    else:
+        out = []
+        for t in names:
+            parts = summary.tables.get(t, [])
+            out.append(to_pandas(pa.concat_tables(parts)) if parts else pd.DataFrame())
+    rank = _plan_rank(plan)
+    return [_in_plan_order(df, rank) for df in out]
+
+
+def _plan_rank(plan: Plan) -> tuple[pa.Array, np.ndarray]:
+    """Each fit's place in the job: slices in key order, each slice's specs as given."""
+    n = max(len(plan.specs), 1)
+    items = [it for t in plan.tasks for it in t.items]
+    return (pa.array([it.fit_id for it in items], type=pa.string()),
+            np.fromiter((it.slice * n + it.spec for it in items), dtype=np.int64,
+                        count=len(items)))
+
+
+def _in_plan_order(df: pd.DataFrame, rank: tuple[pa.Array, np.ndarray]) -> pd.DataFrame:
+    """Rows in the job's order (tasks commit in any order); a fit's rows keep theirs."""
+    if df.empty or "fit_id" not in df.columns:
+        return df.reset_index(drop=True)
+    ids, place = rank
+    # Arrow's hash lookup: pandas' get_indexer took 4x longer on 10^5 ids.
+    at = pc.index_in(pa.array(df["fit_id"], type=pa.string()), value_set=ids)
+    pos = at.to_numpy(zero_copy_only=False)
+    r = place[np.nan_to_num(pos, nan=0).astype(np.int64)]
+    if at.null_count:  # rows of fits the plan does not hold (none expected): last
+        r = np.where(np.isnan(pos), np.iinfo(np.int64).max, r)
+    return df.iloc[np.argsort(r, kind="stable")].reset_index(drop=True)
 
 
 def fit_many(

@@ -88,6 +88,18 @@ def test_fit_many_on_a_cluster_store_none_equals_store(cluster_client: Any,
     assert again.summary()["n_resumed"] == 40
     assert len(again.fits) == 40
     assert [r["state"] for r in manifests(store)] == ["complete", "complete"]
+    # Every read-back in the job's order: genes sorted, each gene's specs as given, a
+    # fit's params and variance rows together and in the fit's own order.
+    want = [(g, s) for g in sorted(mem.fits["gene"].unique()) for s in ("ri", "rs")]
+    for res in (mem, disk, again):
+        assert list(zip(res.fits["gene"], res.fits["spec_name"], strict=True)) == want
+        for name in ("params", "variance"):
+            t = getattr(res, name)
+            runs = t["fit_id"].ne(t["fit_id"].shift()).cumsum()
+            assert runs.iloc[-1] == 40 and t["fit_id"].drop_duplicates().tolist() == \
+                res.fits["fit_id"].tolist()
+        assert res.params.groupby("fit_id", sort=False)["term"].agg(tuple).map(
+            lambda ts: ts[0] == "Intercept").all()
 
 
 def test_a_stored_runs_tables_are_read_back_once_or_when_first_used(
