@@ -162,6 +162,15 @@ def _sync_pool() -> ThreadPoolExecutor:
         return _SYNC_POOL
 
 
+def _forget_sync_pool() -> None:
+    # A forked child has none of its parent's threads: the pool would queue forever.
+    global _SYNC_POOL
+    _SYNC_POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_sync_pool)
+
+
 def _sync_close(fh: Any) -> None:
     try:
         os.fsync(fh.fileno())
