@@ -479,7 +479,7 @@ class _Prep:
     dz: Any
     xi: Any
     zi: Any
-    shift: Any
+    b0: Any
     sy: Any
     n_groups: Any
     starts: Any
@@ -557,11 +557,6 @@ def _prepare(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
     Xs, cx, dx = scale(X, xi, True)
     diagonal = spec.cov_structure == "diagonal"
     Zs, cz, dz = scale(Z, zi, not diagonal)
-    shift = (np.add.reduceat(y, s_start) / n_rows) if xi.size else np.zeros(F)
-    yc = y - shift[sl_o]
-    sy = np.sqrt(np.add.reduceat(yc * yc, s_start) / n_rows)
-    sy = np.where(sy > 0, sy, 1.0)
-    ys = yc / sy[sl_o]
     # Slices with the same design (covariates, groups, row order; only the response
     # differs, as per gene) share X'X, Z'Z and Z'X: computed once per distinct design.
     g_row = np.repeat(seg_local, sizes)
@@ -572,6 +567,18 @@ def _prepare(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
     XtX[distinct] = np.add.reduceat((Xs[:, :, None] * Xs[:, None, :])[own],
                                     _segments(sl_o[own], F)[distinct], axis=0)
     XtX = XtX[rep]
+    # y's offset in the fixed effects' span, per slice (as lmm.response_shift, in the
+    # scaled coefficients): the mean on an intercept, else least squares.
+    b0 = np.zeros((F, p))
+    if xi.size:
+        b0[:, int(xi[0])] = np.add.reduceat(y, s_start) / n_rows
+    elif p:
+        Xty0 = np.add.reduceat(Xs * y[:, None], s_start, axis=0)
+        b0 = np.einsum("fij,fj->fi", np.linalg.pinv(XtX), Xty0)
+    yc = y - np.einsum("ij,ij->i", Xs, b0[sl_o]) if p else y
+    sy = np.sqrt(np.add.reduceat(yc * yc, s_start) / n_rows)
+    sy = np.where(sy > 0, sy, 1.0)
+    ys = yc / sy[sl_o]
     # Sanity checks per slice; failures go to fit() for its exact error message.
     ptp = np.maximum.reduceat(y, s_start) - np.minimum.reduceat(y, s_start)
     eig = np.linalg.eigvalsh(XtX)
@@ -598,7 +605,7 @@ def _prepare(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
     Xty = np.add.reduceat(Xs * ys[:, None], s_start, axis=0)
     yty = np.add.reduceat(ys * ys, s_start)
     return _Prep(d, ZtZ, ZtX, Zty, XtX, Xty, yty, n_rows, dropped, good, diagonal, cx, dx,
-                 cz, dz, xi, zi, shift, sy, n_groups, starts, sizes, seg_slice)
+                 cz, dz, xi, zi, b0, sy, n_groups, starts, sizes, seg_slice)
 
 
 def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
@@ -622,7 +629,7 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
     if prep is None:
         return None
     (d, ZtZ, ZtX, Zty, XtX, Xty, yty, n_rows, dropped, good, diagonal, cx, dx, cz, dz, xi,
-     zi, shift, sy, n_groups, starts, sizes, seg_slice) = (
+     zi, b0, sy, n_groups, starts, sizes, seg_slice) = (
         getattr(prep, f) for f in _Prep.__dataclass_fields__)
     idx = np.flatnonzero(good)
     fallback = [int(i) for i in np.flatnonzero(~good)]
@@ -689,7 +696,7 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
         fallback += [int(idx[j]) for j in np.flatnonzero(~verified)]
         if ok.size:
             out = _outputs(problem(idx[ok]), th[ok], idx[ok], d, spec, cx, dx, cz, dz, xi, zi,
-                           shift, sy, n_rows, dropped, n_groups, starts, sizes, seg_slice,
+                           b0, sy, n_rows, dropped, n_groups, starts, sizes, seg_slice,
                            gmax[ok], hpd[ok])
             fit_cols, params, variance = out
             # Seconds per fit, tidy rows included (as fit() counts them).
@@ -776,7 +783,7 @@ def _affine_stack(c: np.ndarray, d: np.ndarray, icpt: np.ndarray) -> np.ndarray:
 
 def _outputs(prob: BatchProblem, th: np.ndarray, which: np.ndarray, d: Any, spec: ModelSpec,
              cx: np.ndarray, dx: np.ndarray, cz: np.ndarray, dz: np.ndarray, xi: np.ndarray,
-             zi: np.ndarray, shift: np.ndarray, sy: np.ndarray, n_rows: np.ndarray,
+             zi: np.ndarray, b0: np.ndarray, sy: np.ndarray, n_rows: np.ndarray,
              dropped: np.ndarray, n_groups: np.ndarray, starts: np.ndarray, sizes: np.ndarray,
              seg_slice: np.ndarray, gmax: np.ndarray, hpd: np.ndarray
              ) -> tuple[dict[str, Any], list[pa.Table], list[pa.Table]]:
@@ -790,9 +797,7 @@ def _outputs(prob: BatchProblem, th: np.ndarray, which: np.ndarray, d: Any, spec
     B = _affine_stack(cx[which], dx[which], xi)
     A = _affine_stack(cz[which], dz[which], zi) if q else np.zeros((len(which), 0, 0))
     syw = sy[which]
-    beta = syw[:, None] * np.einsum("fij,fj->fi", B, beta_s)
-    if xi.size:
-        beta[:, int(xi[0])] += shift[which]
+    beta = np.einsum("fij,fj->fi", B, syw[:, None] * beta_s + b0[which])
     cov = (syw**2)[:, None, None] * np.einsum("fij,fjk,flk->fil", B, cov_s, B)
     L = sub.lam(th)
     re_s = np.einsum("fij,fkj->fik", L, L) * s2[:, None, None]

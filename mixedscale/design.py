@@ -286,10 +286,15 @@ def check_design(d: Design) -> None:
     if np.ptp(d.y) == 0:
         raise ModelFailure(f"the response is constant (all values = {d.y[0]:g})")
     p = d.X.shape[1]
-    if p and np.linalg.matrix_rank(d.X) < p:
+    # On centred and scaled columns, as the engines fit them: a time in Unix seconds
+    # (1.7e9 + a few thousand) is raw X's second singular value at ~1e-6 of its first.
+    from .lmm import _affine
+
+    Xs = d.X @ _affine(d.X, center=True) if p else d.X
+    if p and np.linalg.matrix_rank(Xs) < p:
         # Name the first column that is a linear combination of earlier ones.
         bad = next(d.x_names[j - 1] for j in range(1, p + 1)
-                   if np.linalg.matrix_rank(d.X[:, :j]) < j)
+                   if np.linalg.matrix_rank(Xs[:, :j]) < j)
         raise ModelFailure(
             f"fixed-effects design is rank deficient; drop or recode {bad!r} (rank < p={p})"
         )

@@ -28,11 +28,12 @@ _LOG2PI = float(np.log(2 * np.pi))
 
 @dataclass(frozen=True)
 class Scaling:
-    """X_s = X @ B, Z_s = Z @ A, y_s = (y - shift) / sy: an exact reparametrization."""
+    """X_s = X @ B, Z_s = Z @ A, y_s = (y - X @ b0) / sy: an exact reparametrization
+    (the fixed effects absorb X @ b0; beta = sy * B @ beta_s + b0)."""
 
     B: np.ndarray
     A: np.ndarray
-    shift: float
+    b0: np.ndarray
     sy: float
 
 
@@ -69,10 +70,24 @@ def make_scaling(d: Design, diagonal: bool) -> Scaling:
             B = B @ np.linalg.inv(R) * np.sqrt(d.n)
     # Centering a random slope changes a diagonal covariance model; only scale then.
     A = _affine(d.Z, center=not diagonal)
-    has_icpt = bool(np.any(np.all(d.X == 1.0, axis=0)))
-    shift = float(d.y.mean()) if has_icpt else 0.0
-    sy = float(np.std(d.y - shift)) or 1.0
-    return Scaling(B=B, A=A, shift=shift, sy=sy)
+    sy = float(np.std(d.y - d.X @ (b0 := response_shift(d.X, d.y)))) or 1.0
+    return Scaling(B=B, A=A, b0=b0, sy=sy)
+
+
+def response_shift(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Fixed effects b0 with y - X @ b0 near zero: y's mean on an intercept column, else
+    least squares. The deviance subtracts sums of squares of y; on a large offset (a
+    response near 1e7 under ``y ~ 0 + C(arm)``) that cancels all its digits."""
+    p = X.shape[1]
+    b0 = np.zeros(p)
+    if not p:
+        return b0
+    ones = np.all(X == 1.0, axis=0)
+    if ones.any():
+        b0[int(np.argmax(ones))] = float(y.mean())
+    else:
+        b0 = np.linalg.lstsq(X, y, rcond=None)[0]
+    return b0
 
 
 @dataclass
@@ -97,7 +112,7 @@ class Problem:
         if scaling is not None:
             X = X @ scaling.B
             Z = Z @ scaling.A
-            y = (y - scaling.shift) / scaling.sy
+            y = (y - d.X @ scaling.b0) / scaling.sy
         self.reml = reml
         self.diagonal = diagonal
         self.n, self.p = X.shape

@@ -145,7 +145,7 @@ def _run_engine(engine: str, d: Design, spec: ModelSpec) -> tuple[Problem, Any, 
     if engine == "fast":
         return prob, sc, fit_fast(prob, spec.optimizers, spec.maxiter)
     Xs, Zs = d.X @ sc.B, d.Z @ sc.A
-    ys = (d.y - sc.shift) / sc.sy
+    ys = (d.y - d.X @ sc.b0) / sc.sy
     return prob, sc, fit_statsmodels(d, prob, Xs, Zs, ys, spec.reml, spec.optimizers,
                                      spec.maxiter)
 
@@ -223,10 +223,7 @@ def _data_scale_estimates(d: Design, prob_s: Problem, sc: Scaling, theta_s: np.n
     """
     es = prob_s.estimates(theta_s)
     sy2 = sc.sy**2
-    beta = sc.sy * (sc.B @ es.beta)
-    icpt = np.all(d.X == 1.0, axis=0)
-    if icpt.any():
-        beta[int(np.argmax(icpt))] += sc.shift
+    beta = sc.sy * (sc.B @ es.beta) + sc.b0
     dof = prob_s.n - prob_s.p if prob_s.reml else prob_s.n
     llf = es.llf - dof * np.log(sc.sy)
     if prob_s.reml and prob_s.p:

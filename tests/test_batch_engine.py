@@ -240,3 +240,38 @@ def test_batch_leaves_interpolating_designs_to_fit() -> None:
     assert out.fallback == [0, 1, 2, 3] and out.fits.num_rows == 0
     res = ms.fit(one, spec)
     assert res.fit["status"] == "error" and "interpolate the data" in res.fit["error_message"]
+
+
+def _cell_means(offset: float, n_slices: int = 4) -> pd.DataFrame:
+    """Slices of one design with a response far from 0, coded without an intercept."""
+    r = np.random.default_rng(0)
+    g = np.repeat(np.arange(12), 8)
+    x, c = r.normal(size=96), np.tile(list("abcd"), 24)
+    base = 0.5 * x + (c == "b") + r.normal(size=12)[g] + r.normal(size=96)
+    return pd.concat([pd.DataFrame({"y": base + offset + k, "x": x, "c": c, "g": g,
+                                    "gene": f"g{k}"}) for k in range(n_slices)])
+
+
+@pytest.mark.parametrize("offset", [1e5, 1e7, 1e8])
+def test_a_response_offset_under_a_formula_without_intercept_keeps_the_optimum(
+        offset: float) -> None:
+    """``y ~ 0 + C(c)`` is ``y ~ C(c)`` coded otherwise. Only a literal intercept column
+    used to centre y, so sums of squares of y near 1e7 cancelled every digit: wrong
+    variances marked ok (statsmodels engine), or not_converged by a false local optimum."""
+    df = _cell_means(offset)
+    one = df[df["gene"] == "g0"]
+    want = ms.fit(one.assign(y=one["y"] - offset), ms.ModelSpec("y ~ C(c) + x", groups="g",
+                                                                reml=False))
+    spec = ms.ModelSpec("y ~ 0 + C(c) + x", groups="g", reml=False)
+    for engine in ("fast", "statsmodels", "auto"):
+        got = ms.fit(one, spec.replace(engine=engine))
+        assert got.fit["status"] == "ok", (engine, got.fit["message"])
+        assert got.fit["llf"] == pytest.approx(want.fit["llf"], abs=1e-6), engine
+        np.testing.assert_allclose(got.variance["estimate"], want.variance["estimate"],
+                                   rtol=1e-5)
+        # the cell means: the intercept-coded model's intercept plus its contrasts
+        b = want.params.set_index("term")["estimate"]
+        cells = [b["Intercept"]] + [b["Intercept"] + b[f"C(c)[T.{k}]"] for k in "bcd"]
+        np.testing.assert_allclose(got.params["estimate"].iloc[:4],
+                                   np.array(cells) + offset, rtol=0, atol=1e-6)
+    assert _compare(df, spec) == 4

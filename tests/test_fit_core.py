@@ -480,3 +480,22 @@ def test_result_types_do_not_depend_on_the_covariance_structure() -> None:
         assert r.variance["term2"].dtype == r.variance["term1"].dtype == "str"
         assert all(type(r.fit[k]) is float for k in ("llf", "aic", "bic", "scale"))
     assert tables[0].variance.dtypes.equals(tables[1].variance.dtypes)
+
+
+@pytest.mark.parametrize("engine", ["fast", "statsmodels", "auto"])
+def test_a_covariate_with_a_large_offset_is_not_rank_deficient(engine: str) -> None:
+    """The rank check runs on centred, scaled columns as the engines fit them: a time in
+    Unix seconds was called rank deficient by fit() and fitted ok by fit_many."""
+    from .conftest import REFDATA
+
+    ss = pd.read_parquet(REFDATA / "sleepstudy.parquet")
+    ss["t"] = 1.7e9 + ss["Days"] * 3600.0
+    days = mixedscale.fit(ss, ModelSpec("Reaction ~ Days", groups="Subject",
+                                        re_formula="~Days", engine=engine))
+    secs = mixedscale.fit(ss, ModelSpec("Reaction ~ t", groups="Subject", re_formula="~t",
+                                        engine=engine))
+    assert secs.fit["status"] == "ok", secs.fit["error_message"]
+    slope = secs.params.set_index("term")["estimate"]["t"]
+    assert slope * 3600 == pytest.approx(days.params["estimate"].iloc[1], rel=1e-6)
+    # REML's log-likelihood moves by log|det| of the fixed effects' reparametrization
+    assert secs.fit["llf"] == pytest.approx(days.fit["llf"] - np.log(3600.0), abs=1e-5)
