@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .design import ModelFailure, build_design
-from .engines import GRAD_TOL, lme4_verdict
+from .engines import GRAD_TOL, HESS_RATIO_TOL, lme4_verdict
 from .errors import MixedscaleError
 from .single import versions, wald
 from .spec import ModelSpec
@@ -413,7 +413,7 @@ def verify(prob: BatchProblem, th: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     if fast.size:
         Hf, gf = H[fast], grad_c[fast]
         eig = np.linalg.eigvalsh(Hf)
-        pd_[fast] = eig[:, 0] > 1e-8 * np.maximum(1.0, np.abs(eig[:, -1]))
+        pd_[fast] = eig[:, 0] > HESS_RATIO_TOL * np.maximum(1.0, np.abs(eig[:, -1]))
         ok = fast[pd_[fast]]
         notpd = fast[~pd_[fast]]
         gmax[notpd] = np.abs(gf[~pd_[fast]]).max(axis=1)

@@ -24,6 +24,10 @@ from .lmm import Problem
 __all__ = ["GRAD_TOL", "Attempt", "check_optimum", "fit_fast", "fit_statsmodels"]
 
 GRAD_TOL = 2e-3  # lme4's check.conv.grad tolerance, on the deviance scale
+# lme4's check.conv.hess tol: a Hessian whose smallest eigenvalue is below this
+# share of its largest is numerically singular ("nearly unidentifiable"): the
+# deviance is flat along a line, so the variance parameters are not unique.
+HESS_RATIO_TOL = 1e-6
 _FD_STEP = 1e-4  # lme4's deriv12 delta
 _POLISH_BELOW = 1e-5  # scaled gradient under which Newton polishing gains nothing measurable
 _BOUND_PROBE = 1e-2  # step into the interior from a parameter on its bound
@@ -390,7 +394,7 @@ def lme4_verdict(grad: np.ndarray, H: np.ndarray, on_bound: np.ndarray) -> tuple
     if not np.all(np.isfinite(Hf)):
         return float(np.max(np.abs(grad))), False
     eig = np.linalg.eigvalsh(Hf)
-    pd_ = bool(eig.min() > 1e-8 * max(1.0, abs(eig.max())))
+    pd_ = bool(eig.min() > HESS_RATIO_TOL * max(1.0, abs(eig.max())))
     try:
         sc = np.linalg.solve(np.linalg.cholesky(Hf), g_free)
         mingrad = np.minimum(np.abs(sc), np.abs(g_free))

@@ -17,7 +17,7 @@ import pandas as pd
 from scipy import stats
 
 from .design import Design, ModelFailure, build_design, check_design
-from .engines import Attempt, fit_fast, fit_statsmodels
+from .engines import HESS_RATIO_TOL, Attempt, fit_fast, fit_statsmodels
 from .errors import MixedscaleError
 from .lmm import Estimates, Problem, Scaling, make_scaling, transform_theta
 from .spec import ModelSpec
@@ -204,7 +204,10 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
         if best.grad_max > 2e-3:
             why.append(f"scaled gradient {best.grad_max:.3g} > 2e-3")
         if not (best.hessian_pd or best.singular):
-            why.append("Hessian is not positive definite")
+            why.append("Hessian is singular or not positive definite (an eigenvalue "
+                       f"below {HESS_RATIO_TOL:g} of the largest): the variance parameters "
+                       "are not uniquely determined; a random effect may not vary within "
+                       "groups, or the model may be too complex for the data")
         if beaten:
             why.append(f"a local optimum: {top.engine} {top.method} reached a log-likelihood "
                        f"higher by {top.llf - best.llf:.3g}")

@@ -499,3 +499,26 @@ def test_a_covariate_with_a_large_offset_is_not_rank_deficient(engine: str) -> N
     assert slope * 3600 == pytest.approx(days.params["estimate"].iloc[1], rel=1e-6)
     # REML's log-likelihood moves by log|det| of the fixed effects' reparametrization
     assert secs.fit["llf"] == pytest.approx(days.fit["llf"] - np.log(3600.0), abs=1e-5)
+
+
+def test_a_random_slope_on_a_between_group_covariate_is_flagged_not_ok() -> None:
+    """``(arm | subject)`` with arm constant within subjects: only var(Intercept) and
+    var + 2 cov + var(arm) are identified, so the deviance is flat along a line. Its
+    Hessian's eigenvalue ratio (~5e-8) passed a 1e-8 test, and the engines returned
+    different variances, both "ok"; lme4's check.conv.hess (tol 1e-6) flags it."""
+    from mixedscale.batch import fit_slices
+
+    r = np.random.default_rng(1)
+    g = np.repeat(np.arange(12), 6)
+    x, arm = r.normal(size=72), (np.arange(12) % 2)[g] * 1.0
+    df = pd.DataFrame({"y": 1 + x + 0.5 * arm + r.normal(size=12)[g] + r.normal(size=72),
+                       "x": x, "arm": arm, "g": g})
+    spec = ModelSpec("y ~ x + arm", groups="g", re_formula="~arm")
+    for engine in ("fast", "statsmodels", "auto"):
+        res = mixedscale.fit(df, spec.replace(engine=engine))
+        assert res.fit["status"] == "not_converged", engine
+        assert not res.fit["hessian_pd"]
+        assert "not uniquely determined" in res.fit["error_message"]
+    many = pd.concat([df.assign(k=i) for i in range(4)])
+    out = fit_slices(many, many["k"].to_numpy(), spec, 4)
+    assert out is not None and out.fallback == [0, 1, 2, 3]  # none passes as verified
