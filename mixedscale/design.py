@@ -171,7 +171,10 @@ def _patsy_column(s: pd.Series) -> np.ndarray | pd.Categorical:
     if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s) or isinstance(
             s.dtype, pd.CategoricalDtype):
         if isinstance(s.dtype, pd.CategoricalDtype):
-            return s.array
+            # As R's model.frame for lme4 (drop.unused.levels): a level no row of this
+            # fit holds (a slice without it; a Parquet dictionary's full value list)
+            # would be an all-zero column, a rank-deficient design.
+            return s.array.remove_unused_categories()
         arr = s.to_numpy()
         # A nullable dtype may come out as objects: Python ints, which ** would let grow
         # without bound (formula.py bounds only constants).

@@ -522,3 +522,21 @@ def test_a_random_slope_on_a_between_group_covariate_is_flagged_not_ok() -> None
     many = pd.concat([df.assign(k=i) for i in range(4)])
     out = fit_slices(many, many["k"].to_numpy(), spec, 4)
     assert out is not None and out.fallback == [0, 1, 2, 3]  # none passes as verified
+
+
+def test_unused_levels_of_a_categorical_column_are_dropped_as_in_r() -> None:
+    """A pandas categorical (or a Parquet dictionary column read back as one) keeps
+    levels no row of a slice holds; patsy coded them as all-zero columns, so the
+    slice was an error, "rank deficient", where the same text column fits."""
+    r = np.random.default_rng(0)
+    g = np.repeat(np.arange(8), 6)
+    t = r.choice(["ctl", "drugA"], 48)
+    df = pd.DataFrame({"y": (t == "drugA") + r.normal(size=8)[g] + r.normal(size=48),
+                       "treat": t, "subj": g})
+    spec = ModelSpec("y ~ treat", groups="subj")
+    text = mixedscale.fit(df, spec)
+    cat = mixedscale.fit(df.assign(treat=pd.Categorical(t, categories=["ctl", "drugA",
+                                                                       "drugB"])), spec)
+    assert cat.fit["status"] == text.fit["status"] == "ok", cat.fit["error_message"]
+    assert cat.fit["llf"] == pytest.approx(text.fit["llf"], abs=1e-9)
+    assert list(cat.params["term"]) == list(text.params["term"])
