@@ -477,9 +477,11 @@ def build_tables(payload: TaskPayload, items: Sequence[FitItem], results: Sequen
     tidy: dict[str, dict[str, list[Any]]] = {"params": {}, "variance": {}}
     for item, r in zip(items, results, strict=True):
         key = payload.keys[item.slice]
+        # The planned spec's id, as the fit id has it: a run-wide engine override
+        # fits a copy of the spec (engine is in its id), but the rows are the user's.
         head = {"fit_id": item.fit_id, **dict(zip(payload.split_by, key, strict=True)),
-                "spec_id": r.fit["spec_id"]}
-        fits_rows.append({**head, **r.fit})
+                "spec_id": payload.specs[item.spec].spec_id}
+        fits_rows.append({**r.fit, **head})
         for name, frame in (("params", r.params), ("variance", r.variance)):
             n = len(frame)
             if n:
@@ -604,7 +606,8 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
         for name in ("fits", "params", "variance"):
             table = getattr(out, name)
             if table.num_rows:
-                frames[name] = [_keyed(table, payload, item_cols, spec)]
+                frames[name] = [_keyed(table, payload, item_cols,
+                                       payload.specs[task.items[idxs[0]].spec])]
         return [(idxs[j], one(idxs[j])) for j in out.fallback], frames
 
     def timeout_rows(idxs: list[int]) -> Chunk:

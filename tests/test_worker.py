@@ -190,3 +190,20 @@ def test_a_packed_payload_is_only_unpickled_where_it_runs(monkeypatch: pytest.Mo
         packed.unpack()
     monkeypatch.undo()
     assert pickle.loads(relayed).unpack() == payload
+
+
+@pytest.mark.parametrize("engine", ["fast", "statsmodels"])
+def test_an_engine_override_keeps_the_specs_own_spec_id(engine: str) -> None:
+    """The override fits a copy of each spec (engine is part of a spec's id); the rows
+    must carry the id of the spec the user made, or they join to nothing of theirs."""
+    df = make_genes(n_genes=6)
+    spec = ms.ModelSpec("y ~ time", groups="subject", name="ri")
+    src, plan = prepare(df, [spec], "gene", engine=engine)
+    run = _Run(plan, src, None, None, RunOptions(engine=engine))
+    tables = [run_task(run.payload(t), Loaded(src.read(plan.columns)[0], 0), None).tables
+              for t in plan.tasks]
+    fits = pd.concat([t["fits"].to_pandas() for t in tables if t])
+    assert set(fits["engine"]) == {engine}  # fitted by the override...
+    for name in ("fits", "params", "variance"):  # ...filed under the user's spec
+        ids = set().union(*(set(t[name].column("spec_id").to_pylist()) for t in tables if t))
+        assert ids == {spec.spec_id}, name
