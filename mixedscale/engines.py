@@ -349,8 +349,19 @@ def fit_statsmodels(d: Design, prob: Problem, Xs: np.ndarray, Zs: np.ndarray, ys
         model = MixedLM(ys, Xs, groups=d.group_codes, exog_re=exog_re,
                         exog_vc=vc or None, use_sqrt=True)
     n_re = 0 if exog_re is None else exog_re.shape[1]
+    # Count the log-likelihood's evaluations: MixedLMResults has no record of them
+    # (no mle_retvals), and the optimizers look model.loglike up on every call.
+    calls = [0]
+    loglike = model.loglike
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return loglike(*args, **kwargs)
+
+    model.loglike = counted  # type: ignore[method-assign]
     for method in optimizers:
         t0 = time.perf_counter()
+        calls[0] = 0
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -363,13 +374,11 @@ def fit_statsmodels(d: Design, prob: Problem, Xs: np.ndarray, Zs: np.ndarray, ys
                 cov_rel = np.diag(vcomp[: prob.q_re])
                 vcomp = vcomp[prob.q_re:]
             theta = prob.theta_from_cov(cov_rel, vcomp)
-            n_evals = int(getattr(res, "mle_retvals", {}).get("function_calls", 0) or 0) if \
-                isinstance(getattr(res, "mle_retvals", None), dict) else 0
-            att = _finish(prob, "statsmodels", method, theta, bool(res.converged), n_evals, t0,
+            att = _finish(prob, "statsmodels", method, theta, bool(res.converged), calls[0], t0,
                           "", [str(w.message) for w in caught])
         except (ValueError, np.linalg.LinAlgError, FloatingPointError, ZeroDivisionError) as exc:
             att = Attempt("statsmodels", method, prob.theta0.copy(), -np.inf, False, np.inf,
-                          False, False, 0, time.perf_counter() - t0,
+                          False, False, calls[0], time.perf_counter() - t0,
                           f"{type(exc).__name__}: {exc}")
         attempts.append(att)
         if att.verified:

@@ -540,3 +540,14 @@ def test_unused_levels_of_a_categorical_column_are_dropped_as_in_r() -> None:
     assert cat.fit["status"] == text.fit["status"] == "ok", cat.fit["error_message"]
     assert cat.fit["llf"] == pytest.approx(text.fit["llf"], abs=1e-9)
     assert list(cat.params["term"]) == list(text.params["term"])
+
+
+def test_statsmodels_attempts_count_their_evaluations() -> None:
+    """MixedLMResults keeps no evaluation count; a 0 in the record was made up."""
+    from .conftest import REFDATA
+
+    ss = pd.read_parquet(REFDATA / "sleepstudy.parquet")
+    res = mixedscale.fit(ss, ModelSpec("Reaction ~ Days", groups="Subject",
+                                       re_formula="~Days", engine="statsmodels"))
+    sm = [a for a in res.fit["attempts"] if a["engine"] == "statsmodels"]
+    assert sm and all(a["n_evals"] > 0 for a in sm)
