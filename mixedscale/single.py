@@ -271,12 +271,24 @@ def _variance_table(d: Design, spec: ModelSpec, prob: Problem, est: Estimates) -
         for i in range(q):
             for j in range(i + 1, q):
                 rows.append((g, d.z_names[i], d.z_names[j], "re", float(est.re_cov[i, j])))
+    vc = dict(d.vc)
     for k, name in enumerate(prob.vc_names):
-        rows.append((name, "Intercept", None, "vc", float(est.vc_var[k])))
+        rows.append((name, _vc_term(vc[name], (spec.vc_formula or {}).get(name, "")), None,
+                     "vc", float(est.vc_var[k])))
     rows.append(("Residual", None, None, "residual", est.sigma2))
     # Text columns typed as such, so a column of only None reads like the others.
     return pd.DataFrame(rows, columns=VARIANCE_COLUMNS).astype(
         dict.fromkeys(VARIANCE_COLUMNS[:4], pd.StringDtype(na_value=np.nan)))
+
+
+def _vc_term(M: np.ndarray, formula: str) -> str:
+    """What a variance component varies: "Intercept" when its columns are level
+    indicators (``0 + C(cask)``, lme4's ``(1 | batch:cask)``), else its formula's
+    terms (``0 + x`` is a slope on x, as lme4's ``(0 + x | g)``)."""
+    if M.size == 0 or (np.isin(M, (0.0, 1.0)).all() and (M.sum(axis=1) <= 1).all()):
+        return "Intercept"
+    terms = [t.strip() for t in formula.split("+")]
+    return " + ".join(t for t in terms if t not in ("0", "-1", "")) or formula
 
 
 def wald(beta: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -551,3 +551,14 @@ def test_statsmodels_attempts_count_their_evaluations() -> None:
                                        re_formula="~Days", engine="statsmodels"))
     sm = [a for a in res.fit["attempts"] if a["engine"] == "statsmodels"]
     assert sm and all(a["n_evals"] > 0 for a in sm)
+
+
+def test_a_slope_variance_component_is_labelled_by_its_covariate() -> None:
+    r = np.random.default_rng(0)
+    g = np.repeat(np.arange(20), 10)
+    x = r.normal(size=200)
+    df = pd.DataFrame({"y": x + r.normal(size=20)[g] * x + r.normal(size=200), "x": x, "g": g})
+    res = mixedscale.fit(df, ModelSpec("y ~ x", groups="g", vc_formula={"xs": "0 + x"}))
+    v = res.variance.set_index("kind")
+    assert v.loc["vc", "group"] == "xs" and v.loc["vc", "term1"] == "x"
+    assert v.loc["re", "term1"] == "Intercept"
