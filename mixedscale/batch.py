@@ -644,6 +644,8 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
         prob = problem(idx)
         th, conv, n_evals = newton(prob, maxiter=min(spec.maxiter, 50))
         dev, gmax, hpd = verify(prob, th)
+        first = (dev.copy(), gmax.copy(), hpd.copy())  # the first Newton's optimum
+        restarted = np.zeros(idx.size, dtype=bool)
         singular_s: np.ndarray = np.asarray((th[:, np.isfinite(prob.lower)] < 1e-4).any(axis=1))
         # The deviance may have several local optima (an interior one below a boundary
         # one, or the reverse): restart from other starting points and keep the lowest
@@ -689,6 +691,7 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
                 at += g.size
                 better = ok2[sl_] & (dev2[sl_] < dev[g] - 1e-9)
                 j, b = g[better], np.flatnonzero(better) + sl_.start
+                restarted[j] = True
                 th[j], dev[j], gmax[j], hpd[j], singular_s[j] = (th2[b], dev2[b], g2[b],
                                                                    h2[b], s2[b])
         verified = conv & np.isfinite(dev) & (gmax <= GRAD_TOL) & (hpd | singular_s)
@@ -701,28 +704,61 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
             fit_cols, params, variance = out
             # Seconds per fit, tidy rows included (as fit() counts them).
             per_fit = (time.perf_counter() - t0) / max(len(idx), 1)
-            fits = _fits_table(fit_cols, per_fit, n_evals)
+            # A fit a restart moved records the first optimum too, as fit()'s attempts
+            # do; the deviance is -2 llf plus a constant per slice.
+            r = restarted[ok]
+            fit_cols["method"] = np.where(r, "newton-multistart", "newton-batch")
+            fit_cols["n_attempts"] = 1 + r.astype(np.int64)
+            llf = np.asarray(fit_cols["llf"], dtype=float)
+            fits = _fits_table(fit_cols, per_fit, n_evals, restarted=(
+                r, llf + (dev[ok] - first[0][ok]) / 2, first[1][ok], first[2][ok]))
     return BatchOutput(fits=fits if fits is not None else FIT_SCHEMA.empty_table(),
                        params=pa.concat_tables(params) if params else pa.table({}),
                        variance=pa.concat_tables(variance) if variance else pa.table({}),
                        fallback=sorted(fallback))
 
 
-def _fits_table(cols: dict[str, Any], per_fit: float, n_evals: int) -> pa.Table:
-    """The batch's fit rows, built column by column (store.FIT_SCHEMA plus ``_slice``)."""
+def _fits_table(cols: dict[str, Any], per_fit: float, n_evals: int,
+                restarted: tuple[np.ndarray, ...] | None = None) -> pa.Table:
+    """The batch's fit rows, built column by column (store.FIT_SCHEMA plus ``_slice``).
+
+    ``restarted``: (mask, llf, grad_max, hessian_pd) of each fit's first optimum, listed
+    before the kept one in ``attempts`` where a restart beat it."""
     F = len(cols["_slice"])
     one = np.arange(F + 1, dtype=np.int32)
     seconds = np.full(F, per_fit)
+    method = np.broadcast_to(np.asarray(cols.get("method", "newton-batch"), dtype=object), F)
+    llf = np.asarray(cols["llf"], dtype=float)
+    gm = np.asarray(cols["grad_max"], dtype=float)
+    hp = np.asarray(cols["hessian_pd"], dtype=bool)
+    if restarted is not None and restarted[0].any():
+        r = restarted[0]
+        ri = np.flatnonzero(r)
+        # entries: each restarted fit's first optimum, then every fit's kept one
+        where = np.arange(F) + np.cumsum(r)  # the kept entry's position
+        n = F + ri.size
+        first_at = where[ri] - 1
+        def merged(kept: np.ndarray, earlier: np.ndarray) -> np.ndarray:
+            out = np.empty(n, dtype=kept.dtype)
+            out[where], out[first_at] = kept, earlier
+            return out
+        e_method = merged(method.astype(object), np.full(ri.size, "newton-batch", dtype=object))
+        e_llf = merged(llf, restarted[1][ri])
+        e_gm = merged(gm, restarted[2][ri])
+        e_hp = merged(hp, restarted[3][ri])
+        offsets = np.r_[0, np.cumsum(1 + r)].astype(np.int32)
+    else:
+        n, e_method, e_llf, e_gm, e_hp, offsets = F, method, llf, gm, hp, one
     attempt = pa.StructArray.from_arrays(
-        [pa.array(["fast"] * F), pa.array(["newton-batch"] * F), pa.array(cols["llf"]),
-         pa.array(np.ones(F, dtype=bool)), pa.array(cols["grad_max"]),
-         pa.array(cols["hessian_pd"]), pa.array(np.full(F, n_evals, dtype=np.int64)),
-         pa.array(seconds), pa.array([""] * F)],
+        [pa.array(["fast"] * n), pa.array(list(e_method), type=pa.string()), pa.array(e_llf),
+         pa.array(np.ones(n, dtype=bool)), pa.array(e_gm),
+         pa.array(e_hp), pa.array(np.full(n, n_evals, dtype=np.int64)),
+         pa.array(np.full(n, per_fit)), pa.array([""] * n)],
         fields=list(FIT_SCHEMA.field("attempts").type.value_type))
     sing = np.asarray(cols["singular"], dtype=bool)
     th = np.asarray(cols.pop("theta"))
     cols.update(
-        attempts=pa.ListArray.from_arrays(pa.array(one), attempt),
+        attempts=pa.ListArray.from_arrays(pa.array(offsets), attempt),
         theta=pa.ListArray.from_arrays(pa.array(one * th.shape[1]), pa.array(th.ravel())),
         warnings=pa.ListArray.from_arrays(
             pa.array(np.r_[0, np.cumsum(sing)].astype(np.int32)),

@@ -225,6 +225,13 @@ def test_batch_restarts_reach_the_highest_optimum(data: pd.DataFrame, spec: ms.M
     np.testing.assert_allclose(fits["llf"], llf, atol=1e-5)
     assert (fits["singular"] == singular).all()
     assert ms.fit(data, spec).fit["llf"] == pytest.approx(llf, abs=1e-5)  # one answer
+    # Every attempt on record: the first Newton's lower optimum, then the restart's.
+    for _, f in fits.iterrows():
+        att = list(f["attempts"])
+        assert f["method"] == "newton-multistart" and f["n_attempts"] == len(att) == 2
+        assert [a["method"] for a in att] == ["newton-batch", "newton-multistart"]
+        assert att[1]["llf"] == pytest.approx(f["llf"], abs=1e-12)
+        assert att[0]["llf"] < f["llf"] - 1e-6
 
 
 def test_batch_leaves_interpolating_designs_to_fit() -> None:
