@@ -70,7 +70,7 @@ class FitResult:
 
 def _empty_record(spec: ModelSpec) -> dict[str, Any]:
     rec: dict[str, Any] = dict.fromkeys(FIT_COLUMNS)
-    rec.update(spec_id=spec.spec_id, spec_name=spec.label, converged=False, singular=False,
+    rec.update(spec_id=spec.spec_id, spec_name=spec.label, converged=False, singular=None,
                n_attempts=0, attempts=[], warnings=[], n_dropped=0, n_obs=0, n_groups=0)
     rec.update(versions())
     return rec
