@@ -91,6 +91,15 @@ class ModelSpec:
                         "vc_formula must map a non-empty name to a formula string, e.g. "
                         f"{{'plot': '0 + C(plot)'}}; got (vc_formula={dict(self.vc_formula)!r})"
                     )
+            for k in self.vc_formula:
+                # The variance table's group column names each component beside the
+                # groups column and "Residual": a shared name would make two rows alike.
+                if k == "Residual" or k == self.groups:
+                    raise SpecError(
+                        f"a variance component cannot be named {k!r}, the name of the "
+                        f"{'residual' if k == 'Residual' else 'groups column'}'s variance "
+                        f"rows; rename it, e.g. {k + '_vc'!r}; got "
+                        f"(vc_formula={dict(self.vc_formula)!r})")
             for k, v in sorted(self.vc_formula.items()):
                 text = v.strip().lstrip("~").strip()
                 pf = parse_formula(text, role=f"vc_formula[{k!r}]")

@@ -316,3 +316,9 @@ def test_unique_specs_rejects_same_model() -> None:
     assert unique_specs(ok) == ok
     with pytest.raises(SpecError, match="must be ModelSpec"):
         unique_specs([{"formula": "y ~ x"}])
+
+
+@pytest.mark.parametrize("name", ["Residual", "batch"])
+def test_a_variance_component_named_like_another_variance_row_is_refused(name: str) -> None:
+    with pytest.raises(SpecError, match=rf"cannot be named {name!r}.*got \(vc_formula="):
+        ModelSpec("y ~ 1", groups="batch", vc_formula={name: "0 + C(cask)"})
