@@ -149,7 +149,10 @@ def prepare(data: Any, specs: ModelSpec | Sequence[ModelSpec], split_by: Sequenc
         if isinstance(s, ModelSpec):
             hint.extend(s.columns)
     src = open_source(data, filter=filter, columns_hint=hint)
-    return src, make_plan(src, spec_list, split, engine)
+    plan = make_plan(src, spec_list, split, engine)
+    for f, why in src.bad_files.items():  # one line each, from every entry point
+        log.warning("unreadable input file left out of the run: %s: %s", f, why)
+    return src, plan
 
 
 @contextlib.contextmanager

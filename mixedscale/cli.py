@@ -238,16 +238,13 @@ def validate(job_file: Annotated[Path, typer.Argument(metavar="JOB.yaml")]) -> N
             from .cluster import load_cluster_config
 
             _security(None, None, None, load_cluster_config(job.cluster.config))
-        src, plan = prepare(job.data.path, job.specs(), job.data.split_by, job.data.filter,
+        _, plan = prepare(job.data.path, job.specs(), job.data.split_by, job.data.filter,
                             job.fit.engine, job.store)
     except MixedscaleError as exc:
         raise _exit_for(exc) from None
     d = plan.describe()
     typer.echo(f"ok: {d['n_fits']} fits ({d['n_slices']} slices x {d['n_specs']} specs) in "
                f"{d['n_tasks']} tasks; columns {', '.join(d['columns'])}")
-    if src.bad_files:
-        for f, why in src.bad_files.items():
-            typer.echo(f"warning: unreadable file left out: {f}: {why}", err=True)
 
 
 @app.command("fit")

@@ -621,6 +621,11 @@ def read_split_keys(src: Source, split_by: Sequence[str], extra: Sequence[str] =
         f = to_frame(agg, split_by).rename(columns={"count_all": "_rows"})
         f["_rg"] = k
         frames.append(f)
+    # A file with one unreadable row group is left out whole: its readable ones would
+    # make slices of part of their rows, fitted and stored as if complete.
+    rgs = src.row_groups
+    frames = [f for f in frames
+              if not len(f) or rgs[int(f["_rg"].iloc[0])].file not in src.bad_files]
     if not frames:
         return pd.DataFrame(columns=[*split_by, "_rows", "_rg"]), nbytes
     return pd.concat(frames, ignore_index=True), nbytes

@@ -354,3 +354,30 @@ def test_cluster_size_with_an_existing_cluster_is_refused() -> None:
         with pytest.raises(SpecError, match=rf"sizes the embedded cluster; with scheduler= "
                            rf"the cluster is already there.*got \(scheduler=\.\.\., {shown}\)"):
             ms.fit_many(_frame(), SPEC, scheduler="tcp://127.0.0.1:1", **kw)
+
+
+def test_a_file_with_an_unreadable_split_column_page_is_left_out_whole(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its readable row groups made slices of part of their rows, fitted and stored as
+    "ok" with no word said; the file is left out whole, with one warning line."""
+    from .conftest import make_genes
+
+    d = tmp_path / "data"
+    d.mkdir()
+    df = make_genes(n_genes=4).sort_values(["gene", "subject", "time"])
+    two = df[df["gene"].isin(["g000", "g001"])]
+    two.to_parquet(d / "bad.parquet", index=False, row_group_size=len(two) // 4,
+                   compression=None)
+    df[df["gene"].isin(["g002", "g003"])].to_parquet(d / "good.parquet", index=False)
+    cc = pq.ParquetFile(d / "bad.parquet").metadata.row_group(0).column(0)  # gene, rg 0
+    off = cc.dictionary_page_offset or cc.data_page_offset
+    raw = bytearray((d / "bad.parquet").read_bytes())
+    raw[off:off + 8] = b"\xff" * 8
+    (d / "bad.parquet").write_bytes(bytes(raw))
+    with caplog.at_level("WARNING", logger="mixedscale"):
+        src, plan = api.prepare(str(d), [ms.ModelSpec("y ~ time", groups="subject")], "gene")
+    assert [s.key for s in plan.slices] == [("g002",), ("g003",)]
+    assert list(src.bad_files) == [str(d / "bad.parquet")]
+    assert [r.getMessage() for r in caplog.records].count(
+        f"unreadable input file left out of the run: {d / 'bad.parquet'}: "
+        f"{src.bad_files[str(d / 'bad.parquet')]}") == 1
