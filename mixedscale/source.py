@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,7 +179,7 @@ class Source:
             raise CorruptFile(f, f"cannot read Parquet file {f!r}: {one_line(exc)}") from None
         for k, v in part.items():
             if k in columns:
-                t = t.append_column(k, pa.array([v] * t.num_rows))
+                t = t.append_column(k, _partition_column(k, v, t.num_rows, self.schema))
         t = t.select([c for c in dict.fromkeys(columns) if c in t.column_names])
         return _decode_mixed_dictionaries(t, self.schema)
 
@@ -407,14 +408,29 @@ def open_source(data: Any, *, filter: Any = None, columns_hint: Sequence[str] = 
     return src
 
 
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # pyarrow's, Spark's and Hive's missing value
+
+
+def _hive_segments(f: str, base: str) -> list[tuple[str, str | None]]:
+    """A file's ``key=value`` folders, values URL-decoded (as pyarrow, DuckDB and Spark
+    write and read them: ``north%20site`` is "north site"), the null marker as None."""
+    out: list[tuple[str, str | None]] = []
+    for seg in f[len(base):].strip("/").split("/")[:-1]:
+        if "=" in seg:
+            k, v = seg.split("=", 1)
+            out.append((urllib.parse.unquote(k),
+                        None if v == HIVE_NULL else urllib.parse.unquote(v)))
+    return out
+
+
 def _discover_partitions(files: list[str], base: str) -> pa.Schema:
     """Hive ``key=value`` folders below ``base``; ints, then floats, else strings."""
     values: dict[str, list[str]] = {}
     for f in files:
-        for seg in f[len(base):].strip("/").split("/")[:-1]:
-            if "=" in seg:
-                k, v = seg.split("=", 1)
-                values.setdefault(k, []).append(v)
+        for k, v in _hive_segments(f, base):
+            values.setdefault(k, [])
+            if v is not None:
+                values[k].append(v)
     fields_ = []
     for k, vs in values.items():
         typ = pa.string()
@@ -425,7 +441,7 @@ def _discover_partitions(files: list[str], base: str) -> pa.Schema:
                 continue
             typ = cand
             break
-        fields_.append(pa.field(k, typ))
+        fields_.append(pa.field(k, typ if vs else pa.string()))
     return pa.schema(fields_)
 
 
@@ -485,16 +501,20 @@ def lists_under(data: str, path: str) -> bool:
 def _partition_values(f: str, part_schema: pa.Schema, root: str) -> tuple[tuple[str, Any], ...]:
     vals: list[tuple[str, Any]] = []
     names = set(part_schema.names)
-    for seg in f[len(root):].strip("/").split("/")[:-1]:
-        if "=" in seg:
-            k, v = seg.split("=", 1)
-            if k in names:
-                typ = part_schema.field(k).type
-                try:
-                    vals.append((k, pa.scalar(v).cast(typ).as_py()))
-                except (pa.ArrowException, ValueError):
-                    vals.append((k, v))
+    for k, v in _hive_segments(f, root):
+        if k in names:
+            typ = part_schema.field(k).type
+            try:
+                vals.append((k, None if v is None else pa.scalar(v).cast(typ).as_py()))
+            except (pa.ArrowException, ValueError):
+                vals.append((k, v))
     return tuple(vals)
+
+
+def _partition_column(name: str, value: Any, n: int, schema: pa.Schema) -> pa.Array:
+    """A hive partition's value as a column of its rows, typed as the dataset has it."""
+    typ = schema.field(name).type if name in schema.names else None
+    return pa.array([value] * n, type=typ)
 
 
 def _scan_footers(src: Source, fs: Any, files: list[str], part_schema: pa.Schema, root: str,
@@ -516,6 +536,12 @@ def _scan_footers(src: Source, fs: Any, files: list[str], part_schema: pa.Schema
             log.warning("skipping unreadable Parquet file %s: %s", f, one_line(exc))
             continue
         schema = md.schema.to_arrow_schema()
+        clash = [n for n in part_schema.names if n in schema.names]
+        if clash:
+            raise DataError(
+                f"column {clash[0]!r} is both a hive partition folder ({clash[0]}=...) and a "
+                f"column inside {f!r}; rename one of them, or point at files of one "
+                "partition")
         for name in schema.names:
             typ = schema.field(name).type
             typ = pa.string() if pa.types.is_large_string(typ) else typ
@@ -609,7 +635,7 @@ def read_split_keys(src: Source, split_by: Sequence[str], extra: Sequence[str] =
             continue
         for c, v in part.items():
             if c in cols:
-                t = t.append_column(c, pa.array([v] * t.num_rows))
+                t = t.append_column(c, _partition_column(c, v, t.num_rows, src.schema))
         t = _decode_mixed_dictionaries(t, src.schema)
         if expr is not None:
             t = t.filter(expr)

@@ -381,3 +381,41 @@ def test_a_file_with_an_unreadable_split_column_page_is_left_out_whole(
     assert [r.getMessage() for r in caplog.records].count(
         f"unreadable input file left out of the run: {d / 'bad.parquet'}: "
         f"{src.bad_files[str(d / 'bad.parquet')]}") == 1
+
+
+def _hive(tmp_path: Path, values: dict[int, Any]) -> Path:
+    from .conftest import make_genes
+
+    df = make_genes(n_genes=6)
+    df["site"] = (df["gene"].str[1:].astype(int) % 3).map(values)
+    root = tmp_path / "hive"
+    pq.write_to_dataset(pa.Table.from_pandas(df, preserve_index=False), str(root),
+                        partition_cols=["site"])
+    return root
+
+
+def test_hive_partitions_read_as_pyarrow_writes_them(tmp_path: Path) -> None:
+    """pyarrow writes a missing value as __HIVE_DEFAULT_PARTITION__ (every fit failed on
+    a string in an int column) and URL-encodes values (keys were stored encoded)."""
+    spec = ms.ModelSpec("y ~ time", groups="subject")
+    root = _hive(tmp_path / "a", {0: 0, 1: 1, 2: None})
+    src, plan = api.prepare(str(root), [spec], "site")
+    assert [s.key for s in plan.slices] == [(0,), (1,), (None,)]
+    df, _ = src.read(plan.columns, split_by=["site"])
+    assert str(df["site"].dtype) == "Int64" and df["site"].isna().sum() == len(df) // 3
+    root = _hive(tmp_path / "b", {0: "north site", 1: "south/east", 2: "x"})
+    src, plan = api.prepare(str(root), [spec], "site")
+    assert sorted(s.key[0] for s in plan.slices) == ["north site", "south/east", "x"]
+    df, _ = src.read(plan.columns, split_by=["site"])
+    assert set(df["site"]) == {"north site", "south/east", "x"}
+
+
+def test_a_column_both_in_the_folders_and_the_files_is_refused(tmp_path: Path) -> None:
+    from .conftest import make_genes
+
+    df = make_genes(n_genes=2)
+    df["site"] = 7
+    (tmp_path / "site=a").mkdir()
+    df.to_parquet(tmp_path / "site=a" / "d.parquet", index=False)
+    with pytest.raises(DataError, match="column 'site' is both a hive partition folder"):
+        api.prepare(str(tmp_path), [ms.ModelSpec("y ~ time", groups="subject")], "site")
