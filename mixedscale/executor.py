@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import DataError, RunIncomplete, StoreError
+from .errors import DataError, RunIncomplete, StoreError, one_line
 from .plan import Plan, Task, task_key
 from .single import versions
 from .source import CorruptFile, Source
@@ -619,6 +619,9 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
         state, message = "interrupted", ("interrupted by the user; rerun the job to resume "
                                           "(committed fits are kept)")
         raise RunIncomplete(message) from None
+    except BaseException as exc:  # a bug, or a failure not foreseen: never "complete"
+        state, message = "failed", f"{type(exc).__name__}: {one_line(exc)}"
+        raise
     finally:
         beat.stop()
         bar.close()

@@ -337,3 +337,20 @@ def test_resume_after_a_killed_driver_matches_an_uninterrupted_run(tmp_path: Pat
     _same_estimates(a.params(), b.params(), ["fit_id", "term"], rtol=1e-10)
     _same_estimates(a.variance(), b.variance(), ["fit_id", "group", "term1", "term2"],
                     rtol=1e-10)
+
+
+def test_a_run_that_crashes_unforeseen_is_not_recorded_complete(
+        cluster_client: Any, genes_parquet: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import mixedscale.executor as ex
+
+    def boom(*a: Any, **k: Any) -> bool:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ex, "_handle", boom)
+    store = tmp_path / "store"
+    with pytest.raises(RuntimeError, match="boom"):
+        ms.fit_many(str(genes_parquet), [RI], split_by="gene", store=str(store),
+                    client=cluster_client, progress=False)
+    [m] = manifests(store)
+    assert m["state"] == "failed" and m["message"] == "RuntimeError: boom"
