@@ -494,7 +494,8 @@ def pending(plan: Plan, store: Store | None) -> Resume:
     A committed part that cannot be read (its fit ids, or its task's params or
     variance footers: ``Store.unreadable_parts``) would be skipped forever and fail
     every reader: it is set aside (``Store.set_aside``) and its fits count as missing.
-    This plan's own parts are checked thus; other parts as their fit ids are read."""
+    This plan's own parts are checked thus; other parts as their fit ids are read, and
+    those holding planned fits by their params and variance footers too."""
     if store is None:
         return Resume(list(plan.tasks), 0, None)
     done = store.committed_parts()
@@ -507,9 +508,16 @@ def pending(plan: Plan, store: Store | None) -> Resume:
         planned = pa.array(plan.fit_ids(), type=pa.string())
         for name, ids in store.part_fit_ids(foreign, unreadable=bad).items():
             hit = ids.filter(pc.is_in(ids, value_set=planned))
-            if len(hit):
-                parts.add(name)
-                done_ids.update(hit.to_pylist())
+            if not len(hit):
+                continue
+            # Its fits count only with their rows: params and variance footers checked
+            # as for this plan's own parts (an earlier packing's damage was kept forever).
+            why = store.side_problem(name)
+            if why is not None:
+                bad[name] = why
+                continue
+            parts.add(name)
+            done_ids.update(hit.to_pylist())
     for name, why in sorted(bad.items()):
         store.set_aside(name, why)
     done -= bad.keys()

@@ -522,6 +522,11 @@ class Store:
             self._fit_id_column(name)
         except (OSError, pa.ArrowException) as exc:
             return f"{self.path('fits', f'part-{name}.parquet')} ({one_line(exc)})"
+        return self.side_problem(name)
+
+    def side_problem(self, name: str) -> str | None:
+        """Which of a committed task's params and variance parts cannot be read (its
+        footer) and why, or None."""
         for t in ("params", "variance"):
             f = self.path(t, f"part-{name}.parquet")
             try:

@@ -340,7 +340,8 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])  # a torn copy: no footer
 
 
-@pytest.mark.parametrize("damaged", ["fits", "params", "variance", "old_packing"])
+@pytest.mark.parametrize("damaged", ["fits", "params", "variance", "old_packing",
+                                     "old_packing_params"])
 def test_an_unreadable_committed_part_is_set_aside_and_refitted(
         tmp_path: Path, damaged: str, caplog: pytest.LogCaptureFixture) -> None:
     """A committed task with an unreadable part was skipped on every resume (its fits
@@ -351,7 +352,7 @@ def test_an_unreadable_committed_part_is_set_aside_and_refitted(
     root, store = _store(tmp_path)
     src, plan = prepare(df, [RI], "gene", engine="statsmodels")
     assert len(plan.tasks) >= 2
-    if damaged == "old_packing":  # a part this plan matches by fit id, not by name
+    if damaged.startswith("old_packing"):  # a part this plan matches by fit id, not name
         _, old = prepare(df, [RI], "gene")
         _commit(old, src, store, old.tasks[:1])
         victim = old.tasks[0]
@@ -361,7 +362,7 @@ def test_an_unreadable_committed_part_is_set_aside_and_refitted(
     else:
         _commit(plan, src, store, plan.tasks)
         victim = plan.tasks[0]
-    table = "fits" if damaged == "old_packing" else damaged
+    table = {"old_packing": "fits", "old_packing_params": "params"}.get(damaged, damaged)
     bad = root / table / f"part-{victim.key}.parquet"
     _truncate(bad)
 
