@@ -15,6 +15,7 @@ __all__ = [
     "RunIncomplete",
     "SpecError",
     "StoreError",
+    "StoreUnusable",
     "one_line",
     "suggest",
 ]
@@ -42,6 +43,13 @@ class StoreError(MixedscaleError):
     """The results store cannot be read or written."""
 
     exit_code = 3
+
+
+class StoreUnusable(StoreError):
+    """The store's URL names nothing this installation can open (an unknown protocol, a
+    backend not installed): a configuration error, which no rerun can mend."""
+
+    exit_code = 2
 
 
 class RunIncomplete(MixedscaleError):

@@ -396,10 +396,12 @@ def open_source(data: Any, *, filter: Any = None, columns_hint: Sequence[str] = 
     path = str(data if not isinstance(data, bytes) else data.decode())
     try:
         fs, root = fsspec.core.url_to_fs(path)
-    except (ImportError, ValueError) as exc:
-        raise DataError(f"cannot open {path!r}: {exc}; is its fsspec backend installed?"
-                        ) from None
-    files = _list_files(fs, root, path)
+        files = _list_files(fs, root, path)
+    except (ImportError, ValueError, OSError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"cannot open {path!r}: {type(exc).__name__}: {one_line(exc)}; "
+                        "check the URL and that its fsspec backend is installed") from None
     part_schema = _discover_partitions(files, _base_dir(fs, root))
     part_cols = [f.name for f in part_schema]
     src = Source(path=path, frame=None, fs=fs, files=files, schema=pa.schema([]),

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import SpecError, StoreError, one_line
+from .errors import SpecError, StoreError, StoreUnusable, one_line
 
 __all__ = ["FIT_SCHEMA", "Store", "open_store"]
 
@@ -263,8 +263,12 @@ class Store:
         self.url = os.fspath(url).rstrip("/")
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        except (ImportError, ValueError) as exc:
-            raise StoreError(f"cannot open store {self.url!r}: {exc}") from None
+        except (ImportError, ValueError) as exc:  # unknown protocol, backend missing
+            raise StoreUnusable(f"cannot open store {self.url!r}: {one_line(exc)}; check "
+                                "the URL and that its fsspec backend is installed") from None
+        except OSError as exc:  # the filesystem refused or failed to connect
+            raise StoreError(f"cannot open store {self.url!r}: {type(exc).__name__}: "
+                             f"{one_line(exc)}") from None
         self.local = "file" in protocols(self.fs)
         self._schemas: dict[str, pa.Schema] = {}  # committed fits part -> its schema
 

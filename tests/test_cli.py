@@ -458,3 +458,18 @@ def test_a_grid_with_optimizers_points_to_the_fit_section(tmp_path: Path) -> Non
                                           "maxiter": 50})
     code, _, err = invoke(["validate", str(job)])
     assert code == 2 and "unknown key 'grid.maxiter'" in err and "(fit.maxiter)" in err, err
+
+
+@pytest.mark.parametrize(("cmd", "expect"), [
+    (["show", "foo://x"], "cannot open store 'foo://x': Protocol not known: foo"),
+    (["fit", "foo://d.parquet", "--formula", "y ~ x", "--groups", "g"],
+     "cannot open 'foo://d.parquet'"),
+    (["fit", "ftp://127.0.0.1:1/d.parquet", "--formula", "y ~ x", "--groups", "g"],
+     "ConnectionRefusedError"),
+])
+def test_an_unusable_url_is_one_line_and_exit_2(cmd: list[str], expect: str) -> None:
+    """An unknown protocol or a missing backend is a configuration error (exit 2, which
+    a cluster's job controller does not retry), never a traceback."""
+    code, _, err = invoke(cmd)
+    assert code == 2, err
+    assert err.startswith("error: ") and expect in err and "Traceback" not in err, err
