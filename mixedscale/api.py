@@ -264,7 +264,7 @@ def fit_many(
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(
             timeout, (int, float)) or not timeout > 0):
         raise SpecError(f"timeout must be a positive number of seconds; got (timeout={timeout!r})")
-    _check_cluster_args(client, scheduler, workers, memory_limit)
+    _check_cluster_args(client, scheduler, workers, memory_limit, security)
     with long_lived_frozen():
         st = Store(store) if store is not None else None
         src, plan = prepare(data, specs, split_by, filter, engine, store)
@@ -297,7 +297,8 @@ def fit_many(
         return result
 
 
-def _check_cluster_args(client: Any, scheduler: Any, workers: Any, memory_limit: Any) -> None:
+def _check_cluster_args(client: Any, scheduler: Any, workers: Any, memory_limit: Any,
+                        security: Any = None) -> None:
     """Wrong cluster arguments fail here, before planning, not in Dask."""
     given = {k: v for k, v in (("workers", workers), ("memory_limit", memory_limit))
              if v is not None}
@@ -318,6 +319,17 @@ def _check_cluster_args(client: Any, scheduler: Any, workers: Any, memory_limit:
         if not isinstance(scheduler, str) or ":" not in scheduler:
             raise SpecError("scheduler must be an address such as 'tcp://host:8786'; "
                             f"got (scheduler={scheduler!r})")
+        if scheduler.startswith("tls://") and security is None:
+            from distributed.security import Security
+
+            # Without certificates (here or in Dask's config) Dask fails deep in a
+            # connect with a TypeError about ssl_context.
+            if not Security().get_connection_args("client").get("ssl_context"):
+                raise SpecError(
+                    "a tls:// scheduler needs the client's certificates: pass security= "
+                    "(distributed.security.Security), or --tls-ca-file, --tls-cert and "
+                    "--tls-key on the CLI, or set them in Dask's config "
+                    f"(distributed.comm.tls); got (scheduler={scheduler!r}, security=None)")
         return
     from .cluster import parse_cluster_config
 

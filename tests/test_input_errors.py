@@ -419,3 +419,9 @@ def test_a_column_both_in_the_folders_and_the_files_is_refused(tmp_path: Path) -
     df.to_parquet(tmp_path / "site=a" / "d.parquet", index=False)
     with pytest.raises(DataError, match="column 'site' is both a hive partition folder"):
         api.prepare(str(tmp_path), [ms.ModelSpec("y ~ time", groups="subject")], "site")
+
+
+def test_a_tls_scheduler_without_certificates_is_refused_before_connecting() -> None:
+    with pytest.raises(SpecError, match=r"a tls:// scheduler needs the client's certificates"
+                       r".*got \(scheduler='tls://127.0.0.1:1', security=None\)"):
+        ms.fit_many(_frame(), SPEC, scheduler="tls://127.0.0.1:1")
