@@ -20,10 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import SpecError, suggest, yaml_problem
+from .errors import SpecError, read_yaml, suggest
 
 if TYPE_CHECKING:
     from distributed import SpecCluster
@@ -314,12 +313,7 @@ def load_cluster_config(path: str) -> ClusterConfig:
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"cluster config file not found; got (path={str(path)!r})")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML {yaml_problem(exc)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cluster config cannot be read: {exc}; got (path={str(path)!r})") from None
+    data = read_yaml(p, str(path))
     return parse_cluster_config(data, source=str(path), base_dir=p.parent)
 
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 __all__ = [
     "DataError",
@@ -98,3 +102,46 @@ def yaml_problem(exc: Exception) -> str:
     problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
     context = getattr(exc, "context", None)
     return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load (no Python tags), refusing a key given twice: YAML would keep the
+    last silently, so ``store:`` written twice ran with whichever came second."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader words that error
+                break
+            if dup:
+                raise _DuplicateKey(f"gives key {key!r} twice (at line "
+                                    f"{key_node.start_mark.line + 1}); keep one")
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, where: str) -> Any:
+    """A job or cluster file's YAML; SpecError naming ``where`` for any problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                        "save it as UTF-8") from None
+    except OSError as exc:
+        raise SpecError(f"{where} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as exc:
+        raise SpecError(f"{where} {exc}") from None
+    except yaml.constructor.ConstructorError as exc:
+        raise SpecError(f"{where} is not valid YAML for mixedscale (tags such as "
+                        f"!!python/... are refused): {yaml_problem(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{where} is not valid YAML {yaml_problem(exc)}") from None

@@ -10,10 +10,9 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
-from .errors import SpecError, suggest, yaml_problem
+from .errors import SpecError, read_yaml, suggest
 from .spec import ModelSpec, grid
 
 __all__ = ["Job", "job_schema", "load_job"]
@@ -194,19 +193,7 @@ def load_job(path: str | os.PathLike[str], overrides: dict[str, Any] | None = No
     """Read and validate a job file. Raises SpecError naming the file and the bad key."""
     p = Path(path)
     where = f"job file {str(path)!r}"
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise SpecError(f"{where} cannot be read: {exc.strerror or exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.constructor.ConstructorError as exc:
-        # safe_load refuses python/* tags: nothing in a job file can construct objects.
-        raise SpecError(f"{where} is not valid YAML for a job "
-                        f"(tags such as !!python/... are refused): {yaml_problem(exc)}"
-                        ) from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{where} is not valid YAML {yaml_problem(exc)}") from None
+    raw = read_yaml(p, where)
     if not isinstance(raw, dict):
         raise SpecError(f"{where} must be a mapping with `data` and `models`; "
                         f"got ({type(raw).__name__})")

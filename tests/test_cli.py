@@ -473,3 +473,19 @@ def test_an_unusable_url_is_one_line_and_exit_2(cmd: list[str], expect: str) -> 
     code, _, err = invoke(cmd)
     assert code == 2, err
     assert err.startswith("error: ") and expect in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("text", "expect"), [
+    (b'data: {path: "\xff\xfe"}\n', "is not UTF-8 text"),
+    (b"store: a\nstore: b\n", "gives key 'store' twice (at line 2); keep one"),
+])
+def test_job_and_cluster_files_share_one_strict_yaml_reader(tmp_path: Path, text: bytes,
+                                                            expect: str) -> None:
+    """A non-UTF-8 job file was a traceback; a key given twice was taken silently."""
+    for cmd, name in ((["validate"], "job.yaml"), (["run", "--cluster-config"], "c.yaml")):
+        f = tmp_path / name
+        f.write_bytes(text)
+        args = [*cmd, str(f)] if name == "job.yaml" else [
+            "run", str(_job(tmp_path)), "--cluster-config", str(f)]
+        code, _, err = invoke(args)
+        assert code == 2 and err.startswith("error: ") and expect in err, err
