@@ -173,41 +173,36 @@ def run(
                             f"got (timeout={timeout!r})")
         job = load_job(job_file, {"store": store})
         _require_store(job)
-        kind = (cluster.value if cluster else job.cluster.kind)
-        cfg_path = cluster_config or (Path(job.cluster.config) if job.cluster.config else None)
-        ccfg = None
-        if cfg_path is not None:
-            from .cluster import load_cluster_config
-
-            ccfg = load_cluster_config(str(cfg_path))
-            kind = cluster.value if cluster else ccfg.kind
+        kind, ccfg = _cluster_of(job, cluster, cluster_config, scheduler)
         security = _security(tls_ca_file, tls_cert, tls_key, ccfg)
         opts.job = job.model_dump(mode="json")
         opts.read_back = False  # the summary and --fail-on need the status counts alone
         opts.progress = False if quiet else None
         client = None
         jq = None
-        if kind in ("slurm", "pbs") and not (scheduler or job.cluster.address):
+        if kind in ("slurm", "pbs") and ccfg is not None \
+                and not (scheduler or job.cluster.address):
             from distributed import Client
 
-            from .cluster import make_cluster, parse_cluster_config, with_overrides
+            from .cluster import make_cluster
 
-            ccfg = ccfg or parse_cluster_config({"kind": kind}, "--cluster")
-            ccfg = with_overrides(ccfg, "--cluster", kind=kind)
             jq = make_cluster(ccfg, security)
             client = Client(jq, security=security)
         address = scheduler or job.cluster.address
-        # The job's size is for the embedded cluster; a --workers given with a scheduler
-        # still reaches fit_many, which refuses the contradiction.
+        # The job's size is for the embedded cluster (a local cluster config's first); a
+        # --workers given with a scheduler still reaches fit_many, which refuses it.
         embedded = client is None and address is None
+        local = ccfg if ccfg is not None and kind == "local" else None
         try:
             result = fit_many(
                 job.data.path, job.specs(), split_by=job.data.split_by, store=job.store,
                 client=client, filter=job.data.filter, scheduler=address,
-                workers=workers or (job.cluster.workers if embedded else None),
+                workers=workers or ((local and local.workers) or job.cluster.workers
+                                    if embedded else None),
                 engine=engine if engine is not None else job.fit.engine,
                 timeout=timeout if timeout is not None else job.fit.timeout, security=security,
-                memory_limit=job.cluster.memory_limit if embedded else None, options=opts,
+                memory_limit=((local and local.memory_limit) or job.cluster.memory_limit)
+                if embedded else None, options=opts,
                 retry_errors=retry_errors)
         finally:
             if client is not None:
@@ -223,6 +218,25 @@ def run(
     raise typer.Exit(code)
 
 
+def _cluster_of(job: Any, cluster: Any, cluster_config: Path | None, scheduler: str | None
+                ) -> tuple[str, Any]:
+    """The cluster kind and its config (None: none given and none needed), checked as
+    ``run`` uses them; a slurm or pbs kind without an address needs its config's keys."""
+    from .cluster import load_cluster_config, parse_cluster_config, with_overrides
+
+    kind = cluster.value if cluster else job.cluster.kind
+    cfg_path = cluster_config or (Path(job.cluster.config) if job.cluster.config else None)
+    ccfg = None
+    if cfg_path is not None:
+        ccfg = load_cluster_config(str(cfg_path))
+        kind = cluster.value if cluster else ccfg.kind
+    if kind in ("slurm", "pbs") and not (scheduler or job.cluster.address):
+        where = "--cluster" if cluster else f"job file cluster.kind ({kind})"
+        ccfg = ccfg or parse_cluster_config({"kind": kind}, where)
+        ccfg = with_overrides(ccfg, where, kind=kind)
+    return kind, ccfg
+
+
 @app.command()
 def validate(job_file: Annotated[Path, typer.Argument(metavar="JOB.yaml")]) -> None:
     """Every plan-time check of a job (files, schema, formulas, columns); no fitting."""
@@ -233,13 +247,19 @@ def validate(job_file: Annotated[Path, typer.Argument(metavar="JOB.yaml")]) -> N
     try:
         job = load_job(job_file)
         _require_store(job)
-        if job.cluster.config is not None:
-            # `run` reads it (and its TLS files) before any work: so must validate.
-            from .cluster import load_cluster_config
-
-            _security(None, None, None, load_cluster_config(job.cluster.config))
+        # `run` reads the cluster config (and its TLS files) before any work: so must
+        # validate, as well as the store's earlier fits' split column types.
+        _, ccfg = _cluster_of(job, None, None, None)
+        _security(None, None, None, ccfg)
         _, plan = prepare(job.data.path, job.specs(), job.data.split_by, job.data.filter,
-                            job.fit.engine, job.store)
+                          job.fit.engine, job.store)
+        from .store import Store
+
+        st = Store(str(job.store))
+        names = sorted(st.committed_parts())
+        bad: dict[str, str] = {}  # damaged parts: a run sets them aside
+        st.part_schemas(names, unreadable=bad)
+        st.check_split_types(plan.key_fields, [n for n in names if n not in bad])
     except MixedscaleError as exc:
         raise _exit_for(exc) from None
     d = plan.describe()

@@ -619,9 +619,11 @@ class Store:
                           "and variance/ out of the store, then rerun the job that wrote it "
                           "to refit its fits")
 
-    def part_schemas(self, names: Sequence[str]) -> dict[str, pa.Schema]:
+    def part_schemas(self, names: Sequence[str], unreadable: dict[str, str] | None = None
+                     ) -> dict[str, pa.Schema]:
         """The schema of each named committed fits part, from its footer. Remembered: a
-        committed part is never rewritten."""
+        committed part is never rewritten. With ``unreadable``, a part that cannot be
+        read is entered there and left out, instead of raising StoreError."""
         for name in names:
             if name in self._schemas:
                 continue
@@ -630,8 +632,10 @@ class Store:
                 with self.fs.open(f, "rb") as fh:
                     self._schemas[name] = pq.ParquetFile(fh).schema_arrow
             except (OSError, pa.ArrowException) as exc:
-                raise StoreError(f"store part {f!r} is unreadable: {exc}") from None
-        return {name: self._schemas[name] for name in names}
+                if unreadable is None:
+                    raise StoreError(f"store part {f!r} is unreadable: {exc}") from None
+                unreadable[name] = f"{f} ({one_line(exc)})"
+        return {name: self._schemas[name] for name in names if name in self._schemas}
 
     def check_split_types(self, key_fields: Sequence[pa.Field], names: Sequence[str]) -> None:
         """Raise SpecError if a split column's type cannot be read together with its

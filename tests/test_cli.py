@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -489,3 +490,21 @@ def test_job_and_cluster_files_share_one_strict_yaml_reader(tmp_path: Path, text
             "run", str(_job(tmp_path)), "--cluster-config", str(f)]
         code, _, err = invoke(args)
         assert code == 2 and err.startswith("error: ") and expect in err, err
+
+
+def test_validate_checks_the_cluster_kind_as_run_does(tmp_path: Path) -> None:
+    """cluster.kind slurm with no config: run refused it (exit 2), validate said ok; the
+    error names the job file's key, not a --cluster flag nobody gave."""
+    job = _job(tmp_path, cluster={"kind": "slurm"})
+    for cmd in (["validate", str(job)], ["run", str(job), "-q"]):
+        code, _, err = invoke(cmd)
+        assert code == 2 and "job file cluster.kind (slurm)" in err and "cores" in err, err
+
+
+def test_a_local_cluster_config_sizes_the_embedded_cluster(tmp_path: Path) -> None:
+    cfg = tmp_path / "local.yaml"
+    cfg.write_text("kind: local\nworkers: 1\nmemory_limit: 1GB\n")
+    job = _job(tmp_path)
+    code, out, err = invoke(["run", str(job), "--cluster-config", str(cfg)])
+    assert code == 0, err
+    assert re.search(r"n_workers\s*│\s*1\s", out), out

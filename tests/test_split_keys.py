@@ -258,3 +258,10 @@ def test_the_cli_refuses_the_second_type_with_exit_2(tmp_path: Path) -> None:
                            "--split-by", "site", "--store", store.url,
                            "--scheduler", "tcp://127.0.0.1:1"])
     assert code == 2 and "split column 'site' is text here but int64" in err
+    # validate, "every plan-time check", refuses it too (it said ok)
+    job = tmp_path / "job.yaml"
+    job.write_text(f"data: {{path: {str(f)!r}, split_by: [site]}}\n"
+                   f"models: [{{formula: 'y ~ time', groups: subject}}]\n"
+                   f"store: {store.url!r}\n")
+    code, _, err = invoke(["validate", str(job)])
+    assert code == 2 and "split column 'site' is text here but int64" in err, err
