@@ -302,15 +302,19 @@ def fit_cmd(
     """Fit one model, optionally per slice, without a job file."""
     _setup_logging(quiet)
     from .api import fit_many
+    from .executor import RunOptions
     from .spec import ModelSpec
 
+    opts = RunOptions()
+    _install_sigterm(opts.stop)  # as `run`: exit 3, the manifest "interrupted"
     try:
         # Named by its formula: the store's spec_name would otherwise be the hash.
         spec = ModelSpec(formula=formula, groups=groups, re_formula=re_formula, reml=not ml,
                          cov_structure=cov_structure, name=formula)  # type: ignore[arg-type]
         result = fit_many(data, [spec], split_by=split_by or None, store=store,
                           scheduler=scheduler, workers=workers, engine=engine,
-                          timeout=timeout, progress=False if quiet else None)
+                          timeout=timeout, progress=False if quiet else None,
+                          options=opts)
         machine = output is not Fmt.table  # stdout holds the data alone
         _emit(result.params, output)
         _report_failed(result.fits)

@@ -299,14 +299,24 @@ def test_driver_kill9_then_rerun_zombie_writes_lose(tmp_path: Path) -> None:
 
 
 # 7 ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["run", "fit"])
 def test_driver_sigterm_exits_3_interrupted_then_rerun_completes(
-        tmp_path: Path, sleepy: DaskCluster) -> None:
+        tmp_path: Path, sleepy: DaskCluster, command: str) -> None:
     store = tmp_path / "store"
-    job = write_job(tmp_path / "job.yaml", write_genes(tmp_path / "data", 40), store,
-                    models=[SM])
+    data = write_genes(tmp_path / "data", 40)
+    job = write_job(tmp_path / "job.yaml", data, store, models=[SM])
     plan = planned(job)
     assert len(plan.tasks) >= 4, "precondition: the job must have several tasks"
-    p, log = sleepy.start_cli(["run", str(job), "--quiet"], name="sigterm")
+    args = ["run", str(job), "--quiet"]
+    if command == "fit":  # one model, no job file: the engine is a run-wide override
+        args = ["fit", str(data), "--formula", SM["formula"], "--groups", SM["groups"],
+                "--split-by", "gene", "--engine", SM["engine"], "--store", str(store),
+                "--quiet"]
+        from mixedscale.api import prepare
+
+        spec = ms.ModelSpec(SM["formula"], groups=SM["groups"], name=SM["formula"])
+        plan = prepare(str(data), [spec], "gene", engine=SM["engine"])[1]
+    p, log = sleepy.start_cli(args, name=f"sigterm-{command}")
     mid_run(store, p, log)
     p.send_signal(signal.SIGTERM)
     assert finish(p, log, 60) == 3, tail(log)
@@ -315,7 +325,7 @@ def test_driver_sigterm_exits_3_interrupted_then_rerun_completes(
     assert first["state"] == "interrupted", first
     check_invariant(store, plan.fit_ids(), incomplete=True)
     sleepy.wait_idle()
-    r = sleepy.cli(["run", str(job), "--quiet"])
+    r = sleepy.cli(args)
     assert r.returncode == 0, r.stderr[-3000:]
     sleepy.wait_idle()
     check_invariant(store, plan.fit_ids())
