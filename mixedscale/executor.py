@@ -564,7 +564,12 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
         store.init()
     todo, n_skipped, parts = resume if resume is not None else pending(plan, store)
     info = plan.describe()
-    run.manifest("running", info, n_skipped=n_skipped)
+    if not run.manifest("running", info, n_skipped=n_skipped) and todo:
+        # A store that cannot take a small JSON file (full, read-only) would fail every
+        # commit after the fits were made: stop before any work.
+        raise RunIncomplete(f"cannot write to the store {store.url if store else ''!r} (see "
+                            "the error above; a full disk or no permission); nothing was "
+                            "fitted; fix it and rerun the job")
     beat = _Heartbeat(lambda: run.manifest("running", info, n_skipped=n_skipped),
                       HEARTBEAT_SECONDS if store is not None else None)
     run.sweep()  # after our own manifest: the store's clock for silent runs

@@ -459,6 +459,8 @@ class Store:
                 self.fs.mv(tmp, final)
         except OSError as exc:
             log.error("could not write run manifest %s: %s", final, exc)
+            with contextlib.suppress(OSError):  # no empty leftovers (a full disk)
+                self.fs.rm(tmp)
             return False
         return True
 

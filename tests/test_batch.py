@@ -354,3 +354,18 @@ def test_a_run_that_crashes_unforeseen_is_not_recorded_complete(
                     client=cluster_client, progress=False)
     [m] = manifests(store)
     assert m["state"] == "failed" and m["message"] == "RuntimeError: boom"
+
+
+def test_a_store_that_cannot_take_the_manifest_stops_the_run_before_any_fit(
+        cluster_client: Any, genes_parquet: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk from the start: every task was fitted, then failed to commit and was
+    retried, with a traceback each, before the run gave up."""
+    from mixedscale.store import Store
+
+    monkeypatch.setattr(Store, "write_manifest", lambda self, run_id, m: False)
+    store = tmp_path / "store"
+    with pytest.raises(ms.RunIncomplete, match="cannot write to the store.*nothing was fitted"):
+        ms.fit_many(str(genes_parquet), [RI], split_by="gene", store=str(store),
+                    client=cluster_client, progress=False)
+    assert not list((store / "fits").glob("*.parquet"))
