@@ -794,7 +794,9 @@ class Store:
         part = fits.column("_part").to_numpy()
         keys = [c for c in fits.column_names
                 if c not in FIT_SCHEMA.names and c not in ("fit_id", "_part")]
-        own = {n: tuple(c for c in schema.names if c in keys)
+        # The set of split columns, not their order: split_by [gene, site] and [site,
+        # gene] are one split.
+        own = {n: tuple(sorted(c for c in schema.names if c in keys))
                for n, schema in self.part_schemas(order).items()}
         df = fits.select(keys).to_pandas()
         df.columns = [f"k{i}" for i in range(len(keys))]  # no clash with the names below

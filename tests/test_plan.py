@@ -538,6 +538,19 @@ def test_latest_tells_apart_jobs_split_by_other_columns(tmp_path: Path) -> None:
     assert len(store.params(latest=True)) == len(store.params())
 
 
+def test_latest_takes_split_columns_in_any_order_as_one_split(tmp_path: Path) -> None:
+    """split_by [gene, tissue] then [tissue, gene]: the same slices (the fits differ
+    by the columns' order in their parts, so both are kept); latest keeps one each."""
+    df = make_genes(n_genes=4)
+    df["tissue"] = df["gene"].map({"g000": "a", "g001": "a", "g002": "b", "g003": "b"})
+    store = Store(str(tmp_path / "store"))
+    store.init()
+    for split in (["gene", "tissue"], ["tissue", "gene"]):
+        src, plan = prepare(df, [RI], split)
+        _commit(plan, src, store, pending(plan, store).todo)
+    assert len(store.fits(latest=True)) == 4
+
+
 def test_a_reader_refuses_a_committed_task_without_its_variance_part(tmp_path: Path) -> None:
     df = make_genes(n_genes=6)
     root, store, _, plan = _committed(tmp_path, df)
