@@ -84,11 +84,12 @@ def _print_summary(result: Any, stderr: bool = False) -> None:
     Console(stderr=stderr).print(t)
 
 
-def _require_store(job: Any) -> None:
+def _require_store(job: Any, flag: bool = True) -> None:
     if job.store is None:
+        how = ("add 'store: PATH' to the job file or pass --store PATH" if flag else
+               "add 'store: PATH' to the job file (`run` also takes --store PATH)")
         raise SpecError("the job has no store, so its results would be lost when the run "
-                        "ends; add 'store: PATH' to the job file or pass --store PATH; "
-                        "got (store=None)")
+                        f"ends; {how}; got (store=None)")
 
 
 def _fail_on(result: Any, fail_on: FailOn | None) -> int:
@@ -246,7 +247,7 @@ def validate(job_file: Annotated[Path, typer.Argument(metavar="JOB.yaml")]) -> N
 
     try:
         job = load_job(job_file)
-        _require_store(job)
+        _require_store(job, flag=False)
         # `run` reads the cluster config (and its TLS files) before any work: so must
         # validate, as well as the store's earlier fits' split column types.
         _, ccfg = _cluster_of(job, None, None, None)

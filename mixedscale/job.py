@@ -132,9 +132,10 @@ class Job(_Strict):
 
 
 def _resolve(base: Path, p: str | None) -> str | None:
-    if p is None or "://" in p or os.path.isabs(p):
+    if p is None or "://" in p:
         return p
-    return str((base / p).resolve())
+    p = os.path.expanduser(p)  # "~/results", as a shell would
+    return p if os.path.isabs(p) else str((base / p).resolve())
 
 
 _TYPE_TAGS = {"bool", "int", "float", "str", "list", "dict", "tuple", "none", "literal"}
@@ -214,6 +215,10 @@ def load_job(path: str | os.PathLike[str], overrides: dict[str, Any] | None = No
     job.data.path = _resolve(base, job.data.path) or job.data.path
     job.store = _resolve(base, job.store) if not (overrides or {}).get("store") else job.store
     job.cluster.config = _resolve(base, job.cluster.config)
+    try:  # the models now, so their errors name the file like every other
+        job.specs()
+    except SpecError as exc:
+        raise SpecError(f"{where}: {exc}") from None
     return job
 
 

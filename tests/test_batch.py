@@ -365,7 +365,7 @@ def test_a_store_that_cannot_take_the_manifest_stops_the_run_before_any_fit(
 
     monkeypatch.setattr(Store, "write_manifest", lambda self, run_id, m: False)
     store = tmp_path / "store"
-    with pytest.raises(ms.RunIncomplete, match="cannot write to the store.*nothing was fitted"):
+    with pytest.raises(ms.RunIncomplete, match=r"cannot write to the store.*nothing was fitted"):
         ms.fit_many(str(genes_parquet), [RI], split_by="gene", store=str(store),
                     client=cluster_client, progress=False)
     assert not list((store / "fits").glob("*.parquet"))

@@ -508,3 +508,29 @@ def test_a_local_cluster_config_sizes_the_embedded_cluster(tmp_path: Path) -> No
     code, out, err = invoke(["run", str(job), "--cluster-config", str(cfg)])
     assert code == 0, err
     assert re.search(r"n_workers\s*│\s*1\s", out), out
+
+
+def test_python_m_mixedscale_is_the_cli() -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mixedscale", "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "validate" in r.stdout, r.stderr
+
+
+def test_job_paths_expand_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    from mixedscale.job import load_job
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    job = _job(tmp_path, store="~/results")
+    assert load_job(job).store == str(tmp_path / "results")
+
+
+def test_a_job_without_models_names_its_file(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(f"data: {{path: {str(tmp_path / 'd.parquet')!r}}}\nmodels: []\n"
+                   "store: s\n")
+    code, _, err = invoke(["validate", str(job)])
+    assert code == 2 and f"job file {str(job)!r}: a job needs `models` or `grid`" in err, err
