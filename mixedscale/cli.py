@@ -174,6 +174,7 @@ def run(
                             f"got (timeout={timeout!r})")
         job = load_job(job_file, {"store": store})
         _require_store(job)
+        _check_workers(workers, scheduler or job.cluster.address)
         kind, ccfg = _cluster_of(job, cluster, cluster_config, scheduler)
         security = _security(tls_ca_file, tls_cert, tls_key, ccfg)
         opts.job = job.model_dump(mode="json")
@@ -191,7 +192,7 @@ def run(
             client = Client(jq, security=security)
         address = scheduler or job.cluster.address
         # The job's size is for the embedded cluster (a local cluster config's first); a
-        # --workers given with a scheduler still reaches fit_many, which refuses it.
+        # --workers with a scheduler was refused above.
         embedded = client is None and address is None
         local = ccfg if ccfg is not None and kind == "local" else None
         try:
@@ -217,6 +218,15 @@ def run(
     except MixedscaleError as exc:
         raise _exit_for(exc) from None
     raise typer.Exit(code)
+
+
+def _check_workers(workers: int | None, address: str | None) -> None:
+    """fit_many's refusal, in the CLI's own words."""
+    if workers is not None and address:
+        raise SpecError("--workers sizes the embedded cluster; with a scheduler address the "
+                        "cluster is already there, sized by whoever started it; drop "
+                        f"--workers; got (--scheduler/cluster.address={address!r}, "
+                        f"--workers={workers})")
 
 
 def _cluster_of(job: Any, cluster: Any, cluster_config: Path | None, scheduler: str | None
@@ -309,6 +319,7 @@ def fit_cmd(
     opts = RunOptions()
     _install_sigterm(opts.stop)  # as `run`: exit 3, the manifest "interrupted"
     try:
+        _check_workers(workers, scheduler)
         # Named by its formula: the store's spec_name would otherwise be the hash.
         spec = ModelSpec(formula=formula, groups=groups, re_formula=re_formula, reml=not ml,
                          cov_structure=cov_structure, name=formula)  # type: ignore[arg-type]

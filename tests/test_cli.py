@@ -170,7 +170,8 @@ def test_exit_3_unreachable_scheduler(tmp_path: Path) -> None:
     job = _job(tmp_path, cluster={"workers": 2, "memory_limit": "2GB"})
     code, _, err = invoke(["run", str(job), "--scheduler", "tcp://127.0.0.1:1",
                            "--workers", "3"])
-    assert code == 2 and "workers sizes the embedded cluster" in err, err
+    assert code == 2 and "--workers sizes the embedded cluster" in err, err
+    assert "--workers=3" in err and "scheduler=" not in err.replace("--scheduler", ""), err
     port = free_port()  # nothing listens there
     r = run_cli(["run", str(job), "--scheduler", f"tcp://127.0.0.1:{port}"], cwd=tmp_path,
                 timeout=90, env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"})
