@@ -216,12 +216,12 @@ def test_a_running_driver_rewrites_its_manifest_and_the_next_run_sweeps_a_silent
     states: list[str] = []
     write = Store.write_manifest
 
-    def spy(self: Store, run_id: str, manifest: dict[str, Any]) -> None:
+    def spy(self: Store, run_id: str, manifest: dict[str, Any]) -> bool:
         if run_id != "r-killed":
             states.append(manifest["state"])
             if manifest["state"] == "running":
                 assert manifest["heartbeat_seconds"] == 0.001
-        write(self, run_id, manifest)
+        return write(self, run_id, manifest)
 
     monkeypatch.setattr(Store, "write_manifest", spy)
     monkeypatch.setattr(executor, "HEARTBEAT_SECONDS", 0.001)  # beat on every loop turn
