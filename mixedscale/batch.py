@@ -738,6 +738,7 @@ def _fits_table(cols: dict[str, Any], per_fit: float, n_evals: int,
         where = np.arange(F) + np.cumsum(r)  # the kept entry's position
         n = F + ri.size
         first_at = where[ri] - 1
+
         def merged(kept: np.ndarray, earlier: np.ndarray) -> np.ndarray:
             out = np.empty(n, dtype=kept.dtype)
             out[where], out[first_at] = kept, earlier
