@@ -378,9 +378,10 @@ class Store:
         the next is encoded; return the temporary paths once all are durable."""
         staged: dict[str, str] = {}
         syncs: dict[str, Future[None]] = {}
-        t = "params"
+        order: list[str] = [t for t in ("params", "variance", "fits") if t in tables]
+        t = order[0]
         try:
-            for t in ("params", "variance", "fits"):
+            for t in order:
                 staged[t] = tmp = self.path("_tmp", f"{t}-{name}.{uuid.uuid4().hex}.parquet")
                 fh = open(tmp, "wb")  # noqa: SIM115 - closed by _sync_close
                 try:
@@ -408,25 +409,24 @@ class Store:
         """Publish one part under its final name; False if that name is taken.
         ``staged``: the part already written and synced (local stores)."""
         final = self.path(table, f"part-{name}.parquet")
-        tmp = staged or self.path("_tmp", f"{table}-{name}.{uuid.uuid4().hex}.parquet")
-        try:
-            if self.local:
-                if staged is None:
-                    with open(tmp, "wb") as fh:
-                        self._write(fh, table, name, data)
-                        fh.flush()
-                        os.fsync(fh.fileno())
+        if self.local:
+            own = staged is None  # written here (and removed after), else by the caller
+            tmp = self._stage_local(name, {table: data})[table] if own else str(staged)
+            try:
                 if os.environ.get(FAULTS_ENV):
                     _publish_faults(table, name, at_link=True)
-                try:
-                    os.link(tmp, final)  # atomic, and fails rather than clobber
-                except FileExistsError:
-                    return False
-                finally:
-                    if staged is None:
-                        with contextlib.suppress(OSError):
-                            os.unlink(tmp)
-                return True
+                os.link(tmp, final)  # atomic, and fails rather than clobber
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                raise StoreError(f"writing {final!r} failed: {exc}") from exc
+            finally:
+                if own:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+            return True
+        tmp = self.path("_tmp", f"{table}-{name}.{uuid.uuid4().hex}.parquet")
+        try:
             # Object stores: no atomic no-clobber rename. Write the full object
             # under a temporary key, then copy; readers dedupe by fit_id.
             with self.fs.open(tmp, "wb") as fh:
