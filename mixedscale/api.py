@@ -48,6 +48,7 @@ class RunResult:
     store: Store | None = None
     _read: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
     _counts: dict[str, int] | None = field(default=None, repr=False)
+    _rank: tuple[pa.Array, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def fits(self) -> pd.DataFrame:
@@ -61,14 +62,22 @@ class RunResult:
     def variance(self) -> pd.DataFrame:
         return self._table("variance")
 
+    def _order(self) -> tuple[pa.Array, np.ndarray]:
+        """The plan's fit order, built once for every table read in it."""
+        if self._rank is None:
+            self._rank = _plan_rank(self.plan)
+        return self._rank
+
     def _table(self, name: str) -> pd.DataFrame:
         if name not in self._read:
-            self._read[name] = _tables(self.run, self.plan, self.store, (name,))[0]
+            self._read[name] = _tables(self.run, self.plan, self.store, (name,),
+                                       rank=self._order())[0]
         return self._read[name]
 
     def _read_all(self) -> None:
         """All three tables in one read (the fits table once)."""
-        self._read.update(zip(TABLES, _tables(self.run, self.plan, self.store), strict=True))
+        self._read.update(zip(TABLES, _tables(self.run, self.plan, self.store,
+                                              rank=self._order()), strict=True))
 
     def status_counts(self) -> dict[str, int]:
         """Fits per status over every planned fit (resumed ones included)."""
@@ -190,8 +199,10 @@ def _client(client: Any, address: str | None, workers: int | None, security: Any
 
 
 def _tables(summary: RunSummary, plan: Plan, store: Store | None,
-            names: tuple[str, ...] = TABLES, fit_columns: Sequence[str] | None = None
-            ) -> list[pd.DataFrame]:
+            names: tuple[str, ...] = TABLES, fit_columns: Sequence[str] | None = None,
+            rank: tuple[pa.Array, np.ndarray] | None = None) -> list[pd.DataFrame]:
+    """The run's tables; in the job's order with ``rank`` (``_plan_rank``), else as
+    read (a status count needs no order)."""
     if store is not None:
         # Only this job's parts and fits: a shared store may hold many other jobs' results.
         # A finished run committed every planned fit, so fewer means the store moved.
@@ -203,7 +214,8 @@ def _tables(summary: RunSummary, plan: Plan, store: Store | None,
         for t in names:
             parts = summary.tables.get(t, [])
             out.append(to_pandas(pa.concat_tables(parts)) if parts else pd.DataFrame())
-    rank = _plan_rank(plan)
+    if rank is None:
+        return [df.reset_index(drop=True) for df in out]
     return [_in_plan_order(df, rank) for df in out]
 
 
