@@ -516,6 +516,60 @@ def test_make_cluster_local_pins_blas() -> None:
     assert worker["nthreads"] == 1 and worker["memory_limit"] == parse_bytes("1GB")
 
 
+def _worker_housekeeping(dask_worker: Any) -> dict[str, Any]:
+    cbs = dask_worker.periodic_callbacks
+    return {"tick": cbs["tick"].callback_time, "profile": "profile" in cbs}  # tick: ms
+
+
+def _scheduler_tick(dask_scheduler: Any) -> float:
+    return float(dask_scheduler.periodic_callbacks["tick"].callback_time)
+
+
+@pytest.mark.cluster
+def test_make_cluster_local_quiets_dask_housekeeping() -> None:
+    from distributed import Client
+
+    with make_cluster(ClusterConfig(workers=1, memory_limit="1GB")) as cluster, \
+            Client(cluster, timeout="30s") as client:
+        (worker,) = client.run(_worker_housekeeping).values()
+        sched = client.run_on_scheduler(_scheduler_tick)
+    assert worker == {"tick": 1000, "profile": False}
+    assert sched == 1000
+    assert dask.config.get("distributed.admin.tick.interval") == "20ms"  # not left set here
+
+
+@pytest.mark.cluster
+def test_make_cluster_local_keeps_the_users_housekeeping() -> None:
+    from distributed import Client
+
+    with dask.config.set({"distributed.admin.tick.interval": "50ms"}), \
+            make_cluster(ClusterConfig(workers=1, memory_limit="1GB")) as cluster, \
+            Client(cluster, timeout="30s") as client:
+        (worker,) = client.run(_worker_housekeeping).values()
+    assert worker == {"tick": 50, "profile": False}
+
+
+def test_housekeeping_leaves_out_what_the_user_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert mc.housekeeping() == mc.HOUSEKEEPING
+    # dask.config.set to a value other than Dask's default
+    with dask.config.set({"distributed.admin.tick.interval": "5ms"}):
+        assert "distributed.admin.tick.interval" not in mc.housekeeping()
+    # a DASK_* variable, even to Dask's own default (a file would count the same way)
+    monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED", "True")
+    assert mc.housekeeping() == {"distributed.admin.tick.interval": "1s"}
+
+
+def test_job_script_exports_housekeeping_before_the_site_prologue() -> None:
+    pytest.importorskip("dask_jobqueue")
+    cfg = ClusterConfig(kind="slurm", cores=2, memory="4GB", walltime="01:00:00",
+                        job_script_prologue=["export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=20ms"])
+    lines = job_script(cfg).splitlines()
+    tick = "export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=1s"
+    assert "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False" in lines
+    # ours first, so the site's line wins
+    assert lines.index(tick) < lines.index("export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=20ms")
+
+
 # -- config validation
 
 
