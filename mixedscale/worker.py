@@ -44,7 +44,7 @@ from .store import (
 
 T = TypeVar("T")
 
-__all__ = ["LoadFailed", "Opaque", "Packed", "TaskOutcome", "TaskPayload", "forget_shuffled",
+__all__ = ["LoadFailed", "Packed", "TaskOutcome", "TaskPayload", "forget_shuffled",
            "load_shuffled", "load_unit", "partition", "partition_to_store", "piece", "run_task"]
 
 log = logging.getLogger(__name__)
@@ -163,18 +163,11 @@ def _sizeof_loaded(obj: Loaded) -> int:
     return int(sizeof(obj.frame)) + 64
 
 
-@dataclass(frozen=True)
-class Opaque(Generic[T]):
-    """A task argument Dask passes through untouched. Dask walks lists, tuples and
-    dicts element by element looking for futures: 0.5 s per 10^5 split keys."""
-
-    value: T
-
-
 class Packed(Generic[T]):
     """A task argument pickled once by the driver and unpickled only where the task
     runs. The scheduler otherwise unpickles and re-pickles every argument it relays:
-    0.1 s of the driver process's CPU per 10^5 fit items."""
+    0.1 s of the driver process's CPU per 10^5 fit items. Dask also walks lists, tuples
+    and dicts element by element looking for futures: 0.5 s per 10^5 split keys."""
 
     __slots__ = ("blob",)
 
@@ -195,14 +188,14 @@ def _packed(blob: bytes) -> Packed[Any]:
 
 
 def load_unit(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
-              split_by: Sequence[str], keys: Opaque[Sequence[tuple[Any, ...]]]
+              split_by: Sequence[str], keys: Packed[Sequence[tuple[Any, ...]]]
               ) -> Loaded | LoadFailed:
     """Read a unit's row groups (needed columns only) and keep the unit's slices."""
     try:
         df, nbytes = src.read(columns, rgs, split_by)
     except CorruptFile as exc:
         return LoadFailed(exc)
-    return Loaded(_restrict(df, split_by, keys.value), nbytes)
+    return Loaded(_restrict(df, split_by, keys.unpack()), nbytes)
 
 
 def _restrict(df: pd.DataFrame, split_by: Sequence[str], keys: Sequence[tuple[Any, ...]]
@@ -223,7 +216,7 @@ def _restrict(df: pd.DataFrame, split_by: Sequence[str], keys: Sequence[tuple[An
 
 
 def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
-              split_by: Sequence[str], key_unit: Opaque[dict[tuple[Any, ...], int]]
+              split_by: Sequence[str], key_unit: Packed[dict[tuple[Any, ...], int]]
               ) -> dict[int, Loaded] | LoadFailed:
     """Shuffle step for data not sorted by the split key: one read, rows bucketed by unit."""
     try:
@@ -234,8 +227,9 @@ def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
         return {}
     groups = df.groupby(list(split_by), sort=False, dropna=False, observed=True).indices
     by_unit: dict[int, list[np.ndarray]] = {}
+    unit_of = key_unit.unpack()
     for k, pos in groups.items():
-        u = key_unit.value.get(_norm_key(k if isinstance(k, tuple) else (k,)))
+        u = unit_of.get(_norm_key(k if isinstance(k, tuple) else (k,)))
         if u is not None:
             by_unit.setdefault(u, []).append(np.asarray(pos))
     out = {}
@@ -254,7 +248,7 @@ _SCRATCH_CODEC = "lz4" if pa.Codec.is_available("lz4") else None
 
 
 def partition_to_store(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
-                       split_by: Sequence[str], key_unit: Opaque[dict[tuple[Any, ...], int]],
+                       split_by: Sequence[str], key_unit: Packed[dict[tuple[Any, ...], int]],
                        store: Store, folder: str, index: int
                        ) -> dict[int, tuple[str, int]] | LoadFailed:
     """The shuffle step, spilled: rows bucketed by unit are written to scratch files in

@@ -269,6 +269,30 @@ def test_fit_tasks_of_too_few_load_units_are_dealt_round_the_workers(
         assert all(kw.get("allow_other_workers", False) is bool(dealt) for kw in seen)
 
 
+def test_each_workers_first_load_is_submitted_before_any_fit(
+        cluster_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packing fit payloads holds the GIL the embedded scheduler's event loop needs;
+    the loads go out first, so no worker waits for the driver to pack every task."""
+    path = write_genes(tmp_path / "two", 12, files=2)  # a unit per file
+    spec = ms.ModelSpec("y ~ time", groups="subject", engine="statsmodels")
+    _, p = prepare(str(path), [spec], "gene")
+    assert len(p.units) == 2 and p.tasks[1].unit == 0  # plan order: unit 0's tasks first
+    submit = cluster_client.submit
+    keys: list[str] = []
+
+    def spy(fn: Any, *args: Any, **kw: Any) -> Any:
+        keys.append(str(kw.get("key", "")))
+        return submit(fn, *args, **kw)
+
+    monkeypatch.setattr(cluster_client, "submit", spy)
+    res = ms.fit_many(str(path), spec, split_by="gene", client=cluster_client, progress=False)
+    assert res.run.state == "complete" and (res.fits["status"] == "ok").all()
+    n = len(cluster_client.scheduler_info()["workers"])
+    kinds = [k.split("-")[1] for k in keys]
+    assert n == 2 and kinds[:2] == ["load", "load"] and kinds[2] == "fit", kinds
+    assert kinds.count("load") == 2
+
+
 def test_memory_url_as_data_and_store() -> None:
     """memory:// lives in one process, so this cluster runs its workers as threads."""
     import fsspec

@@ -20,7 +20,7 @@ from mixedscale.executor import RunOptions, _Run, pending
 from mixedscale.plan import Plan
 from mixedscale.source import Source
 from mixedscale.store import Store
-from mixedscale.worker import Loaded, Opaque, _restrict, load_unit, partition, run_task
+from mixedscale.worker import Loaded, Packed, _restrict, load_unit, partition, run_task
 
 from .clusterutil import invoke
 from .conftest import make_genes
@@ -64,9 +64,9 @@ def _unit_data(src: Source, plan: Plan, unit: int, how: str) -> Any:
     if how == "shuffle":
         key_unit = {plan.slices[i].key: u.index for u in plan.units for i in u.slices}
         return [partition(src, src.row_groups, plan.columns, plan.split_by,
-                          Opaque(key_unit)).get(unit)]
+                          Packed(key_unit)).get(unit)]
     rgs = [src.row_groups[i] for i in plan.units[unit].row_groups]
-    return load_unit(src, rgs, plan.columns, plan.split_by, Opaque(keys))
+    return load_unit(src, rgs, plan.columns, plan.split_by, Packed(keys))
 
 
 def _run(data: Any, store: Store, how: str) -> tuple[Source, Plan]:

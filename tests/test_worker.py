@@ -15,7 +15,7 @@ from mixedscale.api import prepare
 from mixedscale.executor import RunOptions, _Run
 from mixedscale.plan import Task, _norm_key
 from mixedscale.store import Store
-from mixedscale.worker import Loaded, Opaque, Positions, partition_to_store, run_task
+from mixedscale.worker import Loaded, Packed, Positions, partition_to_store, run_task
 
 from .conftest import make_genes
 
@@ -71,7 +71,7 @@ def test_a_shuffled_unit_is_read_once_per_worker_process(tmp_path: Path) -> None
     store.init()
     key_unit = {s.key: i % 2 for i, s in enumerate(plan.slices)}  # two units
     parts = [partition_to_store(src, src.row_groups, plan.columns, plan.split_by,
-                                Opaque(key_unit), store, "shuffle-test", 0)]
+                                Packed(key_unit), store, "shuffle-test", 0)]
     worker.forget_shuffled()
     first = worker._merge({"unit": 0, "scratch": parts}, store)
     assert worker._merge({"unit": 0, "scratch": parts}, store) is first
