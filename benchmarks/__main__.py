@@ -217,7 +217,7 @@ def _finalize(out: Path, runs: list[dict[str, Any]], meta: dict[str, Any],
 
 def run(args: argparse.Namespace) -> int:
     from . import data as data_mod
-    from . import runners
+    from . import measure, runners
     from .suites import DEFAULT_SUITES, get_suite
 
     quick = bool(args.quick)
@@ -239,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
     import mixedscale
 
     meta["mixedscale_version"] = mixedscale.__version__
+    meta["versions"] = measure.versions()
     need_cluster = any(_uses_cluster(s, r) for s in suites for r in _runners(s, wanted))
     shared: _Cluster | None = None
     calib: dict[str, Any] = dict(prev_doc.get("calibration") or {})
@@ -252,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
         for s in suites:
             for r in _runners(s, wanted):
                 load0 = os.getloadavg()[0]
+                probe = measure.cpu_probe_ms()
                 if isolate:
                     if shared is not None and _uses_cluster(s, r):
                         shared.reset()
@@ -274,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
                 rec["git_commit"] = meta["git_commit"] + ("+" if meta["mixedscale_modified"]
                                                           else "")
                 rec["load_average"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+                rec["cpu_probe_ms"] = round(probe, 1)
                 runs.append(rec)
                 meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
                 _finalize(out, list(runs), meta, calib, readme=False)

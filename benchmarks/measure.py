@@ -13,6 +13,44 @@ from typing import Any
 import psutil
 
 MB = 2**20
+VERSIONS = ("numpy", "scipy", "pandas", "pyarrow", "statsmodels", "patsy", "dask",
+            "distributed")
+
+
+def versions() -> dict[str, str]:
+    """The libraries every runner's speed depends on: rows of different sessions compare
+    only with these (and the CPU probe) beside them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in VERSIONS:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def cpu_probe_ms(repeats: int = 5) -> float:
+    """Milliseconds for a fixed single-threaded workload shaped like the fast engine's
+    (batched 3x3 solves and Cholesky factors, a Python loop), best of ``repeats``. The
+    same code ran 30-80 % slower on some days than on others: a row's probe says which
+    machine it met."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, 3, 3))
+    a = a @ a.transpose(0, 2, 1) + 3 * np.eye(3)
+    b = rng.normal(size=(2000, 3, 1))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(40):
+            np.linalg.solve(a, b)
+            np.linalg.cholesky(a)
+        sum(i * i for i in range(100_000))
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
 
 
 def _vm_hwm() -> int | None:

@@ -286,6 +286,8 @@ def markdown(doc: dict[str, Any]) -> str:
                          f"(write {ws.get('write', 0):.2f}, data {ws.get('data', 0):.2f})")
         if r.get("dask_floor_overhead") is not None:
             notes.append(f"Dask floor {_pct(r['dask_floor_overhead'])}")
+        if r.get("cpu_probe_ms"):
+            notes.append(f"CPU probe {r['cpu_probe_ms']:.0f} ms")
         if r.get("git_commit"):
             notes.append(f"@{r['git_commit']}")
         fps = r["fits_per_second"]
@@ -319,9 +321,18 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"- Dask no-op tasks: {cal.get('noop_tasks_per_second', 0):,.0f} tasks/s "
                 f"mapped at once; {cal.get('roundtrip_ms_serial', 0):.1f} ms per serial "
                 "submit-and-wait round trip.", ""]
+    m = doc.get("meta", {})
+    probes = [r["cpu_probe_ms"] for r in doc.get("runs", []) if r.get("cpu_probe_ms")]
+    if probes:
+        out += [f"- CPU probe (`benchmarks.measure.cpu_probe_ms`, a fixed single-threaded "
+                f"workload shaped like the fast engine's, taken before each row): "
+                f"{min(probes):.0f}-{max(probes):.0f} ms over these rows. Rows compare "
+                "across sessions only at similar probes.", ""]
+    if m.get("versions"):
+        out += ["- Libraries at the last run: "
+                + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", ""]
     if doc.get("scaling"):
         out += [doc["scaling"], ""]
-    m = doc.get("meta", {})
     out.append("Rows carry the commit they were measured at (`@commit`; `+`: uncommitted "
                "changes to mixedscale/); rows without one predate that stamp. "
                f"Last run finished {m.get('finished', '')} on {m.get('machine', '')}; "

@@ -44,7 +44,9 @@ def test_quick_run_writes_json_and_markdown(quick_run: Path) -> None:
     doc = json.loads((quick_run / "results.json").read_text())
     assert {"meta", "calibration", "runs", "targets", "scaling"} <= set(doc)
     assert doc["meta"]["quick"] is True
+    assert {"numpy", "scipy", "statsmodels", "dask"} <= set(doc["meta"]["versions"])
     runs = {(r["suite"], r["runner"]): r for r in doc["runs"]}
+    assert all(r["cpu_probe_ms"] > 0 for r in runs.values())
     for suite in ("genes", "sites", "multiverse", "tiny"):
         for runner in ("mixedscale-auto-sorted", "mixedscale-auto-unsorted", "pandas-loop",
                        "process-pool", "dask-groupby", "lme4"):
@@ -88,6 +90,7 @@ def test_quick_run_markdown_table(quick_run: Path) -> None:
         assert section in md
     assert "| genes | mixedscale-auto-sorted |" in md
     assert "| tiny | pandas-loop |" in md
+    assert "- CPU probe (" in md and "- Libraries at the last run: numpy " in md
 
 
 def test_peer_translations() -> None:
