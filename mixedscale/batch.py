@@ -395,10 +395,21 @@ def newton(prob: BatchProblem, maxiter: int = 50, start: float | np.ndarray = 1.
     return _canonical(prob, th), done, evals
 
 
+def _on_bound(prob: BatchProblem, th: np.ndarray) -> np.ndarray:
+    return np.isfinite(prob.lower)[None, :] & (th - prob.lower[None, :] < _H)
+
+
+def no_free(prob: BatchProblem, th: np.ndarray) -> np.ndarray:
+    """Fits with every parameter on its bound: no Hessian to check (hessian_pd null)."""
+    return _on_bound(prob, th).all(axis=1)
+
+
 def verify(prob: BatchProblem, th: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """lme4's checks for all fits at theta: (llf-scale deviance, grad_max, hessian_pd)."""
+    """lme4's checks for all fits at theta: (llf-scale deviance, grad_max, hessian_pd).
+
+    hessian_pd is True where ``no_free``: the gradient decides alone there."""
     f0, grad_c, H, fp = _derivs(prob, th)
-    on_bound = np.isfinite(prob.lower)[None, :] & (th - prob.lower[None, :] < _H)
+    on_bound = _on_bound(prob, th)
     gmax = np.full(prob.F, np.inf)
     pd_ = np.zeros(prob.F, dtype=bool)
     need_probe = on_bound.any(axis=0)
@@ -440,7 +451,8 @@ def verify(prob: BatchProblem, th: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     for f in range(prob.F):
         if done[f] or not np.isfinite(f0[f]):
             continue
-        gmax[f], pd_[f] = lme4_verdict(grads[f], H[f], on_bound[f])
+        gmax[f], pdf = lme4_verdict(grads[f], H[f], on_bound[f])
+        pd_[f] = pdf is not False
     return f0, gmax, pd_
 
 
@@ -644,7 +656,8 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
         prob = problem(idx)
         th, conv, n_evals = newton(prob, maxiter=min(spec.maxiter, 50))
         dev, gmax, hpd = verify(prob, th)
-        first = (dev.copy(), gmax.copy(), hpd.copy())  # the first Newton's optimum
+        # the first Newton's optimum; hessian_pd as stored: null without a free parameter
+        first = (dev.copy(), gmax.copy(), np.ma.array(hpd, mask=no_free(prob, th)))
         restarted = np.zeros(idx.size, dtype=bool)
         singular_s: np.ndarray = np.asarray((th[:, np.isfinite(prob.lower)] < 1e-4).any(axis=1))
         # The deviance may have several local optima (an interior one below a boundary
@@ -698,9 +711,10 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
         ok = np.flatnonzero(verified)
         fallback += [int(idx[j]) for j in np.flatnonzero(~verified)]
         if ok.size:
-            out = _outputs(problem(idx[ok]), th[ok], idx[ok], d, spec, cx, dx, cz, dz, xi, zi,
+            p_ok = problem(idx[ok])
+            out = _outputs(p_ok, th[ok], idx[ok], d, spec, cx, dx, cz, dz, xi, zi,
                            b0, sy, n_rows, dropped, n_groups, starts, sizes, seg_slice,
-                           gmax[ok], hpd[ok])
+                           gmax[ok], np.ma.array(hpd[ok], mask=no_free(p_ok, th[ok])))
             fit_cols, params, variance = out
             # Seconds per fit, tidy rows included (as fit() counts them).
             per_fit = (time.perf_counter() - t0) / max(len(idx), 1)
@@ -730,7 +744,7 @@ def _fits_table(cols: dict[str, Any], per_fit: float, n_evals: int,
     method = np.broadcast_to(np.asarray(cols.get("method", "newton-batch"), dtype=object), F)
     llf = np.asarray(cols["llf"], dtype=float)
     gm = np.asarray(cols["grad_max"], dtype=float)
-    hp = np.asarray(cols["hessian_pd"], dtype=bool)
+    hp = np.ma.asarray(cols["hessian_pd"])  # masked: null
     if restarted is not None and restarted[0].any():
         r = restarted[0]
         ri = np.flatnonzero(r)
@@ -740,7 +754,8 @@ def _fits_table(cols: dict[str, Any], per_fit: float, n_evals: int,
         first_at = where[ri] - 1
 
         def merged(kept: np.ndarray, earlier: np.ndarray) -> np.ndarray:
-            out = np.empty(n, dtype=kept.dtype)
+            out = (np.ma.empty(n, dtype=kept.dtype) if np.ma.isMaskedArray(kept)
+                   else np.empty(n, dtype=kept.dtype))
             out[where], out[first_at] = kept, earlier
             return out
         e_method = merged(method.astype(object), np.full(ri.size, "newton-batch", dtype=object))

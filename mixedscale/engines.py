@@ -70,7 +70,7 @@ class Attempt:
     llf: float
     converged: bool
     grad_max: float
-    hessian_pd: bool
+    hessian_pd: bool | None  # None: every parameter on its bound, no Hessian to check
     singular: bool
     n_evals: int
     seconds: float
@@ -83,12 +83,13 @@ class Attempt:
         # for one, can stop at its iteration limit on a point that passes them (and
         # whether it does depended on the row order of the data).
         return (np.isfinite(self.llf) and self.grad_max <= GRAD_TOL
-                and (self.hessian_pd or self.singular))
+                and (self.hessian_pd is not False or self.singular))
 
     def record(self) -> dict[str, Any]:
         return {"engine": self.engine, "method": self.method, "llf": _f(self.llf),
                 "converged": bool(self.converged), "grad_max": _f(self.grad_max),
-                "hessian_pd": bool(self.hessian_pd), "n_evals": int(self.n_evals),
+                "hessian_pd": None if self.hessian_pd is None else bool(self.hessian_pd),
+                "n_evals": int(self.n_evals),
                 "seconds": float(self.seconds), "message": self.message[:200]}
 
 
@@ -96,8 +97,9 @@ def _f(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def check_optimum(prob: Problem, theta: np.ndarray) -> tuple[float, bool]:
-    """lme4-style checks at theta: (max scaled gradient, Hessian positive definite).
+def check_optimum(prob: Problem, theta: np.ndarray) -> tuple[float, bool | None]:
+    """lme4-style checks at theta: (max scaled gradient, Hessian positive definite, or
+    None when every parameter is on its bound and no Hessian is left to check).
 
     Derivatives are central differences of the deviance with lme4's step. A
     parameter sitting on its lower bound is a Karush-Kuhn-Tucker optimum when
@@ -389,15 +391,17 @@ def fit_statsmodels(d: Design, prob: Problem, Xs: np.ndarray, Zs: np.ndarray, ys
     return attempts
 
 
-def lme4_verdict(grad: np.ndarray, H: np.ndarray, on_bound: np.ndarray) -> tuple[float, bool]:
+def lme4_verdict(grad: np.ndarray, H: np.ndarray, on_bound: np.ndarray
+                 ) -> tuple[float, bool | None]:
     """lme4's convergence verdict from derivatives at an optimum: (max scaled gradient, PD).
 
     ``grad`` has one-sided entries for parameters on their bound, which drop out of the
-    Hessian; ``H`` is the full central-difference Hessian.
+    Hessian; ``H`` is the full central-difference Hessian. PD is None when no parameter
+    is free: there is no Hessian to check, and the gradient decides alone.
     """
     free = np.flatnonzero(~on_bound)
     if free.size == 0:
-        return float(np.max(np.abs(grad), initial=0.0)), True
+        return float(np.max(np.abs(grad), initial=0.0)), None
     Hf = H[np.ix_(free, free)]
     g_free = grad[free]
     if not np.all(np.isfinite(Hf)):

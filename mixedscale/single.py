@@ -194,7 +194,8 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
         aic=-2 * est.llf + 2 * n_par, bic=-2 * est.llf + float(np.log(d.n)) * n_par,
         scale=est.sigma2, engine=best.engine, method=best.method,
         n_attempts=len(all_attempts), attempts=_records(all_attempts, est.llf - best.llf),
-        grad_max=float(best.grad_max), hessian_pd=bool(best.hessian_pd),
+        grad_max=float(best.grad_max),
+        hessian_pd=None if best.hessian_pd is None else bool(best.hessian_pd),
         theta=[float(t) for t in theta], warnings=warns,
     )
     if singular:
@@ -203,7 +204,7 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
         why = [] if best.converged else ["the optimizer did not report convergence"]
         if best.grad_max > 2e-3:
             why.append(f"scaled gradient {best.grad_max:.3g} > 2e-3")
-        if not (best.hessian_pd or best.singular):
+        if best.hessian_pd is False and not best.singular:
             why.append("Hessian is singular or not positive definite (an eigenvalue "
                        f"below {HESS_RATIO_TOL:g} of the largest): the variance parameters "
                        "are not uniquely determined; a random effect may not vary within "

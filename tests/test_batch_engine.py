@@ -282,3 +282,27 @@ def test_a_response_offset_under_a_formula_without_intercept_keeps_the_optimum(
         np.testing.assert_allclose(got.params["estimate"].iloc[:4],
                                    np.array(cells) + offset, rtol=0, atol=1e-6)
     assert _compare(df, spec) == 4
+
+
+def test_hessian_pd_is_null_where_no_parameter_is_free() -> None:
+    """A zero random-intercept variance leaves no free parameter: there is no Hessian
+    to check, so hessian_pd is null (not True), in both paths and in the attempts."""
+    rng = np.random.default_rng(1)
+    frames = []
+    for s in range(4):
+        g = np.repeat(np.arange(10), 8)
+        x = rng.normal(size=g.size)
+        u = rng.normal(size=10) * (1.0 if s % 2 else 0.0)  # odd slices: a real variance
+        frames.append(pd.DataFrame({"s": s, "g": g, "x": x,
+                                    "y": 1 + x + u[g] + rng.normal(size=g.size)}))
+    spec = ms.ModelSpec("y ~ x", groups="g")
+    fits = _batch(pd.concat(frames, ignore_index=True), spec, key="s")[0].fits.to_pandas()
+    assert (fits["status"] == "ok").all()
+    for s, f in fits.iterrows():
+        want = None if s % 2 == 0 else True
+        assert bool(f["singular"]) is (s % 2 == 0)
+        assert f["hessian_pd"] is want or (want is None and pd.isna(f["hessian_pd"]))
+        assert [a["hessian_pd"] for a in f["attempts"]] == [want]
+        one = ms.fit(frames[s], spec)
+        assert one.status == "ok" and one.fit["hessian_pd"] is want
+        assert {a["hessian_pd"] for a in one.fit["attempts"]} == {want}
