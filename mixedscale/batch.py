@@ -401,7 +401,7 @@ def _on_bound(prob: BatchProblem, th: np.ndarray) -> np.ndarray:
 
 def no_free(prob: BatchProblem, th: np.ndarray) -> np.ndarray:
     """Fits with every parameter on its bound: no Hessian to check (hessian_pd null)."""
-    return _on_bound(prob, th).all(axis=1)
+    return np.asarray(_on_bound(prob, th).all(axis=1))
 
 
 def verify(prob: BatchProblem, th: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
