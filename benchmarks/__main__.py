@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--readme", action="store_true",
                    help="also write the table into benchmarks/README.md")
     r.add_argument("--keep-stores", action="store_true", help="keep the results stores")
+    r.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run each mixedscale and single-fit runner N times; the row is the "
+                   "median run, the targets show the range (peers run once)")
     rep = sub.add_parser("report", help="re-render results.md from results.json")
     rep.add_argument("--out", default=str(HERE / "out"))
     rep.add_argument("--readme", action="store_true")
@@ -115,6 +118,25 @@ class _Cluster:
                   file=sys.stderr, flush=True)
         self.close()
         self.start()
+
+
+# What each repeat keeps for the targets' ranges (see report.spread).
+REPEAT_KEYS = ("overhead", "fits_per_second", "single_seconds", "prepare_seconds",
+               "plan_seconds", "exec_seconds", "fit_seconds_sum", "n_workers", "cpu_probe_ms",
+               "driver_peak_mb", "status")
+
+
+def _repeats(runner: str, n: int) -> int:
+    return max(1, n) if runner.startswith(("mixedscale-", "single-")) else 1
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median time (overhead; seconds per fit for single-fit runners) among
+    ``runs`` of one runner, carrying every run's summary in ``repeats``."""
+    key = "single_seconds" if runs[0]["runner"].startswith("single-") else "overhead"
+    done = [r for r in runs if r.get("status") == "ok" and r.get(key) is not None]
+    pick = sorted(done, key=lambda r: r[key])[(len(done) - 1) // 2] if done else runs[-1]
+    return {**pick, "repeats": [{k: r.get(k) for k in REPEAT_KEYS} for r in runs]}
 
 
 def _uses_cluster(suite: Any, runner: str) -> bool:
@@ -249,9 +271,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"[calibration] {calib}", file=sys.stderr, flush=True)
     done = {(s.name, r) for s in suites for r in _runners(s, wanted)}
     runs = [r for r in prev if (r["suite"], r["runner"]) not in done]
+    tried: dict[tuple[str, str], list[dict[str, Any]]] = {}  # --repeat: every run so far
     try:
         for s in suites:
-            for r in _runners(s, wanted):
+            for r, k in [(name, k) for name in _runners(s, wanted)
+                         for k in range(_repeats(name, args.repeat))]:
                 load0 = os.getloadavg()[0]
                 probe = measure.cpu_probe_ms()
                 if isolate:
@@ -277,6 +301,11 @@ def run(args: argparse.Namespace) -> int:
                                                           else "")
                 rec["load_average"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
                 rec["cpu_probe_ms"] = round(probe, 1)
+                if args.repeat > 1:  # the row: the median of this runner's runs so far
+                    tried.setdefault((s.name, r), []).append(rec)
+                    if k:
+                        runs.pop()
+                    rec = _median_run(tried[(s.name, r)])
                 runs.append(rec)
                 meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
                 _finalize(out, list(runs), meta, calib, readme=False)

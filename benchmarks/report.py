@@ -114,6 +114,25 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def spread(r: dict[str, Any], fn: Any, fmt: Any = None) -> str:
+    """`` (lo-hi, n runs)`` of ``fn`` over a row's repeats (``--repeat``), else ''."""
+    reps = [x for x in r.get("repeats") or [] if x.get("status") == "ok"]
+    vals = [v for v in (fn(x) for x in reps) if v is not None]
+    if len(vals) < 2:
+        return ""
+    fmt = fmt or _pct
+    return f" ({fmt(min(vals))}-{fmt(max(vals))}, {len(vals)} runs)"
+
+
+def _plan_exec(r: dict[str, Any]) -> float | None:
+    """(prepare + executor wall) / (sum of fit seconds / workers) - 1."""
+    ideal = (r.get("fit_seconds_sum") or 0) / max(r.get("n_workers") or 1, 1)
+    if not ideal or r.get("exec_seconds") is None:
+        return None
+    return ((r.get("prepare_seconds") or r.get("plan_seconds") or 0)
+            + r["exec_seconds"]) / ideal - 1
+
+
 def _target(name: str, measured: str, holds: bool | None, detail: str = "",
             floor: str = "") -> dict[str, Any]:
     return {"target": name, "measured": measured, "holds": holds, "detail": detail,
@@ -147,12 +166,13 @@ def targets(runs: list[dict[str, Any]], calib: dict[str, Any] | None = None
     out = []
     rows = _ms(runs, "genes") + _ms(runs, "sites")
     if rows:
-        vals = [(f"{r['suite']}/{r['runner'][11:]}", r["overhead"]) for r in rows]
+        vals = [(f"{r['suite']}/{r['runner'][11:]}", r["overhead"],
+                 spread(r, lambda x: x.get("overhead"))) for r in rows]
         floors = [f"{r['suite']}/{r['runner'][11:]} {_pct(r.get('dask_floor_overhead'))}"
                   for r in rows if r.get("dask_floor_overhead") is not None]
         out.append(_target("orchestration overhead <= 5% (genes, sites)",
-                           ", ".join(f"{n} {_pct(v)}" for n, v in vals),
-                           all(v is not None and v <= 0.05 for _, v in vals),
+                           ", ".join(f"{n} {_pct(v)}{sp}" for n, v, sp in vals),
+                           all(v is not None and v <= 0.05 for _, v, _ in vals),
                            "RunSummary.overhead: executor wall / (sum of fit seconds / "
                            "workers) - 1"
                            + ("; Dask's floor for the same task layout (busy tasks, no "
@@ -162,14 +182,11 @@ def targets(runs: list[dict[str, Any]], calib: dict[str, Any] | None = None
     if tiny:
         vals = []
         for r in tiny:
-            ideal = r["fit_seconds_sum"] / max(r["n_workers"] or 1, 1)
-            over = ((r["prepare_seconds"] or r["plan_seconds"] or 0) + r["exec_seconds"]) \
-                / ideal - 1 if ideal else None
-            r["overhead_plan_exec"] = over
-            vals.append((r["runner"][11:], over))
+            r["overhead_plan_exec"] = over = _plan_exec(r)
+            vals.append((r["runner"][11:], over, spread(r, _plan_exec)))
         out.append(_target("tiny 100k: planning + scheduling + store writes <= 10% over fits",
-                           ", ".join(f"{n} {_pct(v)}" for n, v in vals),
-                           all(v is not None and v <= 0.10 for _, v in vals),
+                           ", ".join(f"{n} {_pct(v)}{sp}" for n, v, sp in vals),
+                           all(v is not None and v <= 0.10 for _, v, _ in vals),
                            "(prepare + executor wall) / (sum of fit seconds / workers) - 1; "
                            "read-back of the store by fit_many excluded",
                            floor=_floors(tiny, calib, plan=True)))
@@ -224,7 +241,8 @@ def targets(runs: list[dict[str, Any]], calib: dict[str, Any] | None = None
     if genes:
         out.append(_target("genes (2,000 x 3 specs) through fit_many >= 2,000 fits/s",
                            ", ".join(f"{r['runner'][11:]} {r['fits_per_second']:.0f}"
-                                     for r in genes),
+                                     + spread(r, lambda x: x.get("fits_per_second"),
+                                              "{:.0f}".format) for r in genes),
                            all(r["fits_per_second"] >= 2000 for r in genes
                                if r.get("engine") != "statsmodels"),
                            "end-to-end fit_many call on 2 workers; every auto/fast run, "
@@ -234,7 +252,9 @@ def targets(runs: list[dict[str, Any]], calib: dict[str, Any] | None = None
     if single:
         out.append(_target("single 100k-row, 2,000-group random-slope fit <= 0.1 s",
                            ", ".join(f"{r['engine']} {r['single_seconds']:.3f} s "
-                                     f"({r['by_status']})" for r in single),
+                                     f"({r['by_status']})"
+                                     + spread(r, lambda x: x.get("single_seconds"),
+                                              "{:.3f} s".format) for r in single),
                            any(r["single_seconds"] <= 0.1 for r in single),
                            "mixedscale.fit(df, spec), median of repeats (statsmodels: once)"))
     return out

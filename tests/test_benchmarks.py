@@ -150,3 +150,22 @@ def test_million_runs_at_a_small_size(tmp_path: Path) -> None:
     assert out["by_status"] == {"ok": 300}
     assert out["peak_mb_with_tables"] >= out["peak_mb_without_tables"] > 0
     assert out["with_tables_s"] >= out["with_status_s"] >= out["returned_s"] > 0
+
+
+def test_repeats_keep_the_median_run_and_the_targets_show_the_range() -> None:
+    from benchmarks.__main__ import _median_run
+    from benchmarks.report import spread, targets
+
+    def run(overhead: float, fps: float) -> dict[str, object]:
+        return {"suite": "genes", "runner": "mixedscale-fast-sorted", "status": "ok",
+                "overhead": overhead, "fits_per_second": fps, "n_workers": 2}
+
+    rows = [run(0.30, 1000.0), run(0.10, 3000.0), run(0.20, 2000.0)]
+    row = _median_run(rows)
+    assert row["overhead"] == 0.20 and [r["overhead"] for r in row["repeats"]] == [0.3, 0.1, 0.2]
+    assert spread(row, lambda x: x["overhead"]) == " (10.0%-30.0%, 3 runs)"
+    assert spread(rows[0], lambda x: x["overhead"]) == ""  # one run: no range
+    (t,) = [t for t in targets([row]) if t["target"].startswith("orchestration")]
+    assert t["measured"] == "genes/fast-sorted 20.0% (10.0%-30.0%, 3 runs)" and not t["holds"]
+    failed = {**run(0.05, 9000.0), "status": "failed"}
+    assert _median_run([failed, rows[0]])["overhead"] == 0.30  # a failed run is no median
