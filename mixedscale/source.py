@@ -147,7 +147,7 @@ class Source:
         columns as ``to_frame`` gives them. Returns (frame, bytes)."""
         if self.frame is not None:
             df = self.frame.loc[:, list(dict.fromkeys(columns))]
-            dec = self.decimals(list(df.columns))
+            dec = [c for c in self.decimals(list(df.columns)) if c not in split_by]
             if dec:  # Python Decimal objects, which the formula would read as a factor
                 df = df.astype(dict.fromkeys(dec, "float64"))
             return _apply_filter_frame(df, self.filter), 0
@@ -166,7 +166,7 @@ class Source:
         expr = self.expression()
         if expr is not None:
             table = table.filter(expr)
-        return to_frame(_floats_for_decimals(table), split_by), nbytes
+        return to_frame(_floats_for_decimals(table, split_by), split_by), nbytes
 
     def _read_file(self, f: str, groups: list[RowGroup], columns: Sequence[str]) -> pa.Table:
         part = dict(groups[0].partition)
@@ -302,11 +302,12 @@ def to_frame(table: pa.Table, keys: Sequence[str] = ()) -> pd.DataFrame:
     return df
 
 
-def _floats_for_decimals(table: pa.Table) -> pa.Table:
+def _floats_for_decimals(table: pa.Table, keep: Sequence[str] = ()) -> pa.Table:
     """Decimal columns as float64: pandas would hold them as Python objects, which the
-    formula reads as a factor."""
+    formula reads as a factor. Split columns (``keep``) stay exact: slices are matched
+    to the plan's keys by equality, and Decimal('1.10') != 1.1."""
     for i, f in enumerate(table.schema):
-        if pa.types.is_decimal(f.type):
+        if pa.types.is_decimal(f.type) and f.name not in keep:
             table = table.set_column(i, pa.field(f.name, pa.float64()),
                                      table.column(i).cast(pa.float64()))
     return table
@@ -331,8 +332,8 @@ def _apply_filter_frame(df: pd.DataFrame, flt: list[tuple[str, str, Any]] | None
             m = s.isin(list(val))
         elif op == "not in":
             m = ~s.isin(list(val))
-        else:
-            m = {"==": s == val, "!=": s != val, "<": s < val, "<=": s <= val,
+        else:  # a missing value passes no comparison, as in Arrow's (Parquet) filter
+            m = {"==": s == val, "!=": (s != val) & s.notna(), "<": s < val, "<=": s <= val,
                  ">": s > val, ">=": s >= val}[op]
         mask &= np.asarray(m, dtype=bool)
     return df.loc[mask]
@@ -436,15 +437,32 @@ def _discover_partitions(files: list[str], base: str) -> pa.Schema:
     fields_ = []
     for k, vs in values.items():
         typ = pa.string()
-        for cand, conv in ((pa.int64(), int), (pa.float64(), float)):
+        for cand, conv in ((pa.int64(), _int64), (pa.float64(), float)):
             try:
                 [conv(v) for v in vs]
             except ValueError:
                 continue
             typ = cand
             break
+        if typ == pa.float64() and any(_is_int(v) for v in vs):
+            typ = pa.string()  # an integer beyond int64: kept exact, as text
         fields_.append(pa.field(k, typ if vs else pa.string()))
     return pa.schema(fields_)
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _int64(text: str) -> int:
+    v = int(text)
+    if not -(2**63) <= v < 2**63:
+        raise ValueError(f"{text} is beyond int64")
+    return v
 
 
 def _base_dir(fs: Any, root: str) -> str:
@@ -458,7 +476,11 @@ def _base_dir(fs: Any, root: str) -> str:
 
 def _list_files(fs: Any, root: str, shown: str) -> list[str]:
     if any(ch in root for ch in "*?["):
-        files = sorted(fs.glob(root))
+        base = _base_dir(fs, root)  # no fs call for a glob
+        found = fs.glob(root, detail=True)
+        # as for a folder: files only, none under (or named) '.' or '_' entries
+        files = sorted(p for p, info in found.items() if info.get("type") != "directory"
+                       and not _hidden(p[len(base):]))
     elif fs.isdir(root):
         files = sorted(p for p in fs.find(root) if not _hidden(p[len(root):]))
     elif fs.exists(root):
@@ -549,17 +571,16 @@ def _scan_footers(src: Source, fs: Any, files: list[str], part_schema: pa.Schema
             typ = pa.string() if pa.types.is_large_string(typ) else typ
             if name in unified and unified[name][0] != typ:
                 prev = unified[name][0]
-                if not _compatible(prev, typ):
+                wide = _widest(prev, typ)
+                if wide is None:
                     raise DataError(
                         f"column {name!r} has type {typ} in {f!r} but {prev} in "
                         f"{unified[name][1]!r}; rewrite the files with one schema"
                     )
-                if pa.types.is_dictionary(prev) != pa.types.is_dictionary(typ):
-                    # Categorical in some files, plain in others: read as plain values
-                    # (Arrow cannot concatenate the two); see Source._read_file.
-                    plain = prev.value_type if pa.types.is_dictionary(prev) else prev
-                    plain = pa.string() if pa.types.is_large_string(plain) else plain
-                    unified[name] = (plain, unified[name][1])
+                # Categorical in some files, plain in others: read as plain values (Arrow
+                # cannot concatenate the two; see Source._read_file). Numbers: the widest
+                # type, so keys and values of every file fit the store's column.
+                unified[name] = (wide, unified[name][1])
             unified.setdefault(name, (typ, f))
         stamp = f"{f}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or ''}"
         stamp += f"|{info.get('ETag') or info.get('etag') or ''}"
@@ -595,12 +616,30 @@ def _scan_footers(src: Source, fs: Any, files: list[str], part_schema: pa.Schema
                                 f"other files; rewrite the files with one schema")
 
 
-def _compatible(a: pa.DataType, b: pa.DataType) -> bool:
-    both_int = pa.types.is_integer(a) and pa.types.is_integer(b)
-    both_float = pa.types.is_floating(a) and pa.types.is_floating(b)
-    both_str = pa.types.is_string(a) and pa.types.is_string(b)
-    dict_ = pa.types.is_dictionary(a) or pa.types.is_dictionary(b)
-    return both_int or both_float or both_str or dict_
+def _plain(t: pa.DataType) -> pa.DataType:
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    return pa.string() if pa.types.is_large_string(t) else t
+
+
+def _widest(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type a column typed ``a`` in one file and ``b`` in another is read as; None
+    where no type holds both exactly (different kinds; uint64 beside a signed int)."""
+    if a == b:
+        return a
+    if pa.types.is_dictionary(a) and pa.types.is_dictionary(b):
+        return a if _plain(a) == _plain(b) else None
+    pa_, pb = _plain(a), _plain(b)
+    if pa.types.is_integer(pa_) and pa.types.is_integer(pb):
+        signed = [t for t in (pa_, pb) if pa.types.is_signed_integer(t)]
+        unsigned = [t for t in (pa_, pb) if pa.types.is_unsigned_integer(t)]
+        if not unsigned or not signed:
+            return max((pa_, pb), key=lambda t: t.bit_width)
+        if max(t.bit_width for t in unsigned) >= 64:
+            return None
+        return pa.int64()
+    if pa.types.is_floating(pa_) and pa.types.is_floating(pb):
+        return max((pa_, pb), key=lambda t: t.bit_width)
+    return pa_ if pa_ == pb else None
 
 
 def read_split_keys(src: Source, split_by: Sequence[str], extra: Sequence[str] = ()
