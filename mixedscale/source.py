@@ -629,6 +629,11 @@ def _widest(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     if pa.types.is_dictionary(a) and pa.types.is_dictionary(b):
         return a if _plain(a) == _plain(b) else None
     pa_, pb = _plain(a), _plain(b)
+    if pa.types.is_null(pa_) or pa.types.is_null(pb):  # a column all null in some file
+        return pb if pa.types.is_null(pa_) else pa_
+    if pa.types.is_timestamp(pa_) and pa.types.is_timestamp(pb) and pa_.tz == pb.tz:
+        units = ["s", "ms", "us", "ns"]  # pandas writes ns, Spark us: the finer holds both
+        return max((pa_, pb), key=lambda t: units.index(t.unit))
     if pa.types.is_integer(pa_) and pa.types.is_integer(pb):
         signed = [t for t in (pa_, pb) if pa.types.is_signed_integer(t)]
         unsigned = [t for t in (pa_, pb) if pa.types.is_unsigned_integer(t)]

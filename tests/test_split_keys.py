@@ -384,3 +384,23 @@ def test_a_glob_skips_hidden_and_underscore_entries_and_folders(tmp_path: Path) 
         assert not src.bad_files and sum(s.rows for s in plan.slices) == len(df)
     with pytest.raises(ms.DataError, match="no Parquet files under"):  # a folder, markers
         prepare(f"{root}/*", [RI], "gene")
+
+
+def test_an_all_null_column_or_a_finer_timestamp_in_one_file_reads_with_the_others(
+        tmp_path: Path) -> None:
+    df = make_genes(n_genes=4, n_subjects=8)
+    a = df[df["gene"].isin(["g000", "g001"])]
+    b = df[~df["gene"].isin(["g000", "g001"])]
+    ta = _with_key(a, [1, 2], pa.int64())
+    tb = _with_key(b, [3, 4], pa.int64())
+    ta = ta.append_column("w", pa.nulls(ta.num_rows))  # pandas' all-None column
+    tb = tb.append_column("w", pa.array(np.ones(tb.num_rows)))
+    ta = ta.append_column("t", pa.array(np.zeros(ta.num_rows, dtype="datetime64[us]")))
+    tb = tb.append_column("t", pa.array(np.zeros(tb.num_rows, dtype="datetime64[ns]")))
+    data = _files(tmp_path, [ta, tb])
+    src, plan = prepare(data, [RI], "k")
+    assert src.schema.field("w").type == pa.float64()
+    assert src.schema.field("t").type == pa.timestamp("ns")
+    assert len(plan.slices) == 4
+    fits = _stored_fits(data, tmp_path)
+    assert (fits["status"] == "ok").all() and len(fits) == 4
