@@ -180,6 +180,10 @@ def _patsy_column(s: pd.Series) -> np.ndarray | pd.Categorical:
         # without bound (formula.py bounds only constants).
         if arr.dtype == object and not pd.api.types.is_bool_dtype(s):
             return arr.astype(float)
+        if arr.dtype.kind in "iu" and arr.dtype.itemsize < 8:
+            # numpy wraps small ints silently: I(t * 100) on int8 gave -56 for 200. int64,
+            # like R's doubles for such arithmetic, holds what formulas compute.
+            return arr.astype(np.int64)
         return arr
     try:
         return pd.Categorical(s.to_numpy(dtype=object))

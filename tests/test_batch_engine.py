@@ -306,3 +306,23 @@ def test_hessian_pd_is_null_where_no_parameter_is_free() -> None:
         one = ms.fit(frames[s], spec)
         assert one.status == "ok" and one.fit["hessian_pd"] is want
         assert {a["hessian_pd"] for a in one.fit["attempts"]} == {want}
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int16", "int32", "Int8"])
+def test_small_int_columns_do_not_wrap_in_formula_arithmetic(dtype: str) -> None:
+    """numpy wraps int8 silently: I(t * 100) read 200 as -56 and the fit was 'ok'
+    with a wrong slope. Both paths must equal the float column's fit."""
+    rng = np.random.default_rng(0)
+    frames = []
+    for s in range(4):
+        g = np.repeat(np.arange(10), 8)
+        t = np.tile(np.arange(4), 20)
+        y = 0.005 * t * 100 + np.repeat(rng.normal(size=10), 8) + 0.1 * rng.normal(size=80)
+        frames.append(pd.DataFrame({"s": s, "g": g, "t": t, "y": y}))
+    df = pd.concat(frames, ignore_index=True)
+    spec = ms.ModelSpec("y ~ I(t * 100)", groups="g")
+    want = _batch(df.assign(t=df["t"].astype(float)), spec, key="s")[0].params.to_pandas()
+    got = _batch(df.assign(t=df["t"].astype(dtype)), spec, key="s")[0].params.to_pandas()
+    np.testing.assert_allclose(got["estimate"], want["estimate"], rtol=1e-9)
+    one = ms.fit(frames[0].assign(t=frames[0]["t"].astype(dtype)), spec)
+    assert one.params["estimate"].iloc[1] == pytest.approx(want["estimate"].iloc[1], rel=1e-9)
