@@ -128,6 +128,15 @@ class Job(_Strict):
                 raise SpecError(f"grid: {exc}") from None
         if not out:
             raise SpecError("a job needs `models` or `grid`; got (models=[], grid=None)")
+        named: dict[str, int] = {}
+        for i, sp in enumerate(out):
+            j = named.setdefault(str(sp.name), i)
+            if j != i and out[j] != sp:  # the same model twice is unique_specs' to refuse
+                where = (f"models[{j}] and models[{i}]" if i < len(self.models)
+                         else f"models[{j}] and the grid")
+                raise SpecError(f"{where} are both named {sp.name!r}, but are different "
+                                "models: spec_name would mix their fits; give each its own "
+                                f"name; got (name={sp.name!r})")
         return out
 
 

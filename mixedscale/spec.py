@@ -151,9 +151,15 @@ class ModelSpec:
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
         set_(self, "_id", hashlib.sha256(blob.encode()).hexdigest()[:16])
 
+    # Identity is the model (spec_id), as the store and fit_many see it: specs that differ
+    # only in name or formula spacing are equal (the generated methods compared fields).
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ModelSpec):
+            return NotImplemented
+        return self.spec_id == other.spec_id
+
     def __hash__(self) -> int:
-        # The generated hash would fail on the vc_formula dict; equal specs share a spec_id.
-        return hash((self.spec_id, self.name))
+        return hash(self.spec_id)
 
     # -- identity
     def canonical(self) -> dict[str, Any]:
@@ -163,10 +169,11 @@ class ModelSpec:
         def norm(pf: ParsedFormula) -> str:
             return pf.template.format(*pf.names)
 
+        re = norm(p["re"]) if "re" in p else "0"
         return {
             "formula": norm(p["formula"]),
             "groups": self.groups,
-            "re_formula": norm(p["re"]) if "re" in p else "0",
+            "re_formula": re,
             "vc_formula": {k[3:]: norm(v) for k, v in sorted(p.items()) if k.startswith("vc:")},
             "reml": self.reml,
             "cov_structure": self.cov_structure,
@@ -174,6 +181,13 @@ class ModelSpec:
             "maxiter": self.maxiter,
             "engine": self.engine,
         }
+
+    @property
+    def structured(self) -> bool:
+        """Whether ``cov_structure`` changes the model: not for a random intercept alone
+        (or no group random effects), where diagonal and unstructured are one model."""
+        re = self._parsed.get("re")
+        return re is not None and re.template.format(*re.names) != "1"
 
     @property
     def spec_id(self) -> str:
@@ -272,13 +286,23 @@ def grid(name: str | None = None, **axes: Any) -> list[ModelSpec]:
     if "formula" not in axes:
         raise SpecError("grid needs a formula; got (formula=None)")
     specs: list[ModelSpec] = []
+    models: dict[str, ModelSpec] = {}
     keys = list(varying)
     for combo in itertools.product(*(varying[k] for k in keys)):
         kw = dict(fixed)
         kw.update(zip(keys, combo, strict=True))
         tag = ",".join(f"{k}={_short(v)}" for k, v in zip(keys, combo, strict=True))
         label = f"{name}[{tag}]" if name and tag else (name or tag or None)
-        specs.append(ModelSpec(name=label, **kw))
+        spec = ModelSpec(name=label, **kw)
+        # Combinations that are one model by another cov_structure (a random intercept
+        # alone has no covariance to structure) are fitted once, under the first one's
+        # name. Their spec_ids differ: an id hashes the fields as given. (The same spec
+        # twice stays in, for unique_specs to refuse.)
+        key = spec.spec_id if spec.structured else json.dumps(
+            {**spec.canonical(), "cov_structure": None}, sort_keys=True)
+        prev = models.setdefault(key, spec)
+        if prev.spec_id == spec.spec_id:
+            specs.append(spec)
     return specs
 
 
@@ -293,7 +317,7 @@ def unique_specs(specs: Iterable[ModelSpec]) -> list[ModelSpec]:
         if prev is not None:
             raise SpecError(
                 f"specs {prev.shown!r} and {s.shown!r} define the same model; "
-                f"got (spec_id={s.spec_id})"
+                f"drop one; got (spec_id={s.spec_id})"
             )
         seen[s.spec_id] = s
         out.append(s)

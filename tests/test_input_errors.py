@@ -425,3 +425,14 @@ def test_a_tls_scheduler_without_certificates_is_refused_before_connecting() -> 
     with pytest.raises(SpecError, match=r"a tls:// scheduler needs the client's certificates"
                        r".*got \(scheduler='tls://127.0.0.1:1', security=None\)"):
         ms.fit_many(_frame(), SPEC, scheduler="tls://127.0.0.1:1")
+
+
+def test_a_job_naming_two_different_models_alike_is_refused(tmp_path: Path) -> None:
+    from mixedscale.job import load_job
+
+    text = ("name: j\ndata: {path: d.parquet}\nmodels:\n"
+            "  - {name: a, formula: 'y ~ x', groups: g}\n"
+            "  - {name: a, formula: 'y ~ x', groups: g, reml: false}\n")
+    (tmp_path / "job.yaml").write_text(text)
+    with pytest.raises(SpecError, match=r"models\[0\] and models\[1\] are both named 'a'"):
+        load_job(tmp_path / "job.yaml").specs()

@@ -322,3 +322,24 @@ def test_unique_specs_rejects_same_model() -> None:
 def test_a_variance_component_named_like_another_variance_row_is_refused(name: str) -> None:
     with pytest.raises(SpecError, match=rf"cannot be named {name!r}.*got \(vc_formula="):
         ModelSpec("y ~ 1", groups="batch", vc_formula={name: "0 + C(cask)"})
+
+
+def test_grid_fits_a_random_intercept_once_across_cov_structures() -> None:
+    """lme4's sleepstudy grid (re 1 / ~Days x unstructured / diagonal x reml) fitted the
+    random-intercept model twice per reml: a 1x1 covariance has no structure."""
+    specs = grid(name="sleep", formula="y ~ x", groups="g", re_formula=["1", "~x"],
+                 cov_structure=["unstructured", "diagonal"], reml=[True, False])
+    assert len(specs) == 6 and unique_specs(specs) == specs
+    ri = [s for s in specs if s.re_formula == "1"]
+    assert [s.cov_structure for s in ri] == ["unstructured", "unstructured"]
+    assert {s.cov_structure for s in specs if s.re_formula != "1"} == {"unstructured",
+                                                                         "diagonal"}
+    # the ids still hash the fields as given: both can be listed by hand
+    assert _spec(cov_structure="diagonal").spec_id != _spec().spec_id
+
+
+def test_specs_equal_by_model_not_by_label() -> None:
+    a = ModelSpec("y ~ x", groups="g")
+    assert a == ModelSpec("y~x", groups="g") == ModelSpec("y ~ x", groups="g", name="other")
+    assert len({a, ModelSpec("y~x", groups="g", name="b")}) == 1
+    assert a != _spec(reml=False) and a != "y ~ x"
