@@ -23,7 +23,12 @@ __all__ = ["Design", "ModelFailure", "build_design"]
 
 
 class ModelFailure(Exception):
-    """A model-level failure: becomes an ``error`` row, never escapes ``fit``."""
+    """A model-level failure: becomes an ``error`` row, never escapes ``fit``.
+
+    ``counts``: the row's data counts (n_obs, n_dropped, n_groups) where the failure
+    came before a Design held them."""
+
+    counts: dict[str, int] | None = None
 
 
 @dataclass
@@ -201,6 +206,24 @@ def build_design(data: pd.DataFrame, spec: ModelSpec, source: Any = None) -> Des
     cols = list(spec.columns)
     sub = data.loc[:, cols]
     n_in = len(sub)
+    allnan = [c for c in cols if n_in and sub[c].isna().all()]
+    sub = sub.dropna()
+    n_dropped = n_in - len(sub)
+    try:
+        return _build(sub, spec, source, cols, n_dropped, allnan)
+    except ModelFailure as exc:  # the row's counts agree with its message
+        if exc.counts is None:
+            ng = int(sub[spec.groups].nunique()) if spec.groups is not None else 1
+            exc.counts = {"n_obs": len(sub), "n_dropped": n_dropped,
+                          "n_groups": ng if len(sub) else 0}
+        raise
+
+
+def _build(sub: pd.DataFrame, spec: ModelSpec, source: Any, cols: list[str], n_dropped: int,
+           allnan: list[str]) -> Design:
+    if len(sub) == 0:
+        why = f"column {allnan[0]!r} is all missing" if allnan else "the data is empty"
+        raise ModelFailure(f"no rows to fit: {why} (n_obs=0, n_dropped={n_dropped})")
     for c in cols:
         s = sub[c]
         if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
@@ -210,12 +233,6 @@ def build_design(data: pd.DataFrame, spec: ModelSpec, source: Any = None) -> Des
                     f"column {c!r} holds infinite values; remove or recode them "
                     f"(got {int(np.isinf(arr).sum())} rows with +/-inf)"
                 )
-    allnan = [c for c in cols if n_in and sub[c].isna().all()]
-    sub = sub.dropna()
-    n_dropped = n_in - len(sub)
-    if len(sub) == 0:
-        why = f"column {allnan[0]!r} is all missing" if allnan else "the data is empty"
-        raise ModelFailure(f"no rows to fit: {why} (n_obs=0, n_dropped={n_dropped})")
     idents = {c: f"_ms{i}_" for i, c in enumerate(cols)}
     frame = pd.DataFrame({idents[c]: _patsy_column(sub[c]) for c in cols})
     env = patsy.EvalEnvironment([eval_namespace()])

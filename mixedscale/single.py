@@ -81,6 +81,8 @@ def _error(spec: ModelSpec, exc: BaseException, t0: float, design: Design | None
     rec = _empty_record(spec)
     if design is not None:
         rec.update(_counts(design))
+    elif getattr(exc, "counts", None):
+        rec.update(exc.counts)  # type: ignore[attr-defined]
     rec.update(status="error", error_type=type(exc).__name__, error_message=str(exc),
                fit_seconds=time.perf_counter() - t0)
     if attempts:

@@ -562,3 +562,16 @@ def test_a_slope_variance_component_is_labelled_by_its_covariate() -> None:
     v = res.variance.set_index("kind")
     assert v.loc["vc", "group"] == "xs" and v.loc["vc", "term1"] == "x"
     assert v.loc["re", "term1"] == "Intercept"
+
+
+@pytest.mark.parametrize(("change", "formula", "counts"), [
+    ({"z": np.nan}, "y ~ x + z", (0, 72, 0)),  # message: n_dropped=72
+    ({"x": 0.0}, "y ~ np.log(x)", (72, 0, 12)),  # log(0): -inf in the design
+    ({"y": np.r_[np.inf, np.zeros(71)]}, "y ~ x", (72, 0, 12)),
+], ids=["all_missing", "log0", "inf"])
+def test_error_rows_carry_the_data_counts_their_message_speaks_of(
+        change: dict[str, object], formula: str, counts: tuple[int, int, int]) -> None:
+    df = _panel().assign(**change)
+    r = mixedscale.fit(df, ModelSpec(formula, groups="g"))
+    assert r.status == "error"
+    assert (r.fit["n_obs"], r.fit["n_dropped"], r.fit["n_groups"]) == counts
