@@ -324,6 +324,33 @@ def check_design(d: Design) -> None:
         )
     if d.n <= p:
         raise ModelFailure(f"too few observations for the fixed effects (n_obs={d.n}, p={p})")
+    if p and d.Z.shape[1]:
+        _check_re_identified(d, Xs)
+
+
+def _check_re_identified(d: Design, Xs: np.ndarray) -> None:
+    """Each random-effect column, taken per group, must leave the span of X: otherwise
+    its variance does not change the fit (the REML deviance is flat in it: the groups
+    column as a fixed-effect factor beside a random intercept), and any estimate, or
+    none, is as good. Exact and O(n p) per column: with Q an orthonormal basis of X,
+    the per-group columns z_g lie in span(X) iff sum_g |z_g|^2 = sum_g |Q' z_g|^2."""
+    Q, _ = np.linalg.qr(Xs)
+    G = d.n_groups
+    for j, name in enumerate(d.z_names):
+        z = d.Z[:, j]
+        total = float(z @ z)
+        if total == 0:
+            continue
+        Qz = Q * z[:, None]
+        proj = sum(float(np.square(np.bincount(d.group_codes, weights=Qz[:, k],
+                                               minlength=G)).sum())
+                   for k in range(Q.shape[1]))
+        if total - proj <= 1e-9 * total:
+            raise ModelFailure(
+                f"random effect {name!r} is not identifiable: the fixed effects already "
+                "hold a term for every group (is the groups column also in the formula?), "
+                "so its variance leaves the fit unchanged; drop the groups column from the "
+                "formula, or the random effect")
 
 
 def _check_residual_df(d: Design, max_cells: int = 4_000_000) -> None:

@@ -575,3 +575,19 @@ def test_error_rows_carry_the_data_counts_their_message_speaks_of(
     r = mixedscale.fit(df, ModelSpec(formula, groups="g"))
     assert r.status == "error"
     assert (r.fit["n_obs"], r.fit["n_dropped"], r.fit["n_groups"]) == counts
+
+
+@pytest.mark.parametrize("engine", ["auto", "fast", "statsmodels"])
+def test_groups_as_a_fixed_factor_beside_their_random_intercept_is_an_error_naming_it(
+        engine: str) -> None:
+    """The REML deviance is flat in that variance: the fast engine wandered to theta
+    ~3e6 and failed with numpy's 'Matrix is not positive definite'."""
+    df = _panel()
+    r = mixedscale.fit(df, ModelSpec("y ~ x + g", groups="g", engine=engine))
+    assert r.status == "error" and r.fit["error_type"] == "ModelFailure"
+    assert "'Intercept' is not identifiable" in r.fit["error_message"]
+    assert "groups column also in the formula" in r.fit["error_message"]
+    # a between-group factor with fewer levels than groups is fine
+    ok = mixedscale.fit(df.assign(arm=df["g"].str[-1].isin(list("02468"))),
+                        ModelSpec("y ~ x + arm", groups="g", engine=engine))
+    assert ok.status == "ok"
