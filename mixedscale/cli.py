@@ -454,8 +454,10 @@ def _store_summary(st: Any, fits: Any, fmt: Fmt) -> None:
         # fit_id and the split columns, so each row names its slice.
         keys = [str(c) for c in fits.columns[: list(fits.columns).index("spec_id")]] \
             if "spec_id" in fits else ["fit_id"]
-        cols = [*keys, *(c for c in ("spec_name", "status", "fit_seconds") if c in fits)]
-        typer.echo("slowest fits:")
+        cols = [*keys, *(c for c in ("spec_name", "status", "method", "fit_seconds")
+                         if c in fits)]
+        # A batch (method newton-batch/-multistart) shares its time evenly among its fits.
+        typer.echo("slowest fits (fits made in one batch share its time evenly):")
         _emit(fits.sort_values("fit_seconds", ascending=False)[cols], Fmt.table, 5)
         import numpy as np
 
