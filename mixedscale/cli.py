@@ -249,7 +249,8 @@ def _cluster_of(job: Any, cluster: Any, cluster_config: Path | None, scheduler: 
 
 
 @app.command()
-def validate(job_file: Annotated[Path, typer.Argument(metavar="JOB.yaml")]) -> None:
+def validate(job_file: Annotated[Path, typer.Argument(metavar="JOB.yaml",
+                                                     help="the job file")]) -> None:
     """Every plan-time check of a job (files, schema, formulas, columns); no fitting."""
     _setup_logging(True)
     from .api import prepare
@@ -448,8 +449,10 @@ def _store_summary(st: Any, fits: Any, fmt: Fmt) -> None:
     if fmt is Fmt.json:
         typer.echo(json.dumps(info))
         return
+    runs_ = "run" if info["n_runs"] == 1 else "runs"
     typer.echo(f"store {info['store']}: {info['n_fits']} fits, by status "
-               f"{info['by_status']}; {info['n_runs']} runs (last: {info['last_run_state']})")
+               f"{info['by_status']}; {info['n_runs']} {runs_} (last: "
+               f"{info['last_run_state']})")
     if len(fits):
         # fit_id and the split columns, so each row names its slice.
         keys = [str(c) for c in fits.columns[: list(fits.columns).index("spec_id")]] \
