@@ -11,7 +11,7 @@ import hashlib
 import logging
 import re
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,7 +220,7 @@ def _check_filter_value(col: str, op: str, val: Any, typ: pa.DataType) -> None:
     shown = ", ".join(f"{v!r} ({type(v).__name__})" for v in vals[:3])
     hint = ""
     numeric = pa.types.is_integer(typ) or pa.types.is_floating(typ)
-    if numeric and any(isinstance(v, str) and _parses_as_number(v) for v in vals):
+    if numeric and any(isinstance(v, str) and _parses(float, v) for v in vals):
         hint = "; write numbers unquoted (in YAML: 1, not '1')"
     elif (pa.types.is_string(typ) or pa.types.is_large_string(typ)) and not any(
             isinstance(v, str) for v in vals):
@@ -313,9 +313,9 @@ def _floats_for_decimals(table: pa.Table, keep: Sequence[str] = ()) -> pa.Table:
     return table
 
 
-def _parses_as_number(text: str) -> bool:
+def _parses(conv: Callable[[str], Any], text: str) -> bool:
     try:
-        float(text)
+        conv(text)
     except ValueError:
         return False
     return True
@@ -444,18 +444,10 @@ def _discover_partitions(files: list[str], base: str) -> pa.Schema:
                 continue
             typ = cand
             break
-        if typ == pa.float64() and any(_is_int(v) for v in vs):
+        if typ == pa.float64() and any(_parses(int, v) for v in vs):
             typ = pa.string()  # an integer beyond int64: kept exact, as text
         fields_.append(pa.field(k, typ if vs else pa.string()))
     return pa.schema(fields_)
-
-
-def _is_int(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _int64(text: str) -> int:
