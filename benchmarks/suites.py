@@ -92,8 +92,10 @@ def sites(quick: bool) -> Suite:
     )
 
 
+# 8 formulas x (a random intercept; a random slope, unstructured or diagonal) x REML/ML:
+# 48 models (a random intercept alone has no covariance structure to vary).
 MULTIVERSE_FORMULAS = ("y ~ x", "y ~ x + z", "y ~ x * z", "y ~ x + w", "y ~ x + z + w",
-                       "y ~ x * z + w")
+                       "y ~ x * z + w", "y ~ x * w", "y ~ x + z * w")
 
 
 def multiverse(quick: bool) -> Suite:
