@@ -324,7 +324,7 @@ def check_design(d: Design) -> None:
         )
     if d.n <= p:
         raise ModelFailure(f"too few observations for the fixed effects (n_obs={d.n}, p={p})")
-    if p and d.Z.shape[1]:
+    if p >= d.n_groups and d.Z.shape[1]:  # fewer columns cannot span every group's
         _check_re_identified(d, Xs)
 
 

@@ -169,11 +169,10 @@ class ModelSpec:
         def norm(pf: ParsedFormula) -> str:
             return pf.template.format(*pf.names)
 
-        re = norm(p["re"]) if "re" in p else "0"
         return {
             "formula": norm(p["formula"]),
             "groups": self.groups,
-            "re_formula": re,
+            "re_formula": norm(p["re"]) if "re" in p else "0",
             "vc_formula": {k[3:]: norm(v) for k, v in sorted(p.items()) if k.startswith("vc:")},
             "reml": self.reml,
             "cov_structure": self.cov_structure,
