@@ -324,7 +324,10 @@ def check_design(d: Design) -> None:
         )
     if d.n <= p:
         raise ModelFailure(f"too few observations for the fixed effects (n_obs={d.n}, p={p})")
-    if p >= d.n_groups and d.Z.shape[1]:  # fewer columns cannot span every group's
+    # p columns span at most p groups' (disjoint, nonzero) columns: with fewer than
+    # n_groups, only a random effect that is zero in whole groups could be spanned,
+    # and that case is left unchecked rather than add a QR of X to every fit.
+    if p >= d.n_groups and d.Z.shape[1]:
         _check_re_identified(d, Xs)
 
 
