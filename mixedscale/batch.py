@@ -133,8 +133,11 @@ class BatchProblem:
             w = np.concatenate([al * al + ga * ga, al * be + ga * de, be * be + de * de], axis=1)
         if q in (1, 2):
             assert self.P is not None
-            up = np.matmul(w[:, None, :], self.P)[:, 0, :]  # (F, n_tri)
-            S = np.empty((self.F, p + 1, p + 1))
+            if self.P.shape[0] == 1:  # one fit: all thetas in one matrix product
+                up = w @ self.P[0]
+            else:
+                up = np.matmul(w[:, None, :], self.P)[:, 0, :]  # (F, n_tri)
+            S = np.empty((up.shape[0], p + 1, p + 1))  # thetas may outnumber fits of 1
             S[:, self.tri[0], self.tri[1]] = up
             S[:, self.tri[1], self.tri[0]] = up
         else:

@@ -105,41 +105,35 @@ def check_optimum(prob: Problem, theta: np.ndarray) -> tuple[float, bool | None]
     parameter sitting on its lower bound is a Karush-Kuhn-Tucker optimum when
     the deviance rises into the feasible side, so it drops out of both checks.
     """
-    f = prob.deviance
     th = np.asarray(theta, dtype=float)
     k = th.size
     h = _FD_STEP
-    f0 = f(th)
+    on_bound = np.isfinite(prob.lower) & (th - prob.lower < h)
+    free = np.flatnonzero(~on_bound)
+    # Every stencil point first, then one vectorized evaluation (prob.deviances).
+    eye = np.eye(k)
+    pts = [th]
+    for j in range(k):
+        # A relative SD of 0 is a stationary point by symmetry (the deviance is even in
+        # it), also when the deviance falls into the interior; so probe further in too.
+        pts += [th + h * eye[j], th + _BOUND_PROBE * eye[j]] if on_bound[j] else [
+            th + h * eye[j], th - h * eye[j]]
+    mixed = [(int(a), int(b)) for i, a in enumerate(free) for b in free[:i]]
+    for i, j in mixed:
+        ei, ej = h * eye[i], h * eye[j]
+        pts += [th + ei + ej, th + ei - ej, th - ei + ej, th - ei - ej]
+    v = prob.deviances(np.array(pts))
+    f0 = v[0]
     if not np.isfinite(f0):
         return np.inf, False
-    on_bound = np.isfinite(prob.lower) & (th - prob.lower < h)
-    grad = np.zeros(k)
-    for j in range(k):
-        e = np.zeros(k)
-        e[j] = h
-        if on_bound[j]:
-            g = (f(th + e) - f0) / h
-            # A relative SD of 0 is a stationary point by symmetry (the deviance is even in
-            # it), also when the deviance falls into the interior; so probe further in too.
-            e[j] = _BOUND_PROBE
-            g_far = (f(th + e) - f0) / _BOUND_PROBE
-            grad[j] = min(g, g_far, 0.0)
-        else:
-            grad[j] = (f(th + e) - f(th - e)) / (2 * h)
-    free = np.flatnonzero(~on_bound)
+    fa, fb = v[1:1 + 2 * k:2], v[2:2 + 2 * k:2]  # +h e_j, and -h e_j or the far probe
+    grad = np.where(on_bound, np.minimum(np.minimum((fa - f0) / h, (fb - f0) / _BOUND_PROBE),
+                                         0.0), (fa - fb) / (2 * h))
     H = np.zeros((k, k))  # only the free block is used
-    for a, i in enumerate(free):
-        for j in free[: a + 1]:
-            ei = np.zeros(k)
-            ej = np.zeros(k)
-            ei[i] = h
-            ej[j] = h
-            if i == j:
-                v = (f(th + ei) - 2 * f0 + f(th - ei)) / h**2
-            else:
-                v = (f(th + ei + ej) - f(th + ei - ej) - f(th - ei + ej) + f(th - ei - ej)) / (
-                    4 * h * h)
-            H[i, j] = H[j, i] = v
+    H[free, free] = (fa[free] - 2 * f0 + fb[free]) / h**2
+    for m, (i, j) in enumerate(mixed):
+        pp, pm, mp, mm = v[1 + 2 * k + 4 * m: 5 + 2 * k + 4 * m]
+        H[i, j] = H[j, i] = (pp - pm - mp + mm) / (4 * h * h)
     return lme4_verdict(grad, H, on_bound)
 
 
@@ -151,6 +145,35 @@ class _Counter:
     def __call__(self, x: np.ndarray) -> float:
         self.n += 1
         return float(self.f(x))
+
+
+class _WithGradient:
+    """The deviance and its central-difference gradient at once, for scipy's gradient
+    methods: the stencil goes through ``prob.deviances`` in one call, where scipy's own
+    forward differences take one call per parameter and a step near sqrt(eps), too small
+    for deviances in the 1e5s (about 1e-3 of rounding noise in each component)."""
+
+    _STEP = 6e-6  # ~ eps^(1/3): balances rounding and truncation of central differences
+
+    def __init__(self, prob: Problem) -> None:
+        self.prob = prob
+        self.n = 0
+
+    def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        x = np.asarray(x, dtype=float)
+        k = x.size
+        h = self._STEP * np.maximum(1.0, np.abs(x))
+        E = np.diag(h)
+        # Near a lower bound, one-sided second-order differences stay feasible.
+        near = x - h < self.prob.lower
+        v = self.prob.deviances(np.concatenate([x[None], x + E, np.where(
+            near[:, None], x + 2 * E, x - E)]))
+        self.n += len(v)
+        f0, fp, fm = v[0], v[1:1 + k], v[1 + k:]
+        g = np.where(near, (-3 * f0 + 4 * fp - fm) / (2 * h), (fp - fm) / (2 * h))
+        if not np.isfinite(f0):
+            return np.inf, np.zeros(k)
+        return float(f0), np.where(np.isfinite(g), g, 0.0)
 
 
 def _finish(prob: Problem, engine: str, method: str, theta: np.ndarray, converged: bool,
@@ -175,8 +198,10 @@ def fit_fast(prob: Problem, optimizers: tuple[str, ...], maxiter: int) -> list[A
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in prob.lower]
     for method in optimizers:
         t0 = time.perf_counter()
-        fun = _Counter(prob.deviance)
         sp = _SCIPY[method]
+        # Gradient methods take the stencil-at-once gradient; the others, values only.
+        fun: _Counter | _WithGradient = (_WithGradient(prob) if sp in ("L-BFGS-B", "SLSQP")
+                                         else _Counter(prob.deviance))
         opts: dict[str, Any] = {"maxiter": maxiter}
         if sp == "Nelder-Mead":
             opts.update(xatol=1e-8, fatol=1e-10)
@@ -189,7 +214,8 @@ def fit_fast(prob: Problem, optimizers: tuple[str, ...], maxiter: int) -> list[A
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                res = optimize.minimize(fun, start, method=sp, bounds=bounds, options=opts)
+                res = optimize.minimize(fun, start, method=sp, bounds=bounds, options=opts,
+                                        jac=isinstance(fun, _WithGradient))
             att = _finish(prob, "fast", method, res.x, bool(res.success), fun.n, t0,
                           str(res.message), [str(w.message) for w in caught])
         except (ValueError, np.linalg.LinAlgError, FloatingPointError) as exc:
@@ -220,26 +246,26 @@ def polish(prob: Problem, att: Attempt, max_steps: int = 6) -> Attempt | None:
     if free.size == 0:
         return None
 
-    def f(sub: np.ndarray) -> float:
-        full = th.copy()
-        full[free] = sub
-        return prob.deviance(full)
+    def f(subs: np.ndarray) -> np.ndarray:
+        full = np.repeat(th[None], len(subs), axis=0)
+        full[:, free] = subs
+        return prob.deviances(full)
 
     x = th[free].copy()
     k = x.size
     h = _FD_STEP
-    f0 = f(x)
+    f0 = float(f(x[None])[0])
     n = 1
     eye = np.eye(k) * h
     lower = prob.lower[free]
+    mixed = [(i, j) for i in range(k) for j in range(i)]
     for _ in range(max_steps):
-        fp = np.array([f(x + e) for e in eye])
-        fm = np.array([f(x - e) for e in eye])
+        v = f(np.array([*(x + eye), *(x - eye), *(x + eye[i] + eye[j] for i, j in mixed)]))
+        fp, fm = v[:k], v[k:2 * k]
         g = (fp - fm) / (2 * h)
         H = np.diag((fp - 2 * f0 + fm) / h**2)
-        for i in range(k):
-            for j in range(i):
-                H[i, j] = H[j, i] = (f(x + eye[i] + eye[j]) - fp[i] - fp[j] + f0) / h**2
+        for m, (i, j) in enumerate(mixed):
+            H[i, j] = H[j, i] = (v[2 * k + m] - fp[i] - fp[j] + f0) / h**2
         n += 2 * k + k * (k - 1) // 2
         try:
             w, V = np.linalg.eigh(H)
@@ -250,15 +276,13 @@ def polish(prob: Problem, att: Attempt, max_steps: int = 6) -> Attempt | None:
         d = -V @ ((V.T @ g) / w)
         if -g @ d < 1e-12:
             break
-        for t in (1.0, 0.5, 0.25):
-            trial = np.maximum(x + t * d, lower)
-            ft = f(trial)
-            n += 1
-            if ft < f0:
-                x, f0 = trial, ft
-                break
-        else:
+        trials = np.maximum(x + np.array([1.0, 0.5, 0.25])[:, None] * d, lower)
+        ft = f(trials)
+        n += len(trials)
+        better = np.flatnonzero(ft < f0)
+        if not better.size:
             break
+        x, f0 = trials[better[0]], float(ft[better[0]])  # the longest step that descends
     if not f0 < -2 * att.llf - 1e-12:
         return None
     th[free] = x
