@@ -89,13 +89,16 @@ class BatchProblem:
                 outer += [r0[..., i] * r1[..., j] + r1[..., i] * r0[..., j],
                           r1[..., i] * r1[..., j]]
             self.P = np.concatenate(outer, axis=1)  # (F, len(outer) * G, n_tri)
+        if self.q == 2:
+            z = ZtZ
+            self.detC = np.maximum(z[..., 0, 0] * z[..., 1, 1] - z[..., 0, 1] ** 2, 0.0)
 
     def subset(self, sel: np.ndarray) -> BatchProblem:
         """The same problem for fits ``sel`` only."""
         sub = object.__new__(BatchProblem)
         sub.__dict__.update(self.__dict__)
-        for name in ("ZtZ", "ZtX", "Zty", "XtX", "Xty", "yty", "n", "R", "P"):
-            v = getattr(self, name)
+        for name in ("ZtZ", "ZtX", "Zty", "XtX", "Xty", "yty", "n", "R", "P", "detC"):
+            v = getattr(self, name, None)
             setattr(sub, name, None if v is None else v[sel])
         sub.F = int(sub.n.shape[0])
         return sub
@@ -110,41 +113,54 @@ class BatchProblem:
         ``th`` (F, k); beta is None unless ``with_beta``."""
         q, p = self.q, self.p
         if q == 1:
-            lam2 = th[:, 0:1] ** 2
+            lam2 = th[..., 0:1] ** 2
             m = lam2 * self.ZtZ[..., 0, 0] + 1.0  # (F, G)
-            ld = np.log(m).sum(axis=1)
+            ld = np.log(m).sum(axis=-1)
             w = lam2 / m
         elif q == 2:
-            # Closed forms for a 2x2 lower-triangular factor [[a, 0], [b, c]]; the
-            # solved rows are x1 = al R0 + be R1 and x2 = ga R0 + de R1 per group.
-            a = th[:, 0:1]
-            b = th[:, 1:2] if not self.diagonal else np.zeros_like(a)
-            c = th[:, -1:]
+            # Closed forms for a 2x2 lower-triangular factor [[a, 0], [b, c]], with
+            # M = I + L'CL per group (C = Z'Z): det M = 1 + tr(CV) + det C (ac)^2, where
+            # V = LL', so no sqrt and one log; the weights are W = L M^-1 L' = L adj(M) L'
+            # / det M. det M >= 1 always: no cancellation beyond det C's own, clipped once.
+            a = th[..., 0:1]
+            c = th[..., -1:]
             z00, z01, z11 = self.ZtZ[..., 0, 0], self.ZtZ[..., 0, 1], self.ZtZ[..., 1, 1]
-            m00 = a * a * z00 + 2 * a * b * z01 + b * b * z11 + 1.0
-            m01 = c * (a * z01 + b * z11)
-            m11 = c * c * z11 + 1.0
-            l11 = np.sqrt(m00)
-            l21 = m01 / l11
-            l22 = np.sqrt(np.maximum(m11 - l21 * l21, 1e-300))
-            ld = 2.0 * (np.log(l11) + np.log(l22)).sum(axis=1)
-            al, be = a / l11, b / l11
-            ga, de = -l21 * al / l22, (c - l21 * be) / l22
-            w = np.concatenate([al * al + ga * ga, al * be + ga * de, be * be + de * de], axis=1)
+            aa, cc, ac = a * a, c * c, a * c
+            m11 = cc * z11 + 1.0
+            if self.diagonal:
+                m00 = aa * z00 + 1.0
+                m01 = ac * z01
+            else:
+                b = th[..., 1:2]
+                m00 = aa * z00 + (2 * a * b) * z01 + (b * b) * z11 + 1.0
+                m01 = ac * z01 + (b * c) * z11
+            det = m00 + m11 - 1.0 + (ac * ac) * self.detC
+            ld = np.log(det).sum(axis=-1)
+            r = 1.0 / det
+            t, u, v = m11 * r, m01 * r, m00 * r
+            G = t.shape[-1]
+            w = np.empty((*t.shape[:-1], 3 * G))
+            np.multiply(aa, t, out=w[..., :G])
+            if self.diagonal:
+                np.multiply(-ac, u, out=w[..., G:2 * G])
+                np.multiply(cc, v, out=w[..., 2 * G:])
+            else:
+                w[..., G:2 * G] = (a * b) * t - ac * u
+                w[..., 2 * G:] = (b * b) * t - (2 * b * c) * u + cc * v
         if q in (1, 2):
             assert self.P is not None
             if self.P.shape[0] == 1:  # one fit: all thetas in one matrix product
                 up = w @ self.P[0]
             else:
-                up = np.matmul(w[:, None, :], self.P)[:, 0, :]  # (F, n_tri)
-            S = np.empty((up.shape[0], p + 1, p + 1))  # thetas may outnumber fits of 1
-            S[:, self.tri[0], self.tri[1]] = up
-            S[:, self.tri[1], self.tri[0]] = up
+                up = np.matmul(w[..., None, :], self.P)[..., 0, :]  # ([T,] F, n_tri)
+            S = np.empty((*up.shape[:-1], p + 1, p + 1))
+            S[..., self.tri[0], self.tri[1]] = up
+            S[..., self.tri[1], self.tri[0]] = up
         else:
             ld, S = self._general(th)
-        cucu = S[:, 0, 0]
-        rhs = self.Xty - S[:, 1:, 0]
-        RtR = self.XtX - S[:, 1:, 1:]
+        cucu = S[..., 0, 0]
+        rhs = self.Xty - S[..., 1:, 0]
+        RtR = self.XtX - S[..., 1:, 1:]
         RX, ok = _cholesky(RtR)
         ldx = 2.0 * np.log(np.diagonal(RX, axis1=-2, axis2=-1)).sum(axis=-1)
         cb = _forward(RX, rhs)
@@ -250,9 +266,15 @@ def _offsets(k: int, mixed: str) -> tuple[np.ndarray, list[tuple[int, int, list[
     return np.array(pts), mixed_idx
 
 
+_STACK_MAX = 65_536  # points x fits x groups: about where stacking stopped paying (micro-benchmark)
+
+
 def _at(prob: BatchProblem, th: np.ndarray, off: np.ndarray) -> np.ndarray:
-    """Deviance at th + off[t] for every offset, (F, T). One point per call: stacking
-    points into one call measured slower (the arrays outgrow the cache)."""
+    """Deviance at th + off[t] for every offset, (F, T). Small batches take every point
+    in one call (numpy's per-call cost dominates there); large ones one point per call,
+    as stacked arrays outgrow the cache."""
+    if prob.P is not None and len(off) * prob.F * prob.G <= _STACK_MAX:
+        return prob.deviance(th[None] + off[:, None, :]).T
     return np.stack([prob.deviance(th + o) for o in off], axis=1)
 
 

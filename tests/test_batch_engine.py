@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mixedscale as ms
-from mixedscale.batch import fit_slices
+from mixedscale import batch as batch_mod
+from mixedscale.batch import BatchProblem, _at, _offsets, fit_slices
 
 from .conftest import make_genes
 
@@ -326,3 +327,51 @@ def test_small_int_columns_do_not_wrap_in_formula_arithmetic(dtype: str) -> None
     np.testing.assert_allclose(got["estimate"], want["estimate"], rtol=1e-9)
     one = ms.fit(frames[0].assign(t=frames[0]["t"].astype(dtype)), spec)
     assert one.params["estimate"].iloc[1] == pytest.approx(want["estimate"].iloc[1], rel=1e-9)
+
+
+def _random_batch(q: int, diagonal: bool, singletons: bool) -> BatchProblem:
+    """Sufficient statistics of random slices; with ``singletons``, one row per group
+    (rank-1 Z'Z, where a 2x2 closed form can lose digits to cancellation)."""
+    rng = np.random.default_rng(q * 10 + diagonal + 2 * singletons)
+    F, G, m, p = 7, 12, 1 if singletons else 5, 3
+    Z = rng.normal(size=(F, G, m, q))
+    Z[..., 0] = 1.0
+    X = rng.normal(size=(F, G, m, p))
+    y = 3 * rng.normal(size=(F, G, m)) + 10
+    return BatchProblem(np.einsum("fgnq,fgnr->fgqr", Z, Z), np.einsum("fgnq,fgnp->fgqp", Z, X),
+                        np.einsum("fgnq,fgn->fgq", Z, y), np.einsum("fgnp,fgnr->fpr", X, X),
+                        np.einsum("fgnp,fgn->fp", X, y), np.einsum("fgn,fgn->f", y, y),
+                        np.full(F, G * m), True, diagonal)
+
+
+@pytest.mark.parametrize(("q", "diagonal"), [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("singletons", [False, True])
+def test_closed_form_deviance_matches_the_general_cholesky_path(q: int, diagonal: bool,
+                                                                singletons: bool) -> None:
+    prob = _random_batch(q, diagonal, singletons)
+    rng = np.random.default_rng(5)
+    for scale in (0.01, 1.0, 30.0):
+        th = rng.normal(size=(prob.F, prob.k)) * scale
+        ld_c, ldx_c, _, _, r2_c, ok_c = prob.solve(th)
+        ld_g, S = prob._general(th)
+        assert ok_c.all()
+        np.testing.assert_allclose(ld_c, ld_g, rtol=1e-10, atol=1e-9)
+        rhs = prob.Xty - S[:, 1:, 0]
+        beta = np.linalg.solve(prob.XtX - S[:, 1:, 1:], rhs[..., None])[..., 0]
+        np.testing.assert_allclose(ldx_c, np.linalg.slogdet(prob.XtX - S[:, 1:, 1:])[1],
+                                   rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(r2_c, prob.yty - S[:, 0, 0] - (rhs * beta).sum(axis=1),
+                                   rtol=1e-8)
+
+
+@pytest.mark.parametrize(("q", "diagonal"), [(1, False), (2, False), (2, True)])
+def test_stacked_stencils_equal_one_point_per_call(q: int, diagonal: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    prob = _random_batch(q, diagonal, False)
+    th = np.abs(np.random.default_rng(2).normal(size=(prob.F, prob.k))) + 0.1
+    off, _ = _offsets(prob.k, "central")
+    stacked = _at(prob, th, off)
+    monkeypatch.setattr(batch_mod, "_STACK_MAX", 0)
+    np.testing.assert_allclose(stacked, _at(prob, th, off), rtol=1e-13)
+    one = prob.subset(np.array([3]))  # a fit of one: all points in one matrix product
+    np.testing.assert_allclose(_at(one, th[3:4], off), stacked[3:4], rtol=1e-13)
