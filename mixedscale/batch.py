@@ -749,7 +749,7 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
             fit_cols["method"] = np.where(r, "newton-multistart", "newton-batch")
             fit_cols["n_attempts"] = 1 + r.astype(np.int64)
             llf = np.asarray(fit_cols["llf"], dtype=float)
-            fits = _fits_table(fit_cols, per_fit, n_evals, restarted=(
+            fits = _fits_table(fit_cols, per_fit, n_evals, d.warnings, restarted=(
                 r, llf + (dev[ok] - first[0][ok]) / 2, first[1][ok], first[2][ok]))
     return BatchOutput(fits=fits if fits is not None else FIT_SCHEMA.empty_table(),
                        params=pa.concat_tables(params) if params else pa.table({}),
@@ -758,8 +758,11 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
 
 
 def _fits_table(cols: dict[str, Any], per_fit: float, n_evals: int,
+                design_warnings: list[str] | None = None,
                 restarted: tuple[np.ndarray, ...] | None = None) -> pa.Table:
     """The batch's fit rows, built column by column (store.FIT_SCHEMA plus ``_slice``).
+
+    ``design_warnings``: the shared design's, listed first in every fit's warnings.
 
     ``restarted``: (mask, llf, grad_max, hessian_pd) of each fit's first optimum, listed
     before the kept one in ``attempts`` where a restart beat it."""
@@ -801,10 +804,7 @@ def _fits_table(cols: dict[str, Any], per_fit: float, n_evals: int,
     cols.update(
         attempts=pa.ListArray.from_arrays(pa.array(offsets), attempt),
         theta=pa.ListArray.from_arrays(pa.array(one * th.shape[1]), pa.array(th.ravel())),
-        warnings=pa.ListArray.from_arrays(
-            pa.array(np.r_[0, np.cumsum(sing)].astype(np.int32)),
-            pa.array(["boundary (singular) fit: see isSingular"] * int(sing.sum()),
-                     type=pa.string())),
+        warnings=_warnings_column(sing, design_warnings or []),
         fit_seconds=seconds)
     out = {"_slice": pa.array(cols["_slice"])}
     for f in FIT_SCHEMA:
@@ -816,6 +816,16 @@ def _fits_table(cols: dict[str, Any], per_fit: float, n_evals: int,
         else:
             out[f.name] = pa.array(v, type=f.type)
     return pa.table(out)
+
+
+def _warnings_column(singular: np.ndarray, shared: list[str]) -> pa.ListArray:
+    """Each fit's warnings: the shared ones, then the singular-fit note where it applies."""
+    note = "boundary (singular) fit: see isSingular"
+    per = len(shared) + singular.astype(np.int32)
+    values = ([w for s in singular for w in [*shared, *([note] if s else [])]] if shared
+              else [note] * int(singular.sum()))
+    return pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(per)].astype(np.int32)),
+                                    pa.array(values, type=pa.string()))
 
 
 def _shared_designs(Xs: np.ndarray, Zs: np.ndarray, g_row: np.ndarray, sl_o: np.ndarray,

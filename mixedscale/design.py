@@ -90,7 +90,8 @@ def _cached(source: Any, key: tuple[Any, ...], build: Any) -> Any:
 
 
 def _matrix(formula: str, data: pd.DataFrame, env: patsy.EvalEnvironment, lhs: bool,
-            ctx: _Context) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+            ctx: _Context) -> tuple[np.ndarray, np.ndarray | None, list[str], list[str]]:
+    """(X, y or None, column names, warnings)."""
     try:
         if lhs:
             yv, xm = patsy.dmatrices(formula, data, eval_env=env, NA_action="raise")
@@ -103,7 +104,7 @@ def _matrix(formula: str, data: pd.DataFrame, env: patsy.EvalEnvironment, lhs: b
     except patsy.PatsyError as exc:
         raise ctx.explain(exc) from None
     ctx.check_finite(X, names)
-    return X, y, names
+    return X, y, names, ctx.empty_terms(xm.design_info)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,18 @@ class _Context:
     def fail(self, rule: str, mark: str, got: str) -> ModelFailure:
         return ModelFailure(f"design matrix could not be built: {rule}; got ({got}) "
                             f"(from {self.role} {self.parsed.text!r}){mark}")
+
+    def empty_terms(self, info: Any) -> list[str]:
+        """Warnings for terms that came out with no column: a factor with one level in
+        these rows (lme4 refuses it: "contrasts can be applied only to factors with 2
+        or more levels"; patsy drops it without a word)."""
+        out = []
+        for term, sl in info.term_slices.items():
+            if term.factors and sl.stop == sl.start:
+                name = self.locate(_rename_back(term.name(), self.columns))[0]
+                out.append(f"{self.role} term {name!r} has a single level in these rows, so "
+                           "it has no column to estimate and was left out of the model")
+        return out
 
     def check_finite(self, M: np.ndarray, names: list[str]) -> None:
         bad = ~np.isfinite(M)
@@ -247,8 +260,10 @@ def _build(sub: pd.DataFrame, spec: ModelSpec, source: Any, cols: list[str], n_d
         return _Context(p[key], role, cols, text_cols)
 
     fx = p["formula"].render(idents)
-    X, y, x_names = _cached(source, ("x", ck, fx),
-                            lambda: _matrix(fx, frame, env, lhs=True, ctx=ctx("formula")))
+    X, y, x_names, warns = _cached(source, ("x", ck, fx),
+                                   lambda: _matrix(fx, frame, env, lhs=True,
+                                                   ctx=ctx("formula")))
+    warns = list(warns)
     if y is None:
         raise ModelFailure("the formula has no response")
     y = y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
@@ -256,14 +271,18 @@ def _build(sub: pd.DataFrame, spec: ModelSpec, source: Any, cols: list[str], n_d
         raise ModelFailure("the response must be one numeric column; got a factor response")
     if "re" in p:
         fz = p["re"].render(idents)
-        Z, _, z_names = _cached(source, ("z", ck, fz),
-                                lambda: _matrix(fz, frame, env, lhs=False, ctx=ctx("re")))
+        Z, _, z_names, z_warns = _cached(source, ("z", ck, fz),
+                                         lambda: _matrix(fz, frame, env, lhs=False,
+                                                         ctx=ctx("re")))
+        warns += z_warns
     else:
         Z, z_names = np.zeros((len(sub), 0)), []
     vc: list[tuple[str, np.ndarray]] = []
     for key, pf in p.items():
         if key.startswith("vc:"):
-            m, _, _ = _matrix(pf.render(idents), frame, env, lhs=False, ctx=ctx(key))
+            m, _, _, vc_warns = _matrix(pf.render(idents), frame, env, lhs=False,
+                                        ctx=ctx(key))
+            warns += vc_warns
             vc.append((key[3:], m))
     if spec.groups is not None:
         codes, uniques = pd.factorize(sub[spec.groups], sort=True)
@@ -281,6 +300,7 @@ def _build(sub: pd.DataFrame, spec: ModelSpec, source: Any, cols: list[str], n_d
         group_codes=np.asarray(codes, dtype=np.intp),
         group_labels=labels,
         n_dropped=n_dropped,
+        warnings=warns,
     )
 
 

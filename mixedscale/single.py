@@ -188,7 +188,7 @@ def _fit_design(d: Design, spec: ModelSpec, t0: float) -> FitResult:
     rec = _empty_record(spec)
     rec.update(_counts(d))
     n_par = orig.p + orig.n_theta + 1
-    warns = list(dict.fromkeys(w for a in all_attempts for w in a.warnings))
+    warns = list(dict.fromkeys([*d.warnings, *(w for a in all_attempts for w in a.warnings)]))
     singular = orig.is_singular(theta)
     rec.update(
         status="ok" if best.verified and not beaten else "not_converged",

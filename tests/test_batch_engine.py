@@ -375,3 +375,21 @@ def test_stacked_stencils_equal_one_point_per_call(q: int, diagonal: bool,
     np.testing.assert_allclose(stacked, _at(prob, th, off), rtol=1e-13)
     one = prob.subset(np.array([3]))  # a fit of one: all points in one matrix product
     np.testing.assert_allclose(_at(one, th[3:4], off), stacked[3:4], rtol=1e-13)
+
+
+def test_a_single_level_factor_is_named_in_warnings_by_both_paths() -> None:
+    # patsy drops a one-level factor without a word; lme4 refuses it. The fit goes on
+    # without the term, and every row says so.
+    df = make_genes(n_genes=8)
+    df["site"] = "A"
+    spec = ms.ModelSpec("y ~ time + C(site)", groups="subject")
+    single = ms.fit(df[df.gene == df.gene.iloc[0]], spec)
+    want = ("formula term 'C(site)' has a single level in these rows, so it has no column "
+            "to estimate and was left out of the model")
+    assert single.fit["warnings"] == [want]
+    assert single.params.term.tolist() == ["Intercept", "time"]
+    keys = sorted(df.gene.unique())
+    sl = pd.Categorical(df.gene, categories=keys).codes.astype(np.intp)
+    out = fit_slices(df, sl, spec, len(keys))
+    assert out is not None and out.fits.num_rows == len(keys)
+    assert all(w[0] == want for w in out.fits.column("warnings").to_pylist())
