@@ -110,7 +110,8 @@ class ModelSpec:
         set_(self, "vc_formula", vc or None)
         if self.groups is None and not vc:
             raise SpecError(
-                "a mixed model needs groups or variance components; "
+                "a mixed model needs groups or variance components: name the grouping "
+                "column with groups='<column>' (CLI: --groups, job file: groups:); "
                 "got (groups=None, vc_formula=None)"
             )
         if "re" not in parsed and not vc:
