@@ -105,6 +105,9 @@ class ParsedFormula:
                 if quoted:  # e.g. 'a-b', which a formula reads as a minus b
                     err = SpecError(f"{err}; a column name that is not an identifier needs "
                                     f"quoting: Q({quoted[0]!r})")
+                at = re.search(rf"(?<![\w.]){re.escape(n)}(?![\w.])", self.text)
+                if at is not None:
+                    err = SpecError(f"{err}{_mark(self.text, at.start(), at.end())}")
                 raise err
 
 

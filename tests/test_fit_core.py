@@ -70,6 +70,13 @@ def test_nba_wrong_case_column_names_raise_with_suggestion(nba: pd.DataFrame) ->
     msg = str(exc.value)
     assert "no column 'points'" in msg
     assert "did you mean 'Points'" in msg
+    assert msg.endswith("\n    points ~ minutes\n    ^^^^^^")  # the token, marked
+
+
+def test_unknown_column_mark_finds_the_whole_token(nba: pd.DataFrame) -> None:
+    with pytest.raises(SpecError) as exc:
+        mixedscale.fit(nba, ModelSpec("Points ~ np.log(Minutes) + min", groups="Team"))
+    assert str(exc.value).endswith("np.log(Minutes) + min\n" + " " * 31 + "^^^")
 
 
 def test_nba_wrong_case_groups_raise_with_suggestion(nba: pd.DataFrame) -> None:
