@@ -587,7 +587,10 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
             sl = np.repeat(np.arange(len(keys)), sizes)
             subsets.clear()
             designs.clear()
-            subsets[tk] = (df.iloc[rows], sl)
+            # Sorted data: a task's slices are one run of rows, taken as a view, not a copy.
+            run = rows.size and rows[-1] - rows[0] + 1 == rows.size and bool(
+                (np.diff(rows) == 1).all())
+            subsets[tk] = (df.iloc[rows[0]:rows[-1] + 1] if run else df.iloc[rows], sl)
         frame, sl = subsets[tk]
         try:
             out = fit_slices(frame, sl, spec, len(keys), cache=designs)
