@@ -321,9 +321,9 @@ def fit_cmd(
     _install_sigterm(opts.stop)  # as `run`: exit 3, the manifest "interrupted"
     try:
         _check_workers(workers, scheduler)
-        # Named by its formula: the store's spec_name would otherwise be the hash.
+        # Unnamed: spec_name is then the model in lme4's notation (ModelSpec.describe).
         spec = ModelSpec(formula=formula, groups=groups, re_formula=re_formula, reml=not ml,
-                         cov_structure=cov_structure, name=formula)  # type: ignore[arg-type]
+                         cov_structure=cov_structure)  # type: ignore[arg-type]
         result = fit_many(data, [spec], split_by=split_by or None, store=store,
                           scheduler=scheduler, workers=workers, engine=engine,
                           timeout=timeout, progress=False if quiet else None,

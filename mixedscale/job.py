@@ -110,11 +110,11 @@ class Job(_Strict):
                 kw.setdefault(k, v)
             if "optimizers" in kw:
                 kw["optimizers"] = tuple(kw["optimizers"])
-            kw.setdefault("name", f"model{i + 1}")
             try:
                 out.append(ModelSpec(**kw))
             except SpecError as exc:
-                raise SpecError(f"models[{i}] ({kw['name']!r}): {exc}") from None
+                raise SpecError(f"models[{i}] ({kw.get('name') or kw.get('formula')!r}): "
+                                f"{exc}") from None
         if self.grid is not None:
             axes = {k: v for k, v in self.grid.model_dump().items()
                     if k != "name" and v is not None}
@@ -130,13 +130,13 @@ class Job(_Strict):
             raise SpecError("a job needs `models` or `grid`; got (models=[], grid=None)")
         named: dict[str, int] = {}
         for i, sp in enumerate(out):
-            j = named.setdefault(str(sp.name), i)
+            j = named.setdefault(sp.label, i)
             if j != i and out[j] != sp:  # the same model twice is unique_specs' to refuse
                 where = (f"models[{j}] and models[{i}]" if i < len(self.models)
                          else f"models[{j}] and the grid")
-                raise SpecError(f"{where} are both named {sp.name!r}, but are different "
+                raise SpecError(f"{where} are both named {sp.label!r}, but are different "
                                 "models: spec_name would mix their fits; give each its own "
-                                f"name; got (name={sp.name!r})")
+                                f"name; got (name={sp.label!r})")
         return out
 
 

@@ -196,7 +196,28 @@ class ModelSpec:
 
     @property
     def label(self) -> str:
-        return self.name or self.spec_id
+        """``spec_name`` in results: the name, else ``describe()``."""
+        return self.name or self.describe()
+
+    def describe(self) -> str:
+        """The model in lme4's notation, with what differs from the defaults:
+        ``Reaction ~ Days + (Days || Subject), ML``. A readable default name: specs
+        that differ in any field of their identity read differently."""
+        c = self.canonical()
+        text = " ".join(self.formula.split())
+        if self.groups is not None and c["re_formula"] != "0":
+            bar = "||" if self.cov_structure == "diagonal" and self.structured else "|"
+            text += f" + ({c['re_formula']} {bar} {self.groups})"
+        for k, v in c["vc_formula"].items():
+            text += f" + vc({k}: {v})"
+        extra = [] if self.reml else ["ML"]
+        if self.engine != "auto":
+            extra.append(f"engine={self.engine}")
+        if self.maxiter != 1000:
+            extra.append(f"maxiter={self.maxiter}")
+        if tuple(self.optimizers) != DEFAULT_OPTIMIZERS:
+            extra.append("optimizers=" + "+".join(self.optimizers))
+        return ", ".join([text, *extra])
 
     @property
     def shown(self) -> str:

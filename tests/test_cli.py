@@ -263,7 +263,8 @@ def test_fit_command(tmp_path: Path, address: str) -> None:
         assert "fit error (gene=g002): the response is constant" in r.stderr
         assert ("mixedscale run" in r.stderr) is not bool(quiet)
     fits = pd.read_parquet(out / "fits")
-    assert len(fits) == 3 and set(fits["spec_name"]) == {"y ~ time"}  # not the hash
+    # not the hash: the model in lme4's notation
+    assert len(fits) == 3 and set(fits["spec_name"]) == {"y ~ time + (1 | subject)"}
     r = run_cli(["fit", str(data), "--formula", "y ~ time", "--groups", "subject",
                  "--split-by", "gene", "--scheduler", address, "--engine", "statsmodels",
                  "--timeout", "60", "--fail-on", "error", "-q"], cwd=tmp_path)

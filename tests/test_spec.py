@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 import pytest
 
@@ -174,7 +175,20 @@ def test_spec_id_ignores_whitespace_in_re_and_vc() -> None:
 def test_spec_id_ignores_name() -> None:
     assert _spec(name="first").spec_id == _spec(name="second").spec_id == _spec().spec_id
     assert _spec(name="first").label == "first"
-    assert _spec().label == _spec().spec_id
+    assert _spec().label == _spec().describe() == "y ~ x + (1 | g)"
+
+
+@pytest.mark.parametrize(("kw", "label"), [
+    ({"re_formula": "~x"}, "y ~ x + (x | g)"),
+    ({"re_formula": "0 + x", "cov_structure": "diagonal"}, "y ~ x + (0 + x || g)"),
+    ({"cov_structure": "diagonal"}, "y ~ x + (1 | g)"),  # one model with unstructured
+    ({"reml": False, "maxiter": 50}, "y ~ x + (1 | g), ML, maxiter=50"),
+    ({"re_formula": "0", "vc_formula": {"v": "0 + C(x)"}}, "y ~ x + vc(v: 0 + C(x))"),
+    ({"engine": "fast", "optimizers": ["nm"]}, "y ~ x + (1 | g), engine=fast, optimizers=nm"),
+])
+def test_an_unnamed_spec_reads_as_its_model(kw: dict[str, Any], label: str) -> None:
+    # spec_name in results: specs that differ in identity read differently
+    assert _spec(**kw).label == label
 
 
 @pytest.mark.parametrize("change", [
