@@ -71,16 +71,18 @@ def _setup_logging(quiet: bool) -> None:
     logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
 
 
-def _print_summary(result: Any, stderr: bool = False) -> None:
+def _print_summary(result: Any, stderr: bool = False, title: str = "run") -> None:
     from rich.console import Console
     from rich.table import Table as RTable
+    from rich.text import Text
 
     s = result.summary()
-    t = RTable(title=f"mixedscale run {s['run_id']} ({s['state']})", show_header=False)
+    t = RTable(title=Text(f"mixedscale {title} {s['run_id']} ({s['state']})"),
+               show_header=False)
     for k in ("n_planned", "n_fitted_this_run", "n_resumed", "by_status", "fits_per_second",
               "wall_seconds", "plan_seconds", "overhead", "bytes_read", "bytes_one_pass",
               "n_workers", "store"):
-        t.add_row(k, str(s[k]))
+        t.add_row(k, Text(str(s[k])))  # Text: rich would read "[...]" in values as markup
     Console(stderr=stderr).print(t)
 
 
@@ -332,7 +334,7 @@ def fit_cmd(
         _emit(result.params, output)
         _report_failed(result.fits)
         if not quiet:
-            _print_summary(result, stderr=machine)
+            _print_summary(result, stderr=machine, title="fit")
         code = _fail_on(result, fail_on)
     except MixedscaleError as exc:
         raise _exit_for(exc) from None
@@ -361,12 +363,15 @@ def _emit(df: Any, fmt: Fmt, limit: int | None = None) -> None:
     else:
         from rich.console import Console
         from rich.table import Table as RTable
+        from rich.text import Text
 
         t = RTable()
         for c in df.columns:
-            t.add_column(str(c))
+            t.add_column(Text(str(c)))
         for row in df.itertuples(index=False):
-            t.add_row(*(_cell(v) for v in row))
+            # Text, not str: rich reads "[...]" as markup, which cut grid names
+            # ("sleep[reml=False]") and factor terms ("group[T.b]"), or raised on "[/x]".
+            t.add_row(*(Text(_cell(v)) for v in row))
         Console(width=200).print(t)
 
 

@@ -261,7 +261,7 @@ def test_fit_command(tmp_path: Path, address: str) -> None:
         params = pd.read_csv(io.StringIO(r.stdout))  # 2 genes x 2 terms
         assert {"term", "estimate"} <= set(params.columns) and len(params) == 4, r.stdout
         assert "fit error (gene=g002): the response is constant" in r.stderr
-        assert ("mixedscale run" in r.stderr) is not bool(quiet)
+        assert ("mixedscale fit" in r.stderr) is not bool(quiet)
     fits = pd.read_parquet(out / "fits")
     # not the hash: the model in lme4's notation
     assert len(fits) == 3 and set(fits["spec_name"]) == {"y ~ time + (1 | subject)"}
@@ -536,3 +536,15 @@ def test_a_job_without_models_names_its_file(tmp_path: Path) -> None:
                    "store: s\n")
     code, _, err = invoke(["validate", str(job)])
     assert code == 2 and f"job file {str(job)!r}: a job needs `models` or `grid`" in err, err
+
+
+def test_tables_print_square_brackets_as_text(capsys: pytest.CaptureFixture[str]) -> None:
+    # rich reads "[...]" as markup: grid names and factor terms lost their brackets, and
+    # a name like "ri [/old]" raised MarkupError with a traceback.
+    from mixedscale.cli import Fmt, _emit
+
+    names = ["sleep[re_formula=~Days,reml=False]", "ri [/old]", "group[T.treated]"]
+    _emit(pd.DataFrame({"spec_name": names, "n[obs]": [1, 2, 3]}), Fmt.table)
+    out = capsys.readouterr().out
+    for text in [*names, "n[obs]"]:
+        assert text in out, out
