@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -439,15 +440,25 @@ def _discover_partitions(files: list[str], base: str) -> pa.Schema:
         typ = pa.string()
         for cand, conv in ((pa.int64(), _int64), (pa.float64(), float)):
             try:
-                [conv(v) for v in vs]
+                nums = {v: conv(v) for v in vs}
             except ValueError:
                 continue
-            typ = cand
+            # Numbers only when that loses nothing: "007" beside "7", or "1.10" beside
+            # "1.1", would merge two folders' slices into one; zero-padded codes, "+7",
+            # "1_000" or "inf" are text someone chose, not numbers.
+            if len(set(nums.values())) == len(nums) and not any(
+                    _NOT_NUMBER_TEXT.search(v) for v in nums) and all(
+                    math.isfinite(x) for x in nums.values()):
+                typ = cand
             break
-        if typ == pa.float64() and any(_parses(int, v) for v in vs):
+        if typ == pa.float64() and any(_parses(int, v) and not _parses(_int64, v)
+                                       for v in vs):
             typ = pa.string()  # an integer beyond int64: kept exact, as text
         fields_.append(pa.field(k, typ if vs else pa.string()))
     return pa.schema(fields_)
+
+
+_NOT_NUMBER_TEXT = re.compile(r"^[+-]?0\d|^\+|_|\s")
 
 
 def _int64(text: str) -> int:

@@ -370,6 +370,28 @@ def test_a_hive_value_beyond_int64_is_kept_as_text(tmp_path: Path) -> None:
     assert [s.key for s in plan.slices] == [("1",), (str(2**64 - 1),)]
 
 
+@pytest.mark.parametrize(("folders", "typ", "keys"), [
+    (["007", "7"], pa.string(), [("007",), ("7",)]),  # two sites, not one of n=2x
+    (["0042", "17"], pa.string(), [("0042",), ("17",)]),  # zero-padded codes keep zeros
+    (["1.10", "1.1"], pa.string(), [("1.1",), ("1.10",)]),
+    (["+7", "8"], pa.string(), [("+7",), ("8",)]),
+    (["inf", "1"], pa.string(), [("1",), ("inf",)]),
+    (["7", "-3"], pa.int64(), [(-3,), (7,)]),
+    (["1", "0.5"], pa.float64(), [(0.5,), (1.0,)]),
+])
+def test_hive_values_read_as_numbers_only_when_nothing_is_lost(
+        tmp_path: Path, folders: list[str], typ: pa.DataType, keys: list[tuple[object]]) -> None:
+    df = make_genes(n_genes=2, n_subjects=8)
+    for i, h in enumerate(folders):
+        d = tmp_path / "tree" / f"site={h}"
+        d.mkdir(parents=True)
+        df[df["gene"] == f"g{i:03d}"].to_parquet(d / "part-0.parquet", index=False)
+    src, plan = prepare(str(tmp_path / "tree"), [RI], "site")
+    assert src.schema.field("site").type == typ
+    assert sorted(s.key for s in plan.slices) == keys
+    assert all(s.rows == len(df) // 2 for s in plan.slices)
+
+
 def test_a_glob_skips_hidden_and_underscore_entries_and_folders(tmp_path: Path) -> None:
     df = make_genes(n_genes=2, n_subjects=8)
     root = tmp_path / "d"
