@@ -26,6 +26,7 @@ import pyarrow as pa
 from .errors import DataError, SpecError
 from .source import Source, read_split_keys
 from .spec import ModelSpec, unique_specs
+from .store import plain_type
 
 __all__ = ["FitItem", "LoadUnit", "Plan", "Task", "make_plan"]
 
@@ -270,7 +271,8 @@ def make_plan(src: Source, specs: Sequence[ModelSpec], split_by: Sequence[str] =
     return Plan(specs=specs, split_by=split_by, columns=columns, slices=slices, units=units,
                 tasks=tasks, shuffle=shuffle, bytes_scan=bytes_scan, bytes_one_pass=one_pass,
                 plan_seconds=time.perf_counter() - t0, skipped_files=dict(src.bad_files),
-                key_fields=[src.schema.field(c) for c in split_by])
+                key_fields=[(f := src.schema.field(c)).with_type(plain_type(f.type))
+                            for c in split_by])
 
 
 @contextlib.contextmanager

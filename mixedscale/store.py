@@ -223,12 +223,25 @@ def type_name(typ: pa.DataType) -> str:
     return str(typ)
 
 
+def plain_type(typ: pa.DataType) -> pa.DataType:
+    """A categorical (dictionary) type as its values' type: a split key is text whether
+    the data held it as pandas categories or as strings, so stores do not depend on it."""
+    return typ.value_type if pa.types.is_dictionary(typ) else typ
+
+
+def _decoded(t: pa.Table) -> pa.Table:
+    """``t`` with dictionary columns (categorical split keys of older parts) decoded."""
+    if not any(pa.types.is_dictionary(f.type) for f in t.schema):
+        return t
+    return t.cast(pa.schema([f.with_type(plain_type(f.type)) for f in t.schema]))
+
+
 def _mergeable(a: pa.DataType, b: pa.DataType) -> bool:
     """Whether parts holding a column as ``a`` and as ``b`` can be read together: the
     readers concatenate parts with Arrow's permissive promotion (int32 and int64, text
     and large text, int and float merge; text and int, bool and int do not)."""
     try:
-        pa.unify_schemas([pa.schema([("c", a)]), pa.schema([("c", b)])],
+        pa.unify_schemas([pa.schema([("c", plain_type(a))]), pa.schema([("c", plain_type(b))])],
                          promote_options="permissive")
     except (pa.ArrowException, TypeError):
         return False
@@ -672,7 +685,7 @@ class Store:
             if err is not None:
                 raise err
             assert t is not None  # one of the two, by _read_part's contract
-            parts.append(t.append_column("_part", pa.array(np.full(t.num_rows, i))))
+            parts.append(_decoded(t).append_column("_part", pa.array(np.full(t.num_rows, i))))
         if not parts:
             return None
         try:

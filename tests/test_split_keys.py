@@ -19,7 +19,7 @@ from mixedscale.api import prepare
 from mixedscale.executor import RunOptions, _Run, pending
 from mixedscale.plan import Plan
 from mixedscale.source import Source
-from mixedscale.store import Store
+from mixedscale.store import Store, open_store
 from mixedscale.worker import Loaded, Packed, _restrict, load_unit, partition, run_task
 
 from .clusterutil import invoke
@@ -196,6 +196,40 @@ def _commit_all(data: Any, split: str | list[str], store: Store) -> Plan:
 
 def _texted(df: pd.DataFrame, col: str) -> pd.DataFrame:
     return df.assign(**{col: df[col].astype(str)})
+
+
+def test_a_categorical_key_is_stored_as_its_values_type(tmp_path: Path) -> None:
+    # The store's key type must not depend on a pandas dtype: a job split by a
+    # categorical column, then by the same column as text, shares its fits.
+    df = make_genes(n_genes=3)
+    store = Store(str(tmp_path / "s"))
+    _commit_all(df.assign(gene=df["gene"].astype("category")), "gene", store)
+    typ = pq.read_table(tmp_path / "s" / "fits").schema.field("gene").type
+    assert pa.types.is_string(typ) or pa.types.is_large_string(typ), typ
+    _, plan = prepare(df, [RI], "gene")
+    store.check_split_types(plan.key_fields, [])
+    assert not pending(plan, store).todo  # the same fit ids: nothing left to fit
+
+
+def test_older_parts_with_categorical_keys_read_with_text_ones(tmp_path: Path) -> None:
+    df = make_genes(n_genes=4)
+    store = Store(str(tmp_path / "s"))
+    store.init()
+    old = pa.Table.from_pandas(df.assign(gene=df["gene"].astype("category")),
+                               preserve_index=False)  # as older versions keyed them
+    assert pa.types.is_dictionary(old.schema.field("gene").type)
+    _commit_all(df[df["gene"].isin(["g000", "g001"])], "gene", store)
+    src, plan = prepare(old.to_pandas()[lambda d: d["gene"].isin(["g002", "g003"])], [RI],
+                        "gene")
+    plan.key_fields = [pa.field("gene", old.schema.field("gene").type)]
+    run = _Run(plan, src, store, None, RunOptions())
+    for t in plan.tasks:
+        assert run_task(run.payload(t), Loaded(src.read(plan.columns)[0], 0), store).committed
+    assert any(pa.types.is_dictionary(pq.read_schema(f).field("gene").type)
+               for f in (tmp_path / "s" / "fits").iterdir())
+    store.check_split_types([pa.field("gene", pa.string())], [])
+    fits = open_store(str(tmp_path / "s")).fits()
+    assert sorted(fits["gene"]) == ["g000", "g001", "g002", "g003"]
 
 
 def test_a_split_column_typed_otherwise_in_the_store_is_refused(tmp_path: Path) -> None:
