@@ -456,7 +456,8 @@ def verify(prob: BatchProblem, th: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
         try:
             if ok.size:
                 Lc = np.linalg.cholesky(H[ok])
-                sc = np.linalg.solve(Lc, grad_c[ok][..., None])[..., 0]
+                # lme4's solve(chol(H), g), with R's upper factor: L' here
+                sc = np.linalg.solve(np.swapaxes(Lc, -1, -2), grad_c[ok][..., None])[..., 0]
                 gmax[ok] = np.minimum(np.abs(sc), np.abs(grad_c[ok])).max(axis=1)
         except np.linalg.LinAlgError:
             fast = notpd  # borderline Hessians: the per-fit loop below decides

@@ -433,7 +433,8 @@ def lme4_verdict(grad: np.ndarray, H: np.ndarray, on_bound: np.ndarray
     eig = np.linalg.eigvalsh(Hf)
     pd_ = bool(eig.min() > HESS_RATIO_TOL * max(1.0, abs(eig.max())))
     try:
-        sc = np.linalg.solve(np.linalg.cholesky(Hf), g_free)
+        # lme4's solve(chol(H), g): R's chol is the upper factor, numpy's L its transpose.
+        sc = np.linalg.solve(np.linalg.cholesky(Hf).T, g_free)
         mingrad = np.minimum(np.abs(sc), np.abs(g_free))
     except np.linalg.LinAlgError:
         mingrad = np.abs(g_free)

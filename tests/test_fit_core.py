@@ -598,3 +598,17 @@ def test_groups_as_a_fixed_factor_beside_their_random_intercept_is_an_error_nami
     ok = mixedscale.fit(df.assign(arm=df["g"].str[-1].isin(list("02468"))),
                         ModelSpec("y ~ x + arm", groups="g", engine=engine))
     assert ok.status == "ok"
+
+
+def test_scaled_gradient_is_lme4s() -> None:
+    # lme4: scgrad <- solve(chol(Hessian), gradient), R's chol being the upper factor
+    # U (H = U'U); then max(pmin(|scgrad|, |gradient|)). Worked by hand for this H, g.
+    from mixedscale.engines import lme4_verdict
+
+    H = np.array([[100.0, 9.9], [9.9, 1.0]])
+    g = np.array([0.05, -0.004])
+    U = np.array([[10.0, 0.99], [0.0, np.sqrt(1.0 - 0.99**2)]])
+    assert np.allclose(U.T @ U, H)
+    want = float(np.minimum(np.abs(np.linalg.solve(U, g)), np.abs(g)).max())
+    gmax, pd_ = lme4_verdict(g, H, np.zeros(2, dtype=bool))
+    assert pd_ is True and gmax == pytest.approx(want) and want == pytest.approx(0.0078, 1e-2)
