@@ -429,8 +429,8 @@ def show(
 # the headline diagnostics; csv and json give every column.
 _FITS_TABLE = ("spec_name", "status", "llf", "aic", "singular", "n_obs", "n_groups",
                "grad_max", "engine", "error_type", "fit_seconds")
-_DROP_TABLE = ("attempts", "theta", "warnings", "mixedscale_version", "statsmodels_version",
-               "numpy_version", "scipy_version")
+_DROP_TABLE = ("attempts", "theta", "warnings", "run_id", "mixedscale_version",
+               "statsmodels_version", "numpy_version", "scipy_version")
 
 
 def _table_columns(df: Any, table: Table) -> list[str]:

@@ -432,6 +432,11 @@ class _Run:
             ok = self.store.write_manifest(self.run_id, {
                 "run_id": self.run_id, "state": state, "started": self.started,
                 "ended": _now() if state != "running" else None, "job": self.opts.job,
+                # What a fit row's run_id points to: its data, and its models by spec_id.
+                "data": self.src.path if self.src.frame is None else "<DataFrame>",
+                "split_by": list(self.plan.split_by),
+                "specs": {sp.spec_id: {"name": sp.label, **sp.canonical()}
+                          for sp in self.plan.specs},
                 "versions": versions(), "plan": plan_info, "n_planned": self.plan.n_fits,
                 "n_skipped": n_skipped, "n_run": self.n_run,
                 "by_status": dict(self.by_status),  # a copy: the main thread updates it

@@ -84,6 +84,7 @@ FIT_SCHEMA = pa.schema([
     ("error_message", pa.string()), ("fit_seconds", pa.float64()),
     ("mixedscale_version", pa.string()), ("statsmodels_version", pa.string()),
     ("numpy_version", pa.string()), ("scipy_version", pa.string()),
+    ("run_id", pa.string()),  # the run that committed it: STORE/_runs/<run_id>.json
 ])
 PARAM_SCHEMA = pa.schema([
     ("term", pa.string()), ("estimate", pa.float64()), ("std_error", pa.float64()),

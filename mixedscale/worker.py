@@ -498,6 +498,10 @@ def build_tables(payload: TaskPayload, items: Sequence[FitItem], results: Sequen
         schema = schemas[name]
         tables[name] = (pa.concat_tables([t.select(schema.names).cast(schema) for t in parts])
                         if parts else schema.empty_table())
+    fits = tables["fits"]
+    i = fits.schema.get_field_index("run_id")
+    tables["fits"] = fits.set_column(i, fits.schema.field(i), pa.array(
+        [payload.run_id] * fits.num_rows, type=pa.string()))
     return tables
 
 

@@ -88,6 +88,15 @@ def test_fit_many_on_a_cluster_store_none_equals_store(cluster_client: Any,
     assert again.summary()["n_resumed"] == 40
     assert len(again.fits) == 40
     assert [r["state"] for r in manifests(store)] == ["complete", "complete"]
+    # Each fit row names the run that committed it; that run's manifest, its data and
+    # its models by spec_id (also for resumed rows, which keep their run).
+    first = manifests(store)[0]
+    assert set(disk.fits["run_id"]) == set(again.fits["run_id"]) == {first["run_id"]}
+    assert first["data"] == str(genes_parquet) and first["split_by"] == ["gene"]
+    assert set(first["specs"]) == set(disk.fits["spec_id"])
+    assert {v["name"] for v in first["specs"].values()} == {"ri", "rs"}
+    assert first["specs"][RS.spec_id]["re_formula"] == RS.canonical()["re_formula"]
+    assert mem.fits["run_id"].notna().all()
     # Every read-back in the job's order: genes sorted, each gene's specs as given, a
     # fit's params and variance rows together and in the fit's own order.
     want = [(g, s) for g in sorted(mem.fits["gene"].unique()) for s in ("ri", "rs")]
