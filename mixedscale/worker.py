@@ -414,7 +414,9 @@ def _error_result(spec: ModelSpec, etype: str, msg: str) -> FitResult:
     from .single import PARAM_COLUMNS, VARIANCE_COLUMNS, _empty_record
 
     rec = _empty_record(spec)
-    rec.update(status="error", error_type=etype, error_message=msg)
+    # No design was built (a timeout, a crash, unreadable input): counts unknown, not 0.
+    rec.update(status="error", error_type=etype, error_message=msg, n_obs=None,
+               n_dropped=None, n_groups=None)
     return FitResult(rec, pd.DataFrame(columns=PARAM_COLUMNS),
                      pd.DataFrame(columns=VARIANCE_COLUMNS))
 

@@ -138,6 +138,7 @@ def test_hanging_slice_in_a_batch_times_out_alone(monkeypatch: pytest.MonkeyPatc
     assert len(fits) == 8 and fits["fit_id"].is_unique
     bad = fits[fits["status"] != "ok"]
     assert list(bad["gene"]) == ["g003"] and list(bad["error_type"]) == ["FitTimeout"]
+    assert bad[["n_obs", "n_dropped", "n_groups"]].isna().all(axis=None)  # unknown, not 0
     params = pd.concat([o.tables["params"].to_pandas() for o in outcomes if o.tables])
     assert set(params["gene"]) == set(fits.loc[fits["status"] == "ok", "gene"])
     assert not params.duplicated(["fit_id", "term"]).any()
