@@ -295,7 +295,8 @@ def _vc_term(M: np.ndarray, formula: str) -> str:
 
 
 def wald(beta: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, ...]:
-    """z statistic, two-sided p-value and 95% interval, as statsmodels' MixedLM reports them."""
+    """z statistic, two-sided p-value and normal 95% interval, as statsmodels' MixedLM
+    computes them from an estimate and its standard error (here lme4's, see README)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         z = beta / se
     crit = stats.norm.ppf(0.975)
