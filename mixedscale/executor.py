@@ -207,6 +207,9 @@ class _Run:
     def __init__(self, plan: Plan, src: Source, store: Store | None, client: Any,
                  opts: RunOptions) -> None:
         self.plan, self.src, self.store, self.client, self.opts = plan, src, store, client, opts
+        # The manifest's models, built once: it is rewritten at every heartbeat.
+        self.spec_info = {sp.spec_id: {"name": sp.label, **sp.canonical()}
+                          for sp in plan.specs}
         self.run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
         self.by_status: dict[str, int] = {}
         self.bytes_read = 0
@@ -435,8 +438,7 @@ class _Run:
                 # What a fit row's run_id points to: its data, and its models by spec_id.
                 "data": self.src.path if self.src.frame is None else "<DataFrame>",
                 "split_by": list(self.plan.split_by),
-                "specs": {sp.spec_id: {"name": sp.label, **sp.canonical()}
-                          for sp in self.plan.specs},
+                "specs": self.spec_info,
                 "versions": versions(), "plan": plan_info, "n_planned": self.plan.n_fits,
                 "n_skipped": n_skipped, "n_run": self.n_run,
                 "by_status": dict(self.by_status),  # a copy: the main thread updates it
