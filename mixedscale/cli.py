@@ -279,6 +279,9 @@ def validate(job_file: Annotated[Path, typer.Argument(metavar="JOB.yaml",
     d = plan.describe()
     typer.echo(f"ok: {d['n_fits']} fits ({d['n_slices']} slices x {d['n_specs']} specs) in "
                f"{d['n_tasks']} tasks; columns {', '.join(d['columns'])}")
+    if bad:  # valid, but not intact: say what `run` will repair
+        typer.echo(f"note: {len(bad)} store part(s) cannot be read ({', '.join(sorted(bad))}); "
+                   "`run` moves them to _corrupt/ and fits their fits again", err=True)
 
 
 @app.command("fit")

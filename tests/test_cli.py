@@ -295,6 +295,9 @@ def test_a_corrupt_store_part_is_set_aside_by_a_rerun_and_refitted(tmp_path: Pat
     assert r.returncode == 3, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
     assert str(part) in r.stderr and "rerunning the job" in r.stderr, r.stderr
+    r = run_cli(["validate", str(job)], cwd=tmp_path)  # valid, but says what run repairs
+    assert r.returncode == 0 and r.stdout.startswith("ok:"), r.stderr
+    assert "1 store part(s) cannot be read" in r.stderr and "_corrupt/" in r.stderr, r.stderr
 
     r = run_cli(["run", str(job)], cwd=tmp_path, scheduler=address)
     assert r.returncode == 0, r.stderr
