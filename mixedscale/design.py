@@ -209,6 +209,29 @@ def _patsy_column(s: pd.Series) -> np.ndarray | pd.Categorical:
         return s.to_numpy()
 
 
+def _numeric_text(sub: pd.DataFrame, frame: pd.DataFrame, idents: dict[str, str],
+                  text_cols: frozenset[str], spec: ModelSpec) -> list[str]:
+    """Warnings for text columns that hold only numbers and enter a formula bare: they
+    are fitted as categorical (a coefficient per level), likely not what was meant
+    ("1.5" read from a CSV as text). ``C(col)`` says categorical is meant."""
+    out = []
+    for c in sorted(text_cols):
+        if c == spec.groups or isinstance(sub[c].dtype, pd.CategoricalDtype):
+            continue
+        bare = False
+        for pf in spec.parsed.values():
+            for i in (i for i, n in enumerate(pf.names) if n == c):
+                ph = "{" + str(i) + "}"
+                bare |= ph in pf.template.replace("C(" + ph, "")
+        levels = frame[idents[c]].cat.categories
+        if bare and len(levels) and pd.to_numeric(pd.Series(levels), errors="coerce").notna().all():
+            shown = ", ".join(repr(v) for v in levels[:3]) + (", ..." if len(levels) > 3 else "")
+            out.append(f"column {c!r} is text holding numbers ({shown}), so it was fitted as "
+                       f"categorical, one coefficient per level; cast it to numbers for a "
+                       f"slope, or write C({c}) if categorical is meant")
+    return out
+
+
 def build_design(data: pd.DataFrame, spec: ModelSpec, source: Any = None) -> Design:
     """Build every matrix the spec needs. Raises SpecError for missing columns.
 
@@ -263,7 +286,7 @@ def _build(sub: pd.DataFrame, spec: ModelSpec, source: Any, cols: list[str], n_d
     X, y, x_names, warns = _cached(source, ("x", ck, fx),
                                    lambda: _matrix(fx, frame, env, lhs=True,
                                                    ctx=ctx("formula")))
-    warns = list(warns)
+    warns = [*warns, *_numeric_text(sub, frame, idents, text_cols, spec)]
     if y is None:
         raise ModelFailure("the formula has no response")
     y = y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y

@@ -394,3 +394,21 @@ def test_a_single_level_factor_is_named_in_warnings_by_both_paths() -> None:
     out = fit_slices(df, sl, spec, len(keys))
     assert out is not None and out.fits.num_rows == len(keys)
     assert all(w[0] == want for w in out.fits.column("warnings").to_pylist())
+
+
+def test_text_holding_numbers_in_a_formula_is_named_unless_wrapped_in_c() -> None:
+    df = make_genes(n_genes=8)
+    df["dose"] = (df["subject"] % 3).map({0: "0.5", 1: "1", 2: "2"})  # read as text
+    keys = sorted(df.gene.unique())
+    sl = pd.Categorical(df.gene, categories=keys).codes.astype(np.intp)
+    one = df[df.gene == keys[0]]
+    bare = ms.ModelSpec("y ~ time + dose", groups="subject")
+    want = ("column 'dose' is text holding numbers ('0.5', '1', '2'), so it was fitted as "
+            "categorical, one coefficient per level; cast it to numbers for a slope, or "
+            "write C(dose) if categorical is meant")
+    assert ms.fit(one, bare).fit["warnings"] == [want]
+    out = fit_slices(df, sl, bare, len(keys))
+    assert out is not None and all(w == [want] for w in out.fits.column("warnings").to_pylist())
+    meant = ms.ModelSpec("y ~ time + C(dose)", groups="subject")
+    assert ms.fit(one, meant).fit["warnings"] == []
+    assert ms.fit(one.assign(dose=one["dose"].astype(float)), bare).fit["warnings"] == []
