@@ -20,6 +20,7 @@ ENGINES = ("auto", "fast", "statsmodels")
 # statsmodels' optimizers, tried in order when a verification check fails.
 OPTIMIZERS = ("lbfgs", "bfgs", "powell", "nm", "cg")
 DEFAULT_OPTIMIZERS = ("lbfgs", "bfgs", "powell", "nm")
+DEFAULT_MAXITER = 1000
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,13 @@ class ModelSpec:
     cov_structure: CovStructure = "unstructured"
     name: str | None = None
     optimizers: tuple[str, ...] = DEFAULT_OPTIMIZERS
-    maxiter: int = 1000
+    maxiter: int = DEFAULT_MAXITER
     engine: Engine = "auto"
     _parsed: dict[str, ParsedFormula] = field(
         init=False, repr=False, compare=False, hash=False, default_factory=dict
     )
     _id: str = field(init=False, repr=False, compare=False, hash=False, default="")
+    _described: str = field(init=False, repr=False, compare=False, hash=False, default="")
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -149,8 +151,11 @@ class ModelSpec:
         if self.name is not None and not isinstance(self.name, str):
             raise SpecError(f"name must be a string; got (name={self.name!r})")
         set_(self, "_parsed", parsed)
-        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        canon = self.canonical()
+        blob = json.dumps(canon, sort_keys=True, separators=(",", ":"))
         set_(self, "_id", hashlib.sha256(blob.encode()).hexdigest()[:16])
+        # Every fit row carries it (spec_name): built once, like the id.
+        set_(self, "_described", self._describe(canon))
 
     # Identity is the model (spec_id), as the store and fit_many see it: specs that differ
     # only in name or formula spacing are equal (the generated methods compared fields).
@@ -203,7 +208,9 @@ class ModelSpec:
         """The model in lme4's notation, with what differs from the defaults:
         ``Reaction ~ Days + (Days || Subject), ML``. A readable default name: specs
         that differ in any field of their identity read differently."""
-        c = self.canonical()
+        return self._described
+
+    def _describe(self, c: dict[str, Any]) -> str:
         text = " ".join(self.formula.split())
         if self.groups is not None and c["re_formula"] != "0":
             bar = "||" if self.cov_structure == "diagonal" and self.structured else "|"
@@ -213,7 +220,7 @@ class ModelSpec:
         extra = [] if self.reml else ["ML"]
         if self.engine != "auto":
             extra.append(f"engine={self.engine}")
-        if self.maxiter != 1000:
+        if self.maxiter != DEFAULT_MAXITER:
             extra.append(f"maxiter={self.maxiter}")
         if tuple(self.optimizers) != DEFAULT_OPTIMIZERS:
             extra.append("optimizers=" + "+".join(self.optimizers))
