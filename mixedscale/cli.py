@@ -451,7 +451,7 @@ def _store_summary(st: Any, fits: Any, fmt: Fmt) -> None:
         "store": st.url, "n_fits": len(fits), "by_status": {str(k): int(v) for k, v in
                                                             counts.items()},
         "n_runs": len(runs),
-        "last_run_state": str(runs.sort_values("started")["state"].iloc[-1]) if len(runs)
+        "last_run_state": str(runs["state"].iloc[-1]) if len(runs)
         else None,
     }
     if fmt is Fmt.json:

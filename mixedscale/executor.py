@@ -171,7 +171,9 @@ def local_cluster(workers: int | None = None, memory_limit: str | None = None) -
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    # Microseconds: two runs of one store often start within a second, and their
+    # manifests are ordered by this field.
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 class _Progress:

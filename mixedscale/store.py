@@ -867,6 +867,8 @@ class Store:
                                 f"{(now - (written[path] or now)) / 60:.0f} min ago; "
                                 "rerun to resume")
             rows.append(r)
+        # Oldest first; run ids sort by second only, so ties go by start time.
+        rows.sort(key=lambda r: (str(r.get("started") or ""), str(r.get("run_id") or "")))
         return pd.DataFrame(rows)
 
     def _manifest(self, path: str) -> dict[str, Any] | None:

@@ -92,6 +92,22 @@ def test_manifest_of_a_killed_driver_reads_as_abandoned(tmp_path: Any) -> None:
     assert "stopped writing its heartbeat 11 min ago" in silent
 
 
+def test_runs_read_oldest_first_also_within_one_second(tmp_path: Any) -> None:
+    """Run ids carry the second they started and a random suffix, so two runs of one
+    second sort by chance; ``runs()`` (and ``show``'s last run state) go by start time."""
+    from mixedscale.executor import _now
+    from mixedscale.store import Store
+
+    st = Store(str(tmp_path / "store"))
+    st.init()
+    assert len(_now()) == len("2026-11-26T23:07:16.123456+00:00")  # to the microsecond
+    first, second = "2026-11-26T23:07:16.400000+00:00", "2026-11-26T23:07:16.900000+00:00"
+    for run_id, started in (("20261126T230716-ffffffff", first),
+                            ("20261126T230716-00000000", second)):
+        st.write_manifest(run_id, {"run_id": run_id, "state": "complete", "started": started})
+    assert list(st.runs()["run_id"]) == ["20261126T230716-ffffffff", "20261126T230716-00000000"]
+
+
 def _dead_pid() -> int:
     import subprocess
     import sys
