@@ -195,7 +195,14 @@ def load_unit(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
         df, nbytes = src.read(columns, rgs, split_by)
     except CorruptFile as exc:
         return LoadFailed(exc)
-    return Loaded(_restrict(df, split_by, keys.unpack()), nbytes)
+    wanted = keys.unpack()
+    if split_by and not df.empty:
+        # The positions index every key the rows hold; when the unit wants them all
+        # (sorted data, usually) it serves as is, without matching rows to keys.
+        pos = Positions(df, split_by)
+        if len(pos) <= len(wanted) and set(pos.index).issubset(wanted):
+            return Loaded(df, nbytes, _positions=pos)
+    return Loaded(_restrict(df, split_by, wanted), nbytes)
 
 
 def _restrict(df: pd.DataFrame, split_by: Sequence[str], keys: Sequence[tuple[Any, ...]]
@@ -212,7 +219,7 @@ def _restrict(df: pd.DataFrame, split_by: Sequence[str], keys: Sequence[tuple[An
     mask = np.asarray(pd.Index(col).isin(pd.Index(present)), dtype=bool)
     if len(present) < len(keys):
         mask |= np.asarray(col.isna(), dtype=bool)
-    return df.loc[mask]
+    return df if mask.all() else df.loc[mask]  # sorted data: usually every row, no copy
 
 
 def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],

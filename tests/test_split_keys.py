@@ -160,6 +160,28 @@ def test_a_unit_of_the_missing_key_alone_keeps_its_rows(kind: str) -> None:
     assert len(two) == 8 * 4
 
 
+@pytest.mark.parametrize("kind", ["float", "object", "Int64", "string"])
+def test_a_loaded_unit_holds_exactly_its_keys_rows(kind: str, tmp_path: Path) -> None:
+    """A unit's row groups may hold other units' keys (unsorted data): those rows go.
+    When they hold only its own (sorted data), the rows are kept as read, and the
+    positions found while checking serve the tasks."""
+    df = _keyed(kind)
+    f = tmp_path / "d.parquet"
+    df.to_parquet(f, index=False)
+    src, plan = prepare(str(f), [RI], "k")
+    everything = [plan.slices[i].key for u in plan.units for i in u.slices]
+    for keys in (everything, [k for k in everything if k[0] is None],
+                 [k for k in everything if k[0] is not None][:1]):
+        got = load_unit(src, src.row_groups, plan.columns, plan.split_by, Packed(keys))
+        assert isinstance(got, Loaded)
+        assert set(got.positions(["k"]).index) == set(keys)
+        n = sum(len(got.positions(["k"]).get(k)) for k in keys)
+        assert n == len(got.frame) == len(_restrict(df, ["k"], keys))
+        fresh = Loaded(got.frame.copy(), 0).positions(["k"])
+        for k in keys:
+            np.testing.assert_array_equal(got.positions(["k"]).get(k), fresh.get(k))
+
+
 @pytest.mark.cluster
 def test_fit_many_fits_a_nullable_int_key_with_missing_values(cluster_client: Any,
                                                               tmp_path: Path) -> None:
