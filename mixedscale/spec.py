@@ -181,7 +181,8 @@ class ModelSpec:
             "re_formula": norm(p["re"]) if "re" in p else "0",
             "vc_formula": {k[3:]: norm(v) for k, v in sorted(p.items()) if k.startswith("vc:")},
             "reml": self.reml,
-            "cov_structure": self.cov_structure,
+            # Without random slopes there is no covariance to structure: one model, one id.
+            "cov_structure": self.cov_structure if self.structured else "unstructured",
             "optimizers": list(self.optimizers),
             "maxiter": self.maxiter,
             "engine": self.engine,
@@ -215,8 +216,11 @@ class ModelSpec:
         if self.groups is not None and c["re_formula"] != "0":
             bar = "||" if self.cov_structure == "diagonal" and self.structured else "|"
             text += f" + ({c['re_formula']} {bar} {self.groups})"
+        # A component is nested in groups (when there are any): name them, or a nested
+        # model and a crossed one read alike.
+        within = "" if self.groups is None else f" | {self.groups}"
         for k, v in c["vc_formula"].items():
-            text += f" + vc({k}: {v})"
+            text += f" + vc({k}: {v}{within})"
         extra = [] if self.reml else ["ML"]
         if self.engine != "auto":
             extra.append(f"engine={self.engine}")
@@ -323,13 +327,11 @@ def grid(name: str | None = None, **axes: Any) -> list[ModelSpec]:
         label = f"{name}[{tag}]" if name and tag else (name or tag or None)
         spec = ModelSpec(name=label, **kw)
         # Combinations that are one model by another cov_structure (a random intercept
-        # alone has no covariance to structure) are fitted once, under the first one's
-        # name. Their spec_ids differ: an id hashes the fields as given. (The same spec
-        # twice stays in, for unique_specs to refuse.)
-        key = spec.spec_id if spec.structured else json.dumps(
-            {**spec.canonical(), "cov_structure": None}, sort_keys=True)
-        prev = models.setdefault(key, spec)
-        if prev.spec_id == spec.spec_id:
+        # alone has no covariance to structure: one spec_id) are fitted once, under the
+        # first one's name. (The same combination twice stays in, for unique_specs to
+        # refuse.)
+        prev = models.setdefault(spec.spec_id, spec)
+        if prev.cov_structure == spec.cov_structure:
             specs.append(spec)
     return specs
 

@@ -183,7 +183,9 @@ def test_spec_id_ignores_name() -> None:
     ({"re_formula": "0 + x", "cov_structure": "diagonal"}, "y ~ x + (0 + x || g)"),
     ({"cov_structure": "diagonal"}, "y ~ x + (1 | g)"),  # one model with unstructured
     ({"reml": False, "maxiter": 50}, "y ~ x + (1 | g), ML, maxiter=50"),
-    ({"re_formula": "0", "vc_formula": {"v": "0 + C(x)"}}, "y ~ x + vc(v: 0 + C(x))"),
+    ({"re_formula": "0", "vc_formula": {"v": "0 + C(x)"}}, "y ~ x + vc(v: 0 + C(x) | g)"),
+    ({"groups": None, "re_formula": None, "vc_formula": {"v": "0 + C(x)"}},
+     "y ~ x + vc(v: 0 + C(x))"),  # crossed: not nested in any groups
     ({"engine": "fast", "optimizers": ["nm"]}, "y ~ x + (1 | g), engine=fast, optimizers=nm"),
 ])
 def test_an_unnamed_spec_reads_as_its_model(kw: dict[str, Any], label: str) -> None:
@@ -223,9 +225,15 @@ def test_spec_id_distinguishes_vc_names_and_formulas() -> None:
             == _spec(vc_formula={"c": "0 + C(c)", "b": "0 + C(b)"}).spec_id)
 
 
-def test_cov_structure_irrelevant_for_random_intercept_still_in_id() -> None:
-    # Documented choice: the id hashes the fields as given (after normalization).
-    assert _spec(cov_structure="diagonal").spec_id != _spec().spec_id
+def test_cov_structure_without_random_slopes_is_not_in_the_id() -> None:
+    """A random intercept (or components alone) has no covariance to structure: one
+    model, one id, so a job listing it either way fits it once."""
+    assert _spec(cov_structure="diagonal").spec_id == _spec().spec_id
+    vc = {"re_formula": "0", "vc_formula": {"b": "0 + C(b)"}}
+    assert _spec(cov_structure="diagonal", **vc).spec_id == _spec(**vc).spec_id
+    assert _spec(cov_structure="diagonal", **vc).canonical()["cov_structure"] == "unstructured"
+    with pytest.raises(SpecError, match="define the same model"):
+        unique_specs([_spec(), _spec(cov_structure="diagonal")])
 
 
 # -- frozen ----------------------------------------------------------------------------
@@ -348,8 +356,10 @@ def test_grid_fits_a_random_intercept_once_across_cov_structures() -> None:
     assert [s.cov_structure for s in ri] == ["unstructured", "unstructured"]
     assert {s.cov_structure for s in specs if s.re_formula != "1"} == {"unstructured",
                                                                          "diagonal"}
-    # the ids still hash the fields as given: both can be listed by hand
-    assert _spec(cov_structure="diagonal").spec_id != _spec().spec_id
+    # The order of the axis changes neither the models nor their ids.
+    again = grid(name="sleep", formula="y ~ x", groups="g", re_formula=["1", "~x"],
+                 cov_structure=["diagonal", "unstructured"], reml=[True, False])
+    assert sorted(s.spec_id for s in again) == sorted(s.spec_id for s in specs)
 
 
 def test_specs_equal_by_model_not_by_label() -> None:
