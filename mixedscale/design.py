@@ -305,9 +305,16 @@ def _build(sub: pd.DataFrame, spec: ModelSpec, source: Any, cols: list[str], n_d
     vc: list[tuple[str, np.ndarray]] = []
     for key, pf in p.items():
         if key.startswith("vc:"):
-            m, _, _, vc_warns = _matrix(pf.render(idents), frame, env, lhs=False,
-                                        ctx=ctx(key))
+            m, _, m_names, vc_warns = _matrix(pf.render(idents), frame, env, lhs=False,
+                                              ctx=ctx(key))
             warns += vc_warns
+            if "Intercept" in m_names and len(m_names) > 1:
+                # Likely a slip (statsmodels fits it too): one variance shared by a ones
+                # column and k-1 contrasts, not one random effect per level.
+                text = " ".join(pf.text.split())
+                warns.append(f"vc_formula[{key[3:]!r}] = {text!r} has an intercept column "
+                             "beside its others, so they share one variance; for one random "
+                             f"effect per level write '0 + {text}'")
             vc.append((key[3:], m))
     if spec.groups is not None:
         codes, uniques = pd.factorize(sub[spec.groups], sort=True)

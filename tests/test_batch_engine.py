@@ -412,3 +412,18 @@ def test_text_holding_numbers_in_a_formula_is_named_unless_wrapped_in_c() -> Non
     meant = ms.ModelSpec("y ~ time + C(dose)", groups="subject")
     assert ms.fit(one, meant).fit["warnings"] == []
     assert ms.fit(one.assign(dose=one["dose"].astype(float)), bare).fit["warnings"] == []
+
+
+def test_a_component_with_an_intercept_column_is_named_in_warnings() -> None:
+    # vc_formula={"cask": "C(cask)"}: patsy adds a ones column to the k-1 contrasts and
+    # they share one variance, not a random effect per cask (statsmodels fits it too;
+    # lme4 users write it meaning (1 | batch:cask)).
+    df = make_genes(n_genes=1)
+    df["cond"] = np.where(df["time"] > df["time"].median(), "hi", "lo")
+    slip = ms.fit(df, ms.ModelSpec("y ~ time", groups="subject", vc_formula={"c": "C(cond)"}))
+    assert slip.fit["warnings"][0] == (
+        "vc_formula['c'] = 'C(cond)' has an intercept column beside its others, so they "
+        "share one variance; for one random effect per level write '0 + C(cond)'")
+    for vc in ("0 + C(cond)", "1"):  # a random intercept as a component is fine
+        meant = ms.fit(df, ms.ModelSpec("y ~ time", groups="subject", vc_formula={"c": vc}))
+        assert not any("intercept column" in w for w in meant.fit["warnings"])
