@@ -36,6 +36,7 @@ class Table(StrEnum):
     fits = "fits"
     params = "params"
     variance = "variance"
+    specs = "specs"
 
 
 class Fmt(StrEnum):
@@ -394,7 +395,8 @@ def _cell(v: Any) -> str:
 def show(
     store: Annotated[str, typer.Argument(metavar="STORE", help="results store folder or URL")],
     table: Annotated[Table | None, typer.Option(
-        "--table", help="print this table instead of the summary")] = None,
+        "--table", help="print this table instead of the summary (specs: one row per "
+        "model, to join on spec_id)")] = None,
     output: Annotated[Fmt, typer.Option(
         "--format", help="a terminal table (headline columns), or csv/json (all)")
         ] = Fmt.table,
@@ -417,7 +419,8 @@ def show(
         except StoreError as exc:  # no store there: a wrong path, not a failed run
             raise SpecError(str(exc)) from None
         if table is not None:
-            df = getattr(st, table.value)(latest=latest)
+            df = st.specs() if table is Table.specs else getattr(st, table.value)(
+                latest=latest)
             if output is Fmt.table and len(df.columns):
                 df = df[_table_columns(df, table)]
             _emit(df, output, limit)

@@ -845,6 +845,27 @@ class Store:
         """Variance components of every committed fit (``latest``: see ``fits``)."""
         return self._tables(("variance",), latest=latest)[0]
 
+    def specs(self) -> pd.DataFrame:
+        """One row per model the store's runs fitted, by ``spec_id``: its ``spec_name``
+        (as the newest run named it) and the fields that define it, from the run
+        manifests. Join it to ``fits`` on ``spec_id`` to select fits by model (e.g.
+        ML fits only, to compare their criteria)."""
+        rows: dict[str, dict[str, Any]] = {}
+        runs = self.runs()
+        for specs in runs["specs"] if "specs" in runs.columns else []:
+            for spec_id, info in (specs if isinstance(specs, dict) else {}).items():
+                vc = info.get("vc_formula") or {}
+                rows[spec_id] = {
+                    "spec_id": spec_id, "spec_name": info.get("name"),
+                    "formula": info.get("formula"), "groups": info.get("groups"),
+                    "re_formula": info.get("re_formula"),
+                    "vc_formula": json.dumps(vc, sort_keys=True) if vc else None,
+                    "reml": info.get("reml"), "cov_structure": info.get("cov_structure"),
+                    "optimizers": "+".join(info.get("optimizers") or []),
+                    "maxiter": info.get("maxiter"), "engine": info.get("engine"),
+                }
+        return pd.DataFrame(list(rows.values()), columns=list(_SPEC_COLUMNS))
+
     def runs(self) -> pd.DataFrame:
         """One row per run manifest. A driver killed outright never closes its
         manifest; a "running" one reads ``abandoned`` when its driver's pid is gone on
@@ -1027,6 +1048,10 @@ def check_writable(url: str) -> None:
     except OSError as exc:
         raise SpecError(f"cannot create the store under {str(at)!r} ({exc.strerror}); "
                         f"choose a folder you can write to; got (store={url!r})") from None
+
+
+_SPEC_COLUMNS = ("spec_id", "spec_name", "formula", "groups", "re_formula", "vc_formula",
+                 "reml", "cov_structure", "optimizers", "maxiter", "engine")
 
 
 def open_store(path: str) -> Store:

@@ -96,6 +96,12 @@ def test_fit_many_on_a_cluster_store_none_equals_store(cluster_client: Any,
     assert set(first["specs"]) == set(disk.fits["spec_id"])
     assert {v["name"] for v in first["specs"].values()} == {"ri", "rs"}
     assert first["specs"][RS.spec_id]["re_formula"] == RS.canonical()["re_formula"]
+    # ... and the store's specs table, to select fits by model.
+    specs = st.specs().set_index("spec_id")
+    assert sorted(specs.index) == sorted([RI.spec_id, RS.spec_id])
+    assert specs.loc[RS.spec_id, ["spec_name", "re_formula", "groups", "reml"]].tolist() == [
+        "rs", "time", "subject", True]
+    assert pd.isna(specs.loc[RI.spec_id, "vc_formula"])
     assert mem.fits["run_id"].notna().all()
     # Every read-back in the job's order: genes sorted, each gene's specs as given, a
     # fit's params and variance rows together and in the fit's own order.
