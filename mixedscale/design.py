@@ -336,8 +336,10 @@ def _build(sub: pd.DataFrame, spec: ModelSpec, source: Any, cols: list[str], n_d
     )
 
 
-def check_design(d: Design) -> None:
-    """Model-level sanity checks that make a fit meaningless; raise ModelFailure."""
+def check_design(d: Design, spec: ModelSpec | None = None) -> None:
+    """Model-level sanity checks that make a fit meaningless; raise ModelFailure.
+    ``spec`` words the messages in its columns."""
+    groups = spec.groups if spec is not None and spec.groups is not None else "groups"
     if d.n_groups < 2 and d.Z.shape[1] > 0:
         raise ModelFailure(
             f"only one group; a random effect needs at least 2 groups (n_groups={d.n_groups})"
@@ -346,17 +348,28 @@ def check_design(d: Design) -> None:
     # otherwise random effects can interpolate the data and the fit is meaningless.
     terms = []
     if d.Z.shape[1] > 0:
-        terms.append(("(" + " + ".join(d.z_names) + " | groups)", d.n_groups,
-                      d.n_groups * d.Z.shape[1]))
+        shown = d.z_names if len(d.z_names) <= 4 else [*d.z_names[:3], "..."]
+        hint = ""
+        if spec is not None and spec.groups in (spec.parsed["re"].names if spec.has_re else ()):
+            hint = (f"; re_formula uses the groups column {spec.groups!r} itself, which "
+                    "gives every group its own effect per level")
+        elif d.n_groups >= d.n:
+            hint = (f"; every {groups!r} group has a single observation, so a group's "
+                    "effect cannot be told from the residual")
+        terms.append(("(" + " + ".join(shown) + f" | {groups})", d.n_groups,
+                      d.n_groups * d.Z.shape[1], hint))
     for name, M in d.vc:
         used = pd.DataFrame(M != 0).groupby(d.group_codes).any().to_numpy()
-        terms.append((f"vc_formula[{name!r}]", int(used.sum()), int(used.sum())))
-    for name, nlev, n_re in terms:
+        hint = "" if spec is None or spec.groups is None else (
+            f"; components are nested in groups={spec.groups!r}: for crossed effects "
+            "(lme4's (1 | a) + (1 | b)) give groups=None and one component per factor")
+        terms.append((f"vc_formula[{name!r}]", int(used.sum()), int(used.sum()), hint))
+    for name, nlev, n_re, hint in terms:
         if nlev >= d.n or n_re >= d.n:
             raise ModelFailure(
                 f"random effects {name} are unidentifiable: they need fewer levels and "
                 f"random effects than observations (n_levels={nlev}, "
-                f"n_random_effects={n_re}, n_obs={d.n})"
+                f"n_random_effects={n_re}, n_obs={d.n}){hint}"
             )
     _check_residual_df(d)
     if np.ptp(d.y) == 0:

@@ -134,7 +134,8 @@ def _tokenize(text: str) -> list[_Tok]:
                 rule += "; write powers as I(x**2) and interactions as (a + b)**2"
             elif bad.text == "|":
                 rule += ("; lme4-style terms such as (1 | g) or (x | g) are given apart: "
-                         "groups='g' and re_formula='~x' (vc_formula for crossed or nested "
+                         "groups='g' and re_formula='~x' ((x || g): also "
+                         "cov_structure='diagonal'; vc_formula for crossed or nested "
                          "effects)")
             elif bad.text in "`'\"":
                 rule += "; quote a column name that is not an identifier as Q('a b')"

@@ -129,7 +129,7 @@ def fit_shared(data: pd.DataFrame, spec: ModelSpec, source: Any) -> FitResult:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             design = build_design(data, spec, source=source)
-        check_design(design)
+        check_design(design, spec)
         return _fit_design(design, spec, t0)
     except MixedscaleError:
         raise

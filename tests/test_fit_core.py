@@ -612,3 +612,23 @@ def test_scaled_gradient_is_lme4s() -> None:
     want = float(np.minimum(np.abs(np.linalg.solve(U, g)), np.abs(g)).max())
     gmax, pd_ = lme4_verdict(g, H, np.zeros(2, dtype=bool))
     assert pd_ is True and gmax == pytest.approx(want) and want == pytest.approx(0.0078, 1e-2)
+
+
+def test_unidentifiable_random_effects_say_why_in_the_data_s_terms() -> None:
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"y": rng.normal(size=40), "x": rng.normal(size=40),
+                       "g1": np.arange(40).astype(str),
+                       "g": np.repeat(np.arange(8), 5).astype(str)})
+    one = mixedscale.fit(df, ModelSpec("y ~ x", groups="g1")).fit
+    assert one["status"] == "error" and "(Intercept | g1)" in one["error_message"]
+    assert "every 'g1' group has a single observation" in one["error_message"]
+    own = mixedscale.fit(df, ModelSpec("y ~ x", groups="g", re_formula="~C(g)")).fit
+    assert "re_formula uses the groups column 'g' itself" in own["error_message"]
+    assert "C(g)[T.2] + ... | g)" in own["error_message"]  # not every level's term
+    crossed = pd.DataFrame({"plate": np.repeat(np.arange(24), 6).astype(str)})
+    crossed["sample"] = crossed["plate"] + "_" + np.tile(np.arange(6), 24).astype(str)
+    crossed["y"] = rng.normal(size=len(crossed))
+    vc = mixedscale.fit(crossed, ModelSpec("y ~ 1", groups="plate",
+                                      vc_formula={"sample": "0 + C(sample)"})).fit
+    assert "for crossed effects (lme4's (1 | a) + (1 | b)) give groups=None" in \
+        vc["error_message"]
