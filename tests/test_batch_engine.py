@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import mixedscale as ms
 from mixedscale import batch as batch_mod
-from mixedscale.batch import BatchProblem, _at, _offsets, fit_slices
+from mixedscale.batch import BatchProblem, _at, _offsets, bound_verdicts, fit_slices
+from mixedscale.engines import lme4_verdict
 
 from .conftest import make_genes
 
@@ -427,3 +428,24 @@ def test_a_component_with_an_intercept_column_is_named_in_warnings() -> None:
     for vc in ("0 + C(cond)", "1"):  # a random intercept as a component is fine
         meant = ms.fit(df, ms.ModelSpec("y ~ time", groups="subject", vc_formula={"c": vc}))
         assert not any("intercept column" in w for w in meant.fit["warnings"])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_bound_verdicts_are_lme4_verdict_fit_by_fit(k: int) -> None:
+    """The batch's verdict for fits with parameters on their bound, vectorized by bound
+    pattern, equals lme4_verdict on each fit: PD, near-singular, indefinite and
+    non-finite Hessians, every pattern."""
+    rng = np.random.default_rng(k)
+    F = 600
+    A = rng.normal(size=(F, k, k))
+    shift = rng.choice([0.0, 1e-9, -0.3, -5.0], size=F)
+    H = A @ np.swapaxes(A, 1, 2) + shift[:, None, None] * np.eye(k)
+    H[::50] = np.nan
+    H[7::50, 0, 0] = np.inf
+    grads = rng.normal(size=(F, k)) * rng.choice([1e-6, 1e-3, 1.0], size=(F, 1))
+    on_bound = rng.random((F, k)) < 0.4
+    gmax, pd_ = bound_verdicts(grads, H, on_bound)
+    for f in range(F):
+        g, p = lme4_verdict(grads[f], H[f], on_bound[f])
+        assert gmax[f] == pytest.approx(g, rel=1e-12, abs=0), f
+        assert pd_[f] == (p is not False), f
