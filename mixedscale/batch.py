@@ -583,9 +583,11 @@ def _prepare(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
         if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s) or any(
                 f"C({{{spec.parsed[k].names.index(c)}}}" in spec.parsed[k].template
                 for k in spec.parsed if c in spec.parsed[k].names):
-            total = s.nunique()
-            per = pd.Series(s.to_numpy()).groupby(sl).nunique().reindex(range(F), fill_value=0)
-            if (per.to_numpy() != total).any():
+            codes, levels = pd.factorize(s)  # missing rows are gone: every code >= 0
+            total = max(len(levels), 1)
+            per = np.bincount(np.unique(sl.astype(np.int64) * total + codes) // total,
+                              minlength=F)
+            if (per != len(levels)).any():
                 return None
     try:
         with warnings.catch_warnings():
