@@ -222,10 +222,11 @@ def _tables(summary: RunSummary, plan: Plan, store: Store | None,
 def _plan_rank(plan: Plan) -> tuple[pa.Array, np.ndarray]:
     """Each fit's place in the job: slices in key order, each slice's specs as given."""
     n = max(len(plan.specs), 1)
-    items = [it for t in plan.tasks for it in t.items]
-    return (pa.array([it.fit_id for it in items], type=pa.string()),
-            np.fromiter((it.slice * n + it.spec for it in items), dtype=np.int64,
-                        count=len(items)))
+    cols = [t.columns for t in plan.tasks]
+    if not cols:
+        return pa.array([], type=pa.string()), np.zeros(0, dtype=np.int64)
+    return (pa.array([f for c in cols for f in c.fit_ids], type=pa.string()),
+            np.concatenate([c.slices.astype(np.int64) * n + c.specs for c in cols]))
 
 
 def _in_plan_order(df: pd.DataFrame, rank: tuple[pa.Array, np.ndarray]) -> pd.DataFrame:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -243,8 +244,8 @@ class _Run:
     def payload(self, task: Task) -> TaskPayload:
         return TaskPayload(
             task=task,
-            keys={it.slice: self.plan.slices[it.slice].key for it in task.items},
-            specs={it.spec: self.plan.specs[it.spec] for it in task.items},
+            keys={s: self.plan.slices[s].key for s in np.unique(task.columns.slices).tolist()},
+            specs={p: self.plan.specs[p] for p in np.unique(task.columns.specs).tolist()},
             split_by=self.plan.split_by, key_fields=self.key_fields, run_id=self.run_id,
             timeout=self.opts.timeout, engine=self.opts.engine)
 

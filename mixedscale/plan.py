@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,7 @@ from .source import Source, read_split_keys
 from .spec import ModelSpec, unique_specs
 from .store import plain_type
 
-__all__ = ["FitItem", "LoadUnit", "Plan", "Task", "make_plan"]
+__all__ = ["FitItem", "Items", "LoadUnit", "Plan", "Task", "make_plan"]
 
 # Cost model, in estimated milliseconds of fitting: fixed overhead per fit, plus
 # rows x (1 + q^2) where q is the random-effect dimension.
@@ -69,11 +69,67 @@ class FitItem(NamedTuple):
     spec: int
 
 
+class Items(Sequence[FitItem]):
+    """A task's fit items held column-wise: fit ids, slice and spec indices. A plan
+    holds 10^5+ items; building (and unpickling, in every payload) a tuple per item cost
+    ~1 us each, more than a tiny fit's share of its task. Indexing gives a FitItem."""
+
+    __slots__ = ("fit_ids", "slices", "specs")
+
+    def __init__(self, fit_ids: Sequence[str], slices: Sequence[int] | np.ndarray,
+                 specs: Sequence[int] | np.ndarray) -> None:
+        self.fit_ids = list(fit_ids)
+        # int32: payloads travel through the scheduler; 2**31 slices is beyond any plan.
+        self.slices = np.asarray(slices, dtype=np.int32)
+        self.specs = np.asarray(specs, dtype=np.int32)
+        if not len(self.fit_ids) == len(self.slices) == len(self.specs):
+            raise ValueError("fit_ids, slices and specs differ in length")
+
+    @classmethod
+    def of(cls, items: Sequence[FitItem]) -> Items:
+        if isinstance(items, Items):
+            return items
+        cols = tuple(map(list, zip(*items, strict=True))) if items else ([], [], [])
+        return cls(*cols)
+
+    def __len__(self) -> int:
+        return len(self.fit_ids)
+
+    @overload
+    def __getitem__(self, i: int) -> FitItem: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Items: ...
+
+    def __getitem__(self, i: int | slice) -> FitItem | Items:
+        if isinstance(i, slice):
+            return Items(self.fit_ids[i], self.slices[i], self.specs[i])
+        return FitItem(self.fit_ids[i], int(self.slices[i]), int(self.specs[i]))
+
+    def __iter__(self) -> Iterator[FitItem]:
+        return map(FitItem, self.fit_ids, self.slices.tolist(), self.specs.tolist())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other,
+                                                                       strict=True))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.fit_ids))
+
+    def __repr__(self) -> str:
+        return f"Items({len(self)} fits)"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Items, (self.fit_ids, self.slices, self.specs)
+
+
 @dataclass(frozen=True)
 class Task:
     key: str
     unit: int
-    items: tuple[FitItem, ...]
+    items: Sequence[FitItem]  # an Items, or any sequence of FitItem
     cost_ms: float
     isolated: bool = False  # a single fit split out of a failed task
 
@@ -81,15 +137,17 @@ class Task:
         return Task(key=f"{self.key}-f{item.fit_id[:12]}", unit=self.unit, items=(item,),
                     cost_ms=self.cost_ms / max(1, len(self.items)), isolated=True)
 
+    @property
+    def columns(self) -> Items:
+        """The items column-wise."""
+        return Items.of(self.items)
+
     def __reduce__(self) -> tuple[Any, ...]:
-        # Items travel column-wise in every task payload: three lists, not 10^3+ tuples.
-        cols = tuple(map(list, zip(*self.items, strict=True))) if self.items else ([], [], [])
-        return _task, (self.key, self.unit, *cols, self.cost_ms, self.isolated)
+        # Items travel column-wise in every task payload: a list and two arrays.
+        return _task, (self.key, self.unit, self.columns, self.cost_ms, self.isolated)
 
 
-def _task(key: str, unit: int, fit_ids: list[str], slices: list[int], specs: list[int],
-          cost_ms: float, isolated: bool) -> Task:
-    items = tuple(map(FitItem._make, zip(fit_ids, slices, specs, strict=True)))
+def _task(key: str, unit: int, items: Items, cost_ms: float, isolated: bool) -> Task:
     return Task(key, unit, items, cost_ms, isolated)
 
 
@@ -130,7 +188,7 @@ class Plan:
         return sum(u.nbytes for u in self.units)
 
     def fit_ids(self) -> list[str]:
-        return [it.fit_id for t in self.tasks for it in t.items]
+        return [f for t in self.tasks for f in t.columns.fit_ids]
 
     def describe(self) -> dict[str, Any]:
         return {"n_slices": len(self.slices), "n_specs": len(self.specs), "n_fits": self.n_fits,
@@ -437,10 +495,11 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
     first = np.r_[True, (item_unit[1:] != item_unit[:-1]) | (chunk[1:] != chunk[:-1])]
     cuts = [*np.flatnonzero(first).tolist(), n]
     tasks: list[Task] = []
+    sis_a, pis_a = np.asarray(sis, dtype=np.int32), np.asarray(pis, dtype=np.int32)
     for lo, hi in itertools.pairwise(cuts):
         ids = fids[lo:hi]
-        items = tuple(map(FitItem._make, zip(ids, sis[lo:hi], pis[lo:hi], strict=True)))
-        tasks.append(Task(key=task_key(ids), unit=units_of[lo], items=items,
+        tasks.append(Task(key=task_key(ids), unit=units_of[lo],
+                          items=Items(ids, sis_a[lo:hi], pis_a[lo:hi]),
                           cost_ms=sum(item_costs[lo:hi])))
     return tasks
 

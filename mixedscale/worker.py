@@ -430,11 +430,10 @@ def _error_result(spec: ModelSpec, etype: str, msg: str) -> FitResult:
 
 def _work_units(task: Task, specs: dict[int, ModelSpec]) -> list[tuple[str, list[int]]]:
     """Items grouped into batches (many slices of one spec) and single fits."""
-    by_spec: dict[int, list[int]] = {}
-    for i, it in enumerate(task.items):
-        by_spec.setdefault(it.spec, []).append(i)
+    col = task.columns.specs
     units: list[tuple[str, list[int]]] = []
-    for spec_idx, idxs in by_spec.items():
+    for spec_idx in dict.fromkeys(col.tolist()):  # in order of first appearance
+        idxs = np.flatnonzero(col == spec_idx).tolist()
         if len(idxs) >= MIN_BATCH and batchable(specs[spec_idx]):
             units.append(("batch", idxs))
         else:
@@ -442,10 +441,12 @@ def _work_units(task: Task, specs: dict[int, ModelSpec]) -> list[tuple[str, list
     return units
 
 
-def _item_columns(payload: TaskPayload, items: Sequence[FitItem]) -> list[np.ndarray]:
-    """fit_id and each split column of ``items``, as object arrays (built once per batch)."""
-    out = [np.array([it.fit_id for it in items], dtype=object)]
-    keys = [payload.keys[it.slice] for it in items]
+def _item_columns(payload: TaskPayload, idxs: Sequence[int]) -> list[np.ndarray]:
+    """fit_id and each split column of the task's items ``idxs``, as object arrays
+    (built once per batch)."""
+    cols = payload.task.columns
+    out = [np.array(cols.fit_ids, dtype=object)[np.asarray(idxs, dtype=np.intp)]]
+    keys = [payload.keys[s] for s in cols.slices[idxs].tolist()]
     for j in range(len(payload.key_fields)):
         out.append(np.array([k[j] for k in keys], dtype=object))
     return out
@@ -548,6 +549,7 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
     t0 = time.perf_counter()
     _freeze_worker_heap()
     task = payload.task
+    columns = task.columns
     faults = bool(os.environ.get(_FAULTS_ENV))
     _maybe_inject(payload)
     try:
@@ -589,8 +591,8 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
         """Slices of one spec fitted together; the ones not verified there go to fit().
 
         Rows are returned, not shared: an abandoned (timed-out) run must not leak any."""
-        spec = specs[task.items[idxs[0]].spec]
-        keys = [payload.keys[task.items[i].slice] for i in idxs]
+        spec = specs[int(columns.specs[idxs[0]])]
+        keys = [payload.keys[s] for s in columns.slices[idxs].tolist()]
         if faults:
             for k in keys:
                 _maybe_inject(payload, k)
@@ -612,12 +614,12 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
         if out is None:
             return [(i, one(i)) for i in idxs], {}
         frames: dict[str, list[pa.Table]] = {}
-        item_cols = _item_columns(payload, [task.items[i] for i in idxs])
+        item_cols = _item_columns(payload, idxs)
         for name in ("fits", "params", "variance"):
             table = getattr(out, name)
             if table.num_rows:
                 frames[name] = [_keyed(table, payload, item_cols,
-                                       payload.specs[task.items[idxs[0]].spec])]
+                                       payload.specs[int(columns.specs[idxs[0]])])]
         return [(idxs[j], one(idxs[j])) for j in out.fallback], frames
 
     def timeout_rows(idxs: list[int]) -> Chunk:

@@ -9,6 +9,7 @@ import pickle
 from pathlib import Path
 
 import cloudpickle
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -275,6 +276,15 @@ def test_tasks_pickle_column_wise_and_round_trip() -> None:
     assert pickle.loads(pickle.dumps(single)) == single
     empty = Task("k", 0, (), 0.0)
     assert pickle.loads(pickle.dumps(empty)) == empty
+    # Items are columns that read as FitItems: equal to the tuples they stand for.
+    items = task.items
+    assert isinstance(items, plan_mod.Items)
+    as_tuples = tuple(items)
+    assert all(isinstance(it, plan_mod.FitItem) for it in as_tuples)
+    assert items == as_tuples and Task(task.key, task.unit, as_tuples, task.cost_ms) == task
+    assert items[1:3] == as_tuples[1:3] and items[-1] == as_tuples[-1]
+    assert hash(Task(task.key, task.unit, as_tuples, task.cost_ms).columns) == hash(items)
+    assert back.columns.fit_ids == items.fit_ids and back.columns.slices.dtype == np.int32
 
 
 def _commit(plan: plan_mod.Plan, src: object, store: Store, tasks: list[Task],
