@@ -363,7 +363,7 @@ def _emit(df: Any, fmt: Fmt, limit: int | None = None) -> None:
     if fmt is Fmt.csv:
         typer.echo(df.to_csv(index=False), nl=False)
     elif fmt is Fmt.json:
-        typer.echo(df.to_json(orient="records", default_handler=str))
+        typer.echo(_json_records(df))
     else:
         from rich.console import Console
         from rich.table import Table as RTable
@@ -377,6 +377,35 @@ def _emit(df: Any, fmt: Fmt, limit: int | None = None) -> None:
             # ("sleep[reml=False]") and factor terms ("group[T.b]"), or raised on "[/x]".
             t.add_row(*(Text(_cell(v)) for v in row))
         Console(width=200).print(t)
+
+
+def _json_records(df: Any) -> str:
+    """Rows as a JSON array: floats exact (pandas' to_json rounds to 10 decimals, so a
+    p-value of 3e-11 read 0.0), dates and times ISO 8601, missing and non-finite values
+    null."""
+    import datetime as dt
+    import math
+
+    import pyarrow as pa
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    def other(v: Any) -> Any:
+        if isinstance(v, (dt.date, dt.time)):  # datetime too
+            return v.isoformat()
+        if isinstance(v, dt.timedelta):
+            return v.total_seconds()
+        return str(v)
+
+    rows = pa.Table.from_pandas(df, preserve_index=False).to_pylist()
+    return json.dumps([clean(r) for r in rows], default=other, allow_nan=False)
 
 
 def _cell(v: Any) -> str:

@@ -182,6 +182,7 @@ class _Progress:
         self.bar: Any = None
         if not enabled or total == 0:
             return
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -191,9 +192,11 @@ class _Progress:
             TimeRemainingColumn,
         )
 
+        # On stderr, where it was judged interactive: on stdout (rich's default) it drew
+        # into `fit --format csv > file`, unseen, leaving a blank first line in the data.
         self.bar = Progress(TextColumn("fitting"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                            transient=True)
+                            transient=True, console=Console(stderr=True))
         self.bar.start()
         self.tid = self.bar.add_task("fits", total=total)
 

@@ -10,9 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
+import mixedscale as ms
 
 from .clusterutil import (
     check_invariant,
@@ -228,6 +231,14 @@ def test_show_formats(store: Path, tmp_path: Path) -> None:
         header = next(line for line in out.splitlines() if "┃" in line)
         for c in cols - {"spec_id"}:  # fits shows spec_name instead
             assert c in header, (c, header)  # readable: no column squeezed to nothing
+
+    # JSON keeps every float exactly (pandas' to_json rounded p-values below 5e-11 to 0).
+    code, out, _ = invoke(["show", str(store), "--table", "params", "--format", "json"])
+    got = pd.DataFrame(json.loads(out))
+    want = ms.open_store(str(store)).params()
+    pd.testing.assert_series_equal(got.set_index(["fit_id", "term"])["p_value"],
+                                   want.set_index(["fit_id", "term"])["p_value"].astype(float),
+                                   check_exact=True)
 
     code, _, err = invoke(["show", str(tmp_path / "nothing-here")])
     assert code == 2 and "no results store" in err  # a wrong path: invalid input
@@ -552,3 +563,34 @@ def test_tables_print_square_brackets_as_text(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     for text in [*names, "n[obs]"]:
         assert text in out, out
+
+
+def test_json_output_is_exact_iso_dated_and_valid() -> None:
+    import datetime as dt
+
+    from mixedscale.cli import _json_records
+
+    df = pd.DataFrame({
+        "p": [2.598566123456789e-11, 0.1, np.inf, np.nan],
+        "day": [dt.date(2024, 1, 1), dt.date(2024, 1, 2), dt.date(2024, 1, 3), None],
+        "at": pd.to_datetime(["2024-01-01 10:30"] * 4),
+        "theta": [[1.1234567891234, 2.0]] * 4,
+        "n": pd.array([1, None, 3, 4], dtype="Int64"),
+    })
+    rows = json.loads(_json_records(df))  # strict JSON: no NaN or Infinity tokens
+    assert [r["p"] for r in rows] == [2.598566123456789e-11, 0.1, None, None]
+    assert [r["day"] for r in rows] == ["2024-01-01", "2024-01-02", "2024-01-03", None]
+    assert rows[0]["at"] == "2024-01-01T10:30:00" and rows[0]["theta"] == [1.1234567891234, 2.0]
+    assert [r["n"] for r in rows] == [1, None, 3, 4]
+
+
+def test_the_progress_bar_draws_on_stderr() -> None:
+    """Enabled when stderr is a terminal; drawn on stdout it went into `fit --format csv
+    > file` unseen, leaving a blank first line in the data."""
+    from mixedscale.executor import _Progress
+
+    bar = _Progress(10, True)
+    try:
+        assert bar.bar is not None and bar.bar.console.stderr
+    finally:
+        bar.close()
