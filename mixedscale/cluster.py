@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import ssl
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -375,6 +377,11 @@ def make_security(tls: TLSConfig | None) -> Security | None:
 
 
 def _jobqueue_module() -> Any:
+    # dask_jobqueue's runner module sets, on import, a SIGINT handler that calls
+    # sys.exit(): Ctrl-C then ended a run as SystemExit(None), exit status 0, as if
+    # complete. The interpreter's handler (KeyboardInterrupt, exit 3) is put back.
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
     try:
         import dask_jobqueue
     except ImportError:
@@ -382,6 +389,9 @@ def _jobqueue_module() -> Any:
             "SLURM and PBS clusters need dask-jobqueue: pip install mixedscale[cluster]; "
             "got (dask_jobqueue=not installed)"
         ) from None
+    finally:
+        if main and before is not None and signal.getsignal(signal.SIGINT) is not before:
+            signal.signal(signal.SIGINT, before)
     return dask_jobqueue
 
 

@@ -653,7 +653,7 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
         else:
             message = f"infrastructure failure: {type(exc).__name__}: {exc}"
         raise RunIncomplete(message) from exc
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: a library's signal handler
         state, message = "interrupted", ("interrupted by the user; rerun the job to resume "
                                           "(committed fits are kept)")
         raise RunIncomplete(message) from None

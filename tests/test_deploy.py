@@ -656,3 +656,16 @@ def test_with_overrides_revalidates() -> None:
     assert "threads_per_worker" in pbs.model_fields_set
     with pytest.raises(SpecError, match="did you mean 'queue'"):
         with_overrides(cfg, queu="x")
+
+
+def test_importing_dask_jobqueue_keeps_ctrl_c_an_interrupt() -> None:
+    """dask_jobqueue sets a SIGINT handler calling sys.exit() on import: Ctrl-C on a
+    SLURM/PBS run then exited 0, as if complete. The interpreter's handler stays."""
+    import sys
+
+    code = ("import signal; from mixedscale.cluster import _jobqueue_module; "
+            "_jobqueue_module(); "
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr
