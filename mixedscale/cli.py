@@ -189,7 +189,7 @@ def run(
                 and not (scheduler or job.cluster.address):
             from distributed import Client
 
-            from .cluster import make_cluster
+            from .cluster import close_quietly, make_cluster
 
             jq = make_cluster(ccfg, security)
             client = Client(jq, security=security)
@@ -213,7 +213,7 @@ def run(
             if client is not None:
                 client.close()
             if jq is not None:
-                jq.close()
+                close_quietly(jq)
         # The summary and --fail-on read the store: an unreadable part is a StoreError.
         if not quiet:
             _print_summary(result)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import SpecError, read_yaml, suggest
+from .errors import SpecError, one_line, read_yaml, suggest
 
 if TYPE_CHECKING:
     from distributed import SpecCluster
@@ -580,4 +580,35 @@ def make_cluster(
         cluster.scale(n=cfg.workers)
     else:
         cluster.scale(jobs=1)
+    # Wait for the submissions (not for the jobs to start): a refused sbatch/qsub was
+    # only logged by the event loop, and the run then waited for workers forever. The
+    # wait joins (or follows, under the cluster's lock) the one scale() scheduled; a job
+    # whose submission failed is left in state "created".
+    why = ""
+    try:
+        cluster.sync(cluster._correct_state)
+    except Exception as exc:
+        text = str(exc)
+        why = one_line(text.split("stderr:", 1)[1]) if "stderr:" in text else one_line(exc)
+        why = why or type(exc).__name__
+    refused = [w for w in cluster.workers.values() if str(getattr(w, "status", "")) ==
+               "Status.created"]
+    if why or refused:
+        close_quietly(cluster)
+        cmd = "sbatch" if cfg.kind == "slurm" else "qsub"
+        raise SpecError(
+            f"the batch system refused the worker jobs: {why or f'{cmd} failed (see above)'}"
+            f"; check the cluster config (queue, account, walltime, memory) and that {cmd} "
+            f"works where the driver runs (a login node); got (kind={cfg.kind!r})") from None
     return cluster  # type: ignore[no-any-return]
+
+
+def close_quietly(cluster: Any) -> None:
+    """Close a cluster whose failure is being reported: an error from closing it (a
+    jobqueue cluster that never started raises AssertionError) must not replace that."""
+    try:
+        cluster.close()
+    except Exception as exc:  # reported already: this is cleanup
+        import logging
+
+        logging.getLogger(__name__).debug("closing the cluster failed: %s", exc)

@@ -669,3 +669,32 @@ def test_importing_dask_jobqueue_keeps_ctrl_c_an_interrupt() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr
+
+
+@pytest.mark.parametrize("sbatch", ["refuses", "missing"])
+def test_a_refused_job_submission_ends_the_run_at_once(sbatch: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """sbatch failing (a bad partition) or absent (a compute node) was only logged by
+    the event loop: the driver then waited for workers until its walltime."""
+    pytest.importorskip("dask_jobqueue")
+    import time
+
+    from mixedscale.cluster import ClusterConfig, make_cluster
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    if sbatch == "refuses":
+        fake = bin_ / "sbatch"
+        fake.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified' >&2\n"
+                        "exit 1\n")
+        fake.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    else:
+        monkeypatch.setenv("PATH", str(bin_))  # no sbatch anywhere
+    cfg = ClusterConfig(kind="slurm", queue="normal", cores=1, memory="1GB",
+                        walltime="00:10:00", jobs=1)
+    t0 = time.monotonic()
+    with pytest.raises(SpecError, match=r"the batch system refused the worker jobs.*sbatch "
+                                        r"works where the driver runs"):
+        make_cluster(cfg, scheduler_options={"host": "127.0.0.1"})
+    assert time.monotonic() - t0 < 30
