@@ -185,29 +185,34 @@ def run(
         opts.progress = False if quiet else None
         client = None
         jq = None
-        if kind in ("slurm", "pbs") and ccfg is not None \
-                and not (scheduler or job.cluster.address):
+        if ccfg is not None and not (scheduler or job.cluster.address) and (
+                kind in ("slurm", "pbs") or ccfg.kind == "local"):
             from distributed import Client
 
             from .cluster import close_quietly, make_cluster
 
+            if ccfg.kind == "local":
+                # Built from its config, so every key holds (threads_per_worker,
+                # local_directory, tls), not only workers and memory_limit; --workers
+                # and the job's size override as for the embedded cluster.
+                ccfg = ccfg.model_copy(update={
+                    "workers": workers or ccfg.workers or job.cluster.workers,
+                    "memory_limit": ccfg.memory_limit or job.cluster.memory_limit})
+                opts.no_workers_timeout = 120.0  # as fit_many's embedded cluster
             jq = make_cluster(ccfg, security)
             client = Client(jq, security=security)
         address = scheduler or job.cluster.address
-        # The job's size is for the embedded cluster (a local cluster config's first); a
-        # --workers with a scheduler was refused above.
+        # The job's size is for the embedded cluster; a --workers with a scheduler was
+        # refused above.
         embedded = client is None and address is None
-        local = ccfg if ccfg is not None and kind == "local" else None
         try:
             result = fit_many(
                 job.data.path, job.specs(), split_by=job.data.split_by, store=job.store,
                 client=client, filter=job.data.filter, scheduler=address,
-                workers=workers or ((local and local.workers) or job.cluster.workers
-                                    if embedded else None),
+                workers=workers or job.cluster.workers if embedded else None,
                 engine=engine if engine is not None else job.fit.engine,
                 timeout=timeout if timeout is not None else job.fit.timeout, security=security,
-                memory_limit=((local and local.memory_limit) or job.cluster.memory_limit)
-                if embedded else None, options=opts,
+                memory_limit=job.cluster.memory_limit if embedded else None, options=opts,
                 retry_errors=retry_errors)
         finally:
             if client is not None:

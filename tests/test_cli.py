@@ -519,12 +519,16 @@ def test_validate_checks_the_cluster_kind_as_run_does(tmp_path: Path) -> None:
 
 
 def test_a_local_cluster_config_sizes_the_embedded_cluster(tmp_path: Path) -> None:
+    """Every key of a local cluster config holds (threads_per_worker and local_directory
+    were dropped: only workers and memory_limit reached the embedded cluster)."""
     cfg = tmp_path / "local.yaml"
-    cfg.write_text("kind: local\nworkers: 1\nmemory_limit: 1GB\n")
+    cfg.write_text("kind: local\nworkers: 1\nmemory_limit: 1GB\nthreads_per_worker: 2\n"
+                   "local_directory: scratch\n")
     job = _job(tmp_path)
     code, out, err = invoke(["run", str(job), "--cluster-config", str(cfg)])
     assert code == 0, err
     assert re.search(r"n_workers\s*│\s*1\s", out), out
+    assert any((tmp_path / "scratch").iterdir())  # the workers' scratch space
 
 
 def test_python_m_mixedscale_is_the_cli() -> None:
