@@ -189,15 +189,15 @@ def run(
                 kind in ("slurm", "pbs") or ccfg.kind == "local"):
             from distributed import Client
 
-            from .cluster import close_quietly, make_cluster
+            from .cluster import close_quietly, make_cluster, with_overrides
 
             if ccfg.kind == "local":
                 # Built from its config, so every key holds (threads_per_worker,
                 # local_directory, tls), not only workers and memory_limit; --workers
                 # and the job's size override as for the embedded cluster.
-                ccfg = ccfg.model_copy(update={
-                    "workers": workers or ccfg.workers or job.cluster.workers,
-                    "memory_limit": ccfg.memory_limit or job.cluster.memory_limit})
+                ccfg = with_overrides(ccfg, "--workers", workers=workers or ccfg.workers
+                                      or job.cluster.workers, memory_limit=ccfg.memory_limit
+                                      or job.cluster.memory_limit)
                 opts.no_workers_timeout = 120.0  # as fit_many's embedded cluster
             jq = make_cluster(ccfg, security)
             client = Client(jq, security=security)

@@ -326,7 +326,9 @@ def load_cluster_config(path: str) -> ClusterConfig:
     if not p.is_file():
         raise SpecError(f"cluster config file not found; got (path={str(path)!r})")
     data = read_yaml(p, str(path))
-    return parse_cluster_config(data, source=str(path), base_dir=p.parent)
+    # Absolute: a PBS job starts in $HOME, not where the driver ran, and its script
+    # passes these paths (TLS files, local_directory) to every worker as written.
+    return parse_cluster_config(data, source=str(path), base_dir=p.resolve().parent)
 
 
 # -- security

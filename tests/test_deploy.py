@@ -698,3 +698,18 @@ def test_a_refused_job_submission_ends_the_run_at_once(sbatch: str, tmp_path: Pa
                                         r"works where the driver runs"):
         make_cluster(cfg, scheduler_options={"host": "127.0.0.1"})
     assert time.monotonic() - t0 < 30
+
+
+def test_relative_paths_in_a_cluster_config_become_absolute(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """`--cluster-config cluster.yaml` (as deploy/pbs/submit.pbs runs it): the worker job
+    script must not hold paths relative to the driver's folder, since a PBS job starts in
+    $HOME."""
+    (tmp_path / "cluster.yaml").write_text(
+        "kind: local\nlocal_directory: scratch\n"
+        "tls: {ca_file: certs/ca.pem, cert: certs/w.pem, key: certs/w-key.pem}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_cluster_config("cluster.yaml")
+    assert cfg.local_directory == str(tmp_path / "scratch")
+    assert cfg.tls is not None and cfg.tls.ca_file == str(tmp_path / "certs" / "ca.pem")
