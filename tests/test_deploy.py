@@ -487,6 +487,14 @@ class _FakeCluster:
     def scale(self, n: int | None = None, jobs: int = 0) -> None:
         self.calls.append({"n": n, "jobs": jobs} if n is not None else {"jobs": jobs})
 
+    workers: dict[str, Any] = {}  # noqa: RUF012 - a stand-in: no job was refused
+
+    def _correct_state(self) -> None:
+        return None
+
+    def sync(self, fn: Any) -> Any:
+        return fn()
+
 
 @pytest.mark.parametrize("extra,expected", [
     ({"jobs": 3}, {"jobs": 3}),
