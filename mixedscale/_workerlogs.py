@@ -14,7 +14,10 @@ subclass WorkerPlugin), and worker processes unpickle it by this name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import warnings
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -27,3 +30,11 @@ class QuietWorkerLogs(WorkerPlugin):  # type: ignore[misc]
 
     def setup(self, worker: Any) -> None:
         logging.getLogger("distributed").setLevel(logging.ERROR)
+        # Fits record their warnings as data (inside catch_warnings); what reaches the
+        # filters here comes from a fit abandoned at its timeout, still running in its
+        # thread, and would print statsmodels' ConvergenceWarning into the driver's output.
+        warnings.simplefilter("ignore")
+        # Ctrl-C reaches the whole process group: the driver stops the run and closes
+        # the cluster; each worker printed a KeyboardInterrupt traceback besides.
+        with contextlib.suppress(ValueError):  # only possible in the main thread
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

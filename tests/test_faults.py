@@ -34,7 +34,9 @@ from mixedscale.errors import SpecError
 
 from .clusterutil import (
     DaskCluster,
+    base_env,
     check_invariant,
+    cli_args,
     committed_parts,
     dask_cluster,
     faults_env,
@@ -44,6 +46,8 @@ from .clusterutil import (
     planned,
     read_parts,
     run_cli,
+    spawn,
+    stop,
     tail,
     wait_for,
     write_genes,
@@ -330,6 +334,29 @@ def test_driver_sigterm_exits_3_interrupted_then_rerun_completes(
     sleepy.wait_idle()
     check_invariant(store, plan.fit_ids())
     assert manifests(store)[-1]["state"] == "complete"
+
+
+@pytest.mark.cluster
+def test_ctrl_c_on_the_embedded_cluster_exits_3_without_worker_tracebacks(
+        tmp_path: Path) -> None:
+    """Ctrl-C signals the whole process group: the driver ends the run as interrupted;
+    the workers (which printed a KeyboardInterrupt traceback each) leave it to it."""
+    store = tmp_path / "store"
+    job = write_job(tmp_path / "job.yaml", write_genes(tmp_path / "data", 40), store,
+                    models=[SM])
+    log = tmp_path / "driver.out"
+    env = base_env(faults_env({"at": "task_start", "do": "sleep", "seconds": 0.3}))
+    p = spawn(cli_args(["run", str(job), "--quiet", "--workers", "2"], None), log, env,
+              tmp_path)
+    try:
+        mid_run(store, p, log)
+        os.killpg(p.pid, signal.SIGINT)
+        assert finish(p, log, 90) == 3, tail(log)
+    finally:
+        stop(p)
+    out = tail(log, 20000)
+    assert "interrupted" in out and "Traceback" not in out, out
+    assert manifests(store)[-1]["state"] == "interrupted"
 
 
 # 8 ----------------------------------------------------------------------------------
