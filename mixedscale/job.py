@@ -10,7 +10,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 from .errors import SpecError, read_yaml, suggest
 from .spec import ModelSpec, grid
@@ -31,7 +39,11 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     path: str = Field(description="Parquet file, folder, glob, hive tree or fsspec URL")
-    split_by: list[str] = Field(default_factory=list, description="columns that define slices")
+    # One column may be given bare (split_by: gene): the schema says so too.
+    split_by: Annotated[list[str], WithJsonSchema({
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+        "description": "the column, or columns, that define slices"})] = Field(
+        default_factory=list)
     filter: list[tuple[str, str, Any]] | None = Field(
         default=None, description="row filter: [[column, op, value], ...], AND-ed")
 
@@ -88,11 +100,16 @@ class FitOptions(_Strict):
 
 
 class Job(_Strict):
+    # A job lists models, a grid or both (specs() refuses neither).
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "anyOf": [{"required": ["models"]}, {"required": ["grid"]}]})
+
     name: str | None = None
     data: DataConfig
     models: list[ModelConfig] = Field(default_factory=list)
     grid: GridConfig | None = None
-    store: str | None = None
+    store: str | None = Field(default=None, description=(
+        "results store folder or URL; required, unless given with run --store"))
     cluster: ClusterConfigRef = Field(default_factory=ClusterConfigRef)
     fit: FitOptions = Field(default_factory=FitOptions)
 

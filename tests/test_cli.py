@@ -256,6 +256,11 @@ def test_schema_is_valid_json_schema_and_accepts_the_jobs(tmp_path: Path) -> Non
         assert not errors, (job.name, errors[0].message)
     assert list(v.iter_errors({"data": {"path": "x"}, "modles": []}))
     assert list(v.iter_errors({"models": []}))  # data is required
+    # What load_job accepts, the schema accepts: one split column given bare.
+    one = {"data": {"path": "x", "split_by": "gene"}, "store": "s",
+           "models": [{"formula": "y ~ x", "groups": "g"}]}
+    assert not list(v.iter_errors(one))
+    assert list(v.iter_errors({k: one[k] for k in ("data", "store")}))  # no models nor grid
 
 
 def test_fit_command(tmp_path: Path, address: str) -> None:
