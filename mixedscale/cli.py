@@ -27,6 +27,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 EXIT_OK, EXIT_FAIL_ON, EXIT_INVALID, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"mixedscale {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="print the version and exit")] = False) -> None:
+    """Fit linear mixed models by the thousand on Dask, into a Parquet store."""
+
+
 class FailOn(StrEnum):
     not_converged = "not_converged"
     error = "error"
@@ -295,7 +310,8 @@ def fit_cmd(
     data: Annotated[str, typer.Argument(help="Parquet file, folder, glob or URL")],
     formula: Annotated[str, typer.Option("--formula", help="e.g. 'y ~ x'")],
     groups: Annotated[str | None, typer.Option(
-        "--groups", help="the grouping column of the random effects")] = None,
+        "--groups", help="the grouping column of the random effects (needed: fit takes "
+        "no variance components; a job file does)")] = None,
     re_formula: Annotated[str | None, typer.Option(
         "--re-formula", help="random effects, e.g. '~x' (default: an intercept)")] = None,
     split_by: Annotated[list[str] | None, typer.Option(

@@ -543,6 +543,9 @@ def test_python_m_mixedscale_is_the_cli() -> None:
     r = subprocess.run([sys.executable, "-m", "mixedscale", "--help"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "validate" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "mixedscale", "--version"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"mixedscale {ms.__version__}"
 
 
 def test_job_paths_expand_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -14,8 +14,8 @@ writes into OUTDIR:
 Every leaf certificate is valid for both TLS server and client use (Dask
 workers both listen and connect) and names the given hosts in its subject
 alternative names (Dask does not check host names, but other tools do).
-Keys are ECDSA P-256, written with mode 0600. Needs only ``cryptography``,
-which ``distributed`` already depends on.
+Keys are ECDSA P-256, written with mode 0600. Needs only ``cryptography``
+(``pip install "mixedscale[cluster]"`` brings it).
 """
 
 from __future__ import annotations
