@@ -559,8 +559,8 @@ def _scan_footers(src: Source, fs: Any, files: list[str], part_schema: pa.Schema
             with fs.open(f, "rb") as fh:
                 md = pq.ParquetFile(fh).metadata
         except (OSError, pa.ArrowException, ValueError) as exc:
+            # Warned of once, by whoever plans the run (api.prepare), for every entry point.
             src.bad_files[f] = f"{type(exc).__name__}: {one_line(exc)}"
-            log.warning("skipping unreadable Parquet file %s: %s", f, one_line(exc))
             continue
         schema = md.schema.to_arrow_schema()
         clash = [n for n in part_schema.names if n in schema.names]
