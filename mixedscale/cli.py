@@ -177,6 +177,9 @@ def run(
         "--retry-errors", help="also refit the store's fits that failed for the run's "
         "sake: FitTimeout, WorkerCrash, MemoryLimit, DataError (an unreadable input "
         "file)")] = False,
+    output: Annotated[Fmt, typer.Option(
+        "--format", help="the run summary as a terminal table, or as one JSON object "
+        "(for pipelines; csv: as a table)")] = Fmt.table,
 ) -> None:
     """Run a job file: plan, fit on Dask, stream results into the store."""
     _setup_logging(quiet)
@@ -235,7 +238,9 @@ def run(
             if jq is not None:
                 close_quietly(jq)
         # The summary and --fail-on read the store: an unreadable part is a StoreError.
-        if not quiet:
+        if output is Fmt.json:
+            typer.echo(_json(result.summary()))
+        elif not quiet:
             _print_summary(result)
         code = _fail_on(result, fail_on)
     except MixedscaleError as exc:
@@ -404,17 +409,22 @@ def _json_records(df: Any) -> str:
     """Rows as a JSON array: floats exact (pandas' to_json rounds to 10 decimals, so a
     p-value of 3e-11 read 0.0), dates and times ISO 8601, missing and non-finite values
     null."""
+    import pyarrow as pa
+
+    return _json(pa.Table.from_pandas(df, preserve_index=False).to_pylist())
+
+
+def _json(value: Any) -> str:
+    """Strict JSON (non-finite floats null), dates ISO 8601, anything else as text."""
     import datetime as dt
     import math
-
-    import pyarrow as pa
 
     def clean(v: Any) -> Any:
         if isinstance(v, float):
             return v if math.isfinite(v) else None
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
+        if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
         return v
 
@@ -423,10 +433,11 @@ def _json_records(df: Any) -> str:
             return v.isoformat()
         if isinstance(v, dt.timedelta):
             return v.total_seconds()
+        if hasattr(v, "item"):  # a numpy scalar
+            return clean(v.item())
         return str(v)
 
-    rows = pa.Table.from_pandas(df, preserve_index=False).to_pylist()
-    return json.dumps([clean(r) for r in rows], default=other, allow_nan=False)
+    return json.dumps(clean(value), default=other, allow_nan=False)
 
 
 def _cell(v: Any) -> str:

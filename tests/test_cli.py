@@ -534,6 +534,11 @@ def test_a_local_cluster_config_sizes_the_embedded_cluster(tmp_path: Path) -> No
     assert code == 0, err
     assert re.search(r"n_workers\s*│\s*1\s", out), out
     assert any((tmp_path / "scratch").iterdir())  # the workers' scratch space
+    # For pipelines: the run's summary as one JSON object on stdout (the rerun resumes).
+    code, out, err = invoke(["run", str(job), "--format", "json"])
+    summary = json.loads(out)
+    assert code == 0 and summary["state"] == "complete", err
+    assert summary["n_resumed"] == summary["n_planned"] > 0 and summary["run_id"]
 
 
 def test_python_m_mixedscale_is_the_cli() -> None:
