@@ -179,7 +179,7 @@ def run(
         "file)")] = False,
     output: Annotated[Fmt, typer.Option(
         "--format", help="the run summary as a terminal table, or as one JSON object "
-        "(for pipelines; csv: as a table)")] = Fmt.table,
+        "(for pipelines)")] = Fmt.table,
 ) -> None:
     """Run a job file: plan, fit on Dask, stream results into the store."""
     _setup_logging(quiet)
@@ -190,6 +190,9 @@ def run(
     opts = RunOptions()
     _install_sigterm(opts.stop)
     try:
+        if output is Fmt.csv:
+            raise SpecError("run --format takes table or json (a run's summary is one "
+                            "record); got (format=csv)")
         if timeout is not None and not timeout > 0:  # also NaN
             raise SpecError(f"--timeout must be a positive number of seconds; "
                             f"got (timeout={timeout!r})")

@@ -593,8 +593,10 @@ def make_cluster(
         text = str(exc)
         why = one_line(text.split("stderr:", 1)[1]) if "stderr:" in text else one_line(exc)
         why = why or type(exc).__name__
-    refused = [w for w in cluster.workers.values() if str(getattr(w, "status", "")) ==
-               "Status.created"]
+    from distributed.core import Status
+
+    refused = [w for w in cluster.workers.values()
+               if getattr(w, "status", None) == Status.created]
     if why or refused:
         close_quietly(cluster)
         cmd = "sbatch" if cfg.kind == "slurm" else "qsub"
