@@ -124,6 +124,14 @@ def spread(r: dict[str, Any], fn: Any, fmt: Any = None) -> str:
     return f" ({fmt(min(vals))}-{fmt(max(vals))}, {len(vals)} runs)"
 
 
+def median_of(r: dict[str, Any], key: str) -> Any:
+    """The median of ``key`` over a row's repeats; the row's own value without any. (A
+    row is the run of median overhead: its fits/s need not be the median fits/s.)"""
+    vals = sorted(x[key] for x in r.get("repeats") or []
+                  if x.get("status") == "ok" and x.get(key) is not None)
+    return vals[(len(vals) - 1) // 2] if len(vals) > 1 else r.get(key)
+
+
 def _plan_exec(r: dict[str, Any]) -> float | None:
     """(prepare + executor wall) / (sum of fit seconds / workers) - 1."""
     ideal = (r.get("fit_seconds_sum") or 0) / max(r.get("n_workers") or 1, 1)
@@ -239,14 +247,15 @@ def targets(runs: list[dict[str, Any]], calib: dict[str, Any] | None = None
                            "(bytes_read - bytes_scan) / bytes_one_pass <= n_workers"))
     genes = _ms(runs, "genes")
     if genes:
+        fps = {id(r): median_of(r, "fits_per_second") for r in genes}
         out.append(_target("genes (2,000 x 3 specs) through fit_many >= 2,000 fits/s",
-                           ", ".join(f"{r['runner'][11:]} {r['fits_per_second']:.0f}"
+                           ", ".join(f"{r['runner'][11:]} {fps[id(r)]:.0f}"
                                      + spread(r, lambda x: x.get("fits_per_second"),
                                               "{:.0f}".format) for r in genes),
-                           all(r["fits_per_second"] >= 2000 for r in genes
+                           all(fps[id(r)] >= 2000 for r in genes
                                if r.get("engine") != "statsmodels"),
-                           "end-to-end fit_many call on 2 workers; every auto/fast run, "
-                           "both layouts"))
+                           "end-to-end fit_many call on 2 workers; the median of each "
+                           "auto/fast row's runs, both layouts"))
     single = [r for r in runs if r["suite"] == "multiverse" and r["runner"] in
               ("single-fast", "single-statsmodels") and r["status"] == "ok"]
     if single:

@@ -169,3 +169,23 @@ def test_repeats_keep_the_median_run_and_the_targets_show_the_range() -> None:
     assert t["measured"] == "genes/fast-sorted 20.0% (10.0%-30.0%, 3 runs)" and not t["holds"]
     failed = {**run(0.05, 9000.0), "status": "failed"}
     assert _median_run([failed, rows[0]])["overhead"] == 0.30  # a failed run is no median
+
+
+def test_the_fits_per_second_target_reads_the_median_fits_per_second() -> None:
+    """A row is the run of median overhead; the fits/s target takes the median of the
+    runs' fits/s, which that run need not have."""
+    from benchmarks.__main__ import _median_run
+    from benchmarks.report import median_of, targets
+
+    def run(overhead: float, fps: float) -> dict[str, object]:
+        return {"suite": "genes", "runner": "mixedscale-fast-sorted", "status": "ok",
+                "overhead": overhead, "fits_per_second": fps, "n_workers": 2}
+
+    row = _median_run([run(0.20, 1900.0), run(0.10, 2100.0), run(0.30, 2200.0)])
+    assert row["fits_per_second"] == 1900.0 and median_of(row, "fits_per_second") == 2100.0
+    (t,) = [t for t in targets([row]) if t["target"].startswith("genes (2,000")]
+    assert t["measured"] == "fast-sorted 2100 (1900-2200, 3 runs)" and t["holds"]
+    alone = run(0.1, 1999.0)
+    assert median_of(alone, "fits_per_second") == 1999.0
+    (t,) = [t for t in targets([alone]) if t["target"].startswith("genes (2,000")]
+    assert not t["holds"]
