@@ -110,6 +110,9 @@ class Items(Sequence[FitItem]):
         return map(FitItem, self.fit_ids, self.slices.tolist(), self.specs.tolist())
 
     def __eq__(self, other: object) -> bool:
+        if isinstance(other, Items):
+            return (self.fit_ids == other.fit_ids and np.array_equal(self.slices, other.slices)
+                    and np.array_equal(self.specs, other.specs))
         if not isinstance(other, Sequence):
             return NotImplemented
         return len(self) == len(other) and all(a == b for a, b in zip(self, other,
