@@ -857,7 +857,8 @@ class Store:
                 vc = info.get("vc_formula") or {}
                 rows[spec_id] = {
                     "spec_id": spec_id, "spec_name": info.get("name"),
-                    "formula": info.get("formula"), "groups": info.get("groups"),
+                    # As written, not as hashed: "y~ x" reads "y ~ x".
+                    "formula": _spaced(info.get("formula")), "groups": info.get("groups"),
                     "re_formula": info.get("re_formula"),
                     "vc_formula": json.dumps(vc, sort_keys=True) if vc else None,
                     "reml": info.get("reml"), "cov_structure": info.get("cov_structure"),
@@ -1048,6 +1049,11 @@ def check_writable(url: str) -> None:
     except OSError as exc:
         raise SpecError(f"cannot create the store under {str(at)!r} ({exc.strerror}); "
                         f"choose a folder you can write to; got (store={url!r})") from None
+
+
+def _spaced(formula: Any) -> Any:
+    return " ~ ".join(p.strip() for p in formula.split("~", 1)) if isinstance(
+        formula, str) else formula
 
 
 _SPEC_COLUMNS = ("spec_id", "spec_name", "formula", "groups", "re_formula", "vc_formula",

@@ -102,6 +102,7 @@ def test_fit_many_on_a_cluster_store_none_equals_store(cluster_client: Any,
     assert specs.loc[RS.spec_id, ["spec_name", "re_formula", "groups", "reml"]].tolist() == [
         "rs", "time", "subject", True]
     assert pd.isna(specs.loc[RI.spec_id, "vc_formula"])
+    assert specs.loc[RI.spec_id, "formula"] == "y ~ time"  # spaced as written, not hashed
     assert mem.fits["run_id"].notna().all()
     # Every read-back in the job's order: genes sorted, each gene's specs as given, a
     # fit's params and variance rows together and in the fit's own order.
