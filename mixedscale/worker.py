@@ -27,7 +27,7 @@ from dask.sizeof import sizeof
 
 from .batch import MIN_BATCH, batchable, fit_slices
 from .errors import DataError, MixedscaleError, StoreError
-from .plan import FitItem, Task, _norm_column, _norm_key
+from .plan import FitItem, Items, Task, _norm_column, _norm_key
 from .single import FitResult, fit_shared
 from .source import CorruptFile, RowGroup, Source
 from .spec import ModelSpec
@@ -441,11 +441,10 @@ def _work_units(task: Task, specs: dict[int, ModelSpec]) -> list[tuple[str, list
     return units
 
 
-def _item_columns(payload: TaskPayload, idxs: Sequence[int]) -> list[np.ndarray]:
-    """fit_id and each split column of the task's items ``idxs``, as object arrays
-    (built once per batch)."""
-    cols = payload.task.columns
-    out = [np.array(cols.fit_ids, dtype=object)[np.asarray(idxs, dtype=np.intp)]]
+def _item_columns(payload: TaskPayload, cols: Items, idxs: Sequence[int]) -> list[np.ndarray]:
+    """fit_id and each split column of the task's items ``idxs`` (of ``cols``, the
+    task's columns), as object arrays (built once per batch)."""
+    out = [np.array([cols.fit_ids[i] for i in idxs], dtype=object)]
     keys = [payload.keys[s] for s in cols.slices[idxs].tolist()]
     for j in range(len(payload.key_fields)):
         out.append(np.array([k[j] for k in keys], dtype=object))
@@ -614,7 +613,7 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
         if out is None:
             return [(i, one(i)) for i in idxs], {}
         frames: dict[str, list[pa.Table]] = {}
-        item_cols = _item_columns(payload, idxs)
+        item_cols = _item_columns(payload, columns, idxs)
         for name in ("fits", "params", "variance"):
             table = getattr(out, name)
             if table.num_rows:
