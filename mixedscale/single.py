@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ._blas import one_blas_thread
 from .design import Design, ModelFailure, build_design, check_design
 from .engines import HESS_RATIO_TOL, Attempt, fit_fast, fit_statsmodels
 from .errors import MixedscaleError
@@ -108,7 +109,8 @@ def fit(data: pd.DataFrame, spec: ModelSpec) -> FitResult:
         src.check_specs([spec], [])
         if src.decimals(spec.columns):
             data, _ = src.read(spec.columns)  # decimals as floats, as fit_many reads them
-    return fit_shared(data, spec, None)
+    with one_blas_thread():
+        return fit_shared(data, spec, None)
 
 
 def fit_shared(data: pd.DataFrame, spec: ModelSpec, source: Any) -> FitResult:

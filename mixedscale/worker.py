@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from dask.sizeof import sizeof
 
+from ._blas import one_blas_thread
 from .batch import MIN_BATCH, batchable, fit_slices
 from .errors import DataError, MixedscaleError, StoreError
 from .plan import FitItem, Items, Task, _norm_column, _norm_key
@@ -545,6 +546,11 @@ def _freeze_worker_heap() -> None:
 
 def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcome:
     """Fit every item of a task and commit its parts (or return them for in-memory runs)."""
+    with one_blas_thread():
+        return _run_task(payload, data, store)
+
+
+def _run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcome:
     t0 = time.perf_counter()
     _freeze_worker_heap()
     task = payload.task
