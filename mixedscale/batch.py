@@ -30,7 +30,7 @@ from .engines import GRAD_TOL, HESS_RATIO_TOL, lme4_verdict
 from .errors import MixedscaleError
 from .single import versions, wald
 from .spec import ModelSpec
-from .store import FIT_SCHEMA
+from .store import FIT_SCHEMA, constant
 
 __all__ = ["MIN_BATCH", "BatchOutput", "batchable", "fit_slices"]
 
@@ -832,10 +832,10 @@ def _fits_table(cols: dict[str, Any], per_fit: float, n_evals: int,
     else:
         n, e_method, e_llf, e_gm, e_hp, offsets = F, method, llf, gm, hp, one
     attempt = pa.StructArray.from_arrays(
-        [pa.array(["fast"] * n), pa.array(list(e_method), type=pa.string()), pa.array(e_llf),
+        [constant("fast", n, pa.string()), pa.array(e_method, type=pa.string()), pa.array(e_llf),
          pa.array(np.ones(n, dtype=bool)), pa.array(e_gm),
          pa.array(e_hp), pa.array(np.full(n, n_evals, dtype=np.int64)),
-         pa.array(np.full(n, per_fit)), pa.array([""] * n)],
+         pa.array(np.full(n, per_fit)), constant("", n, pa.string())],
         fields=list(FIT_SCHEMA.field("attempts").type.value_type))
     sing = np.asarray(cols["singular"], dtype=bool)
     th = np.asarray(cols.pop("theta"))
@@ -850,7 +850,7 @@ def _fits_table(cols: dict[str, Any], per_fit: float, n_evals: int,
         if v is None:
             out[f.name] = pa.nulls(F, type=f.type)
         elif isinstance(v, (str, bool, int)) and not isinstance(v, np.ndarray):
-            out[f.name] = pa.array([v] * F, type=f.type)
+            out[f.name] = constant(v, F, f.type)
         else:
             out[f.name] = pa.array(v, type=f.type)
     return pa.table(out)
@@ -981,7 +981,7 @@ def _outputs(prob: BatchProblem, th: np.ndarray, which: np.ndarray, d: Any, spec
     nv = len(vrows)
     variance = pa.table({
         "_slice": np.repeat(which, nv),
-        **{name: pa.array([r[j] for r in vrows] * F, type=text)
+        **{name: pa.array([r[j] for r in vrows], type=text).take(np.tile(np.arange(nv), F))
            for j, name in enumerate(("group", "term1", "term2", "kind"))},
         "estimate": np.stack(vals, axis=1).ravel()})
     return cols, [params], [variance]

