@@ -170,7 +170,7 @@ def _run_child(job: dict[str, Any], out: Path, timeout: float) -> dict[str, Any]
         proc = subprocess.run([sys.executable, "-m", "benchmarks", "_child", str(job_path)],
                               cwd=ROOT, env=env, timeout=timeout, stdout=subprocess.PIPE,
                               stderr=None, text=True)
-        rc = proc.returncode
+        rc: int | str = proc.returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
     if res_path.exists():
@@ -254,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
     prev = [] if args.fresh else _load_previous(js, quick)
     prev_doc = json.loads(js.read_text()) if (js.exists() and prev) else {}
     t_start = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    meta = {"started": t_start, "quick": quick, "isolated": isolate, "suites": names,
+    meta: dict[str, Any] = {
+            "started": t_start, "quick": quick, "isolated": isolate, "suites": names,
             "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
             "machine": _machine(), "git_commit": _git_commit(),
             "mixedscale_modified": _dirty()}

@@ -8,6 +8,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -171,7 +172,7 @@ def _write_big(suite: Suite, root: Path) -> None:
 def generate(suite: Suite, root: Path, quick: bool, log: bool = True) -> dict[str, Path]:
     """Write both layouts (cached: regenerated only when the sizes change)."""
     d = suite_dir(root, suite, quick)
-    meta = {"version": _VERSION, "seed": SEED, "n_slices": suite.n_slices,
+    meta: dict[str, Any] = {"version": _VERSION, "seed": SEED, "n_slices": suite.n_slices,
             "rows_per_slice": suite.rows_per_slice, "row_group_rows": suite.row_group_rows,
             "files": suite.files, "truth": suite.truth}
     meta_path = d / "meta.json"

@@ -79,10 +79,11 @@ class DriverMemory:
     """Peak RSS of this process, per phase, sampled every ``interval`` seconds.
 
     The kernel's VmHWM (reset at start when the kernel allows) catches peaks
-    between samples; it is attributed to the whole run.
+    between samples; it is attributed to the whole run. Every 50 ms, not 10: a 10 ms
+    sampler used 3 % of a core, taken from the workers it shares two cores with.
     """
 
-    def __init__(self, interval: float = 0.01) -> None:
+    def __init__(self, interval: float = 0.05) -> None:
         self.proc = psutil.Process()
         self.interval = interval
         self.phase = "run"

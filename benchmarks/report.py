@@ -270,6 +270,26 @@ def targets(runs: list[dict[str, Any]], calib: dict[str, Any] | None = None
 
 
 # -- markdown ------------------------------------------------------------------------------
+def budget(r: dict[str, Any]) -> dict[str, float] | None:
+    """A mixedscale row's overhead split into shares of its ideal wall time (sum of fit
+    seconds / workers): the workers' time outside fits (and its store writes), the
+    driver's and scheduler's CPU (they share the machine's cores with the workers), and
+    the rest: load tasks, waiting at the start and the idle tail, other processes."""
+    ws = r.get("worker_seconds") or {}
+    n = max(r.get("n_workers") or 1, 1)
+    fit = r.get("fit_seconds_sum") or 0.0
+    if not r["runner"].startswith("mixedscale-") or not fit or not ws.get("task") \
+            or r.get("overhead") is None:
+        return None
+    ideal = fit / n
+    outside = (ws["task"] - fit) / n / ideal
+    cpu = ((r.get("driver_cpu_exec_seconds") or 0.0)
+           + (r.get("scheduler_cpu_seconds") or 0.0)) / n / ideal
+    return {"overhead": r["overhead"], "outside": outside,
+            "write": ws.get("write", 0.0) / n / ideal, "cpu": cpu,
+            "rest": r["overhead"] - outside - cpu}
+
+
 def _f(x: Any, fmt: str = "{:.1f}", none: str = "—") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return none
@@ -344,6 +364,23 @@ def markdown(doc: dict[str, Any]) -> str:
                 "task, syncing to disk and all Python steps are left out, so it is a lower "
                 "bound: where it is above the target, the target cannot hold for that "
                 "engine here.", ""]
+    shares = [(r, b) for r in runs if r["status"] == "ok" and (b := budget(r))]
+    if shares:
+        out += ["### Where the overhead goes", "",
+                "Each row's overhead in points of its ideal wall time (sum of fit seconds "
+                "/ workers), on the machine's cores that workers, driver and scheduler "
+                "share.", "",
+                "| suite | runner | overhead | workers outside fits (store writes) "
+                "| driver + scheduler CPU | remainder: loads, start, idle tail, other |",
+                "|---|---|---:|---:|---:|---:|"]
+        for r, b in shares:
+            out.append(f"| {r['suite']} | {r['runner']} | {_pct(b['overhead'])} "
+                       f"| {_pct(b['outside'])} ({_pct(b['write'])}) | {_pct(b['cpu'])} "
+                       f"| {_pct(b['rest'])} |")
+        out += ["", "Driver CPU is counted while the executor runs, the scheduler's over "
+                "the whole call. Both are upper bounds on what they took from the workers "
+                "(some of it runs while workers wait anyway), so the remainder can come "
+                "out below zero.", ""]
     cal = doc.get("calibration") or {}
     if cal:
         out += ["### Calibration", "",
