@@ -28,7 +28,7 @@ from dask.sizeof import sizeof
 from ._blas import one_blas_thread
 from .batch import MIN_BATCH, batchable, fit_slices
 from .errors import DataError, MixedscaleError, StoreError
-from .plan import FitItem, Items, Task, _norm_column, _norm_key
+from .plan import FitItem, Items, Task, _norm_column
 from .single import FitResult, fit_shared
 from .source import CorruptFile, RowGroup, Source
 from .spec import ModelSpec
@@ -92,6 +92,18 @@ class LoadFailed:
     error: CorruptFile
 
 
+def stable_order(codes: np.ndarray) -> np.ndarray:
+    """``np.argsort(codes, kind="stable")`` for non-negative integer codes, as one or two
+    16-bit radix passes where they fit (4-8x faster than the 64-bit sort at 10^6)."""
+    top = int(codes.max(initial=0))
+    if codes.size < 2 or top >= 2**32 or int(codes.min(initial=0)) < 0:
+        return np.argsort(codes, kind="stable")
+    if top < 2**16:
+        return np.argsort(codes.astype(np.uint16), kind="stable")
+    low = np.argsort((codes & 0xFFFF).astype(np.uint16), kind="stable")
+    return low[np.argsort((codes[low] >> 16).astype(np.uint16), kind="stable")]
+
+
 class Positions:
     """Row positions per split key (normalized as the plan's keys): one stable sort of
     the unit's rows, then a view per key, ascending like ``groupby().indices``."""
@@ -102,9 +114,15 @@ class Positions:
             self.starts = np.array([0, len(df)])
             self.index: dict[tuple[Any, ...], int] = {(): 0}
             return
-        codes = df.groupby(list(split_by), sort=False, dropna=False,
-                           observed=True).ngroup().to_numpy()
-        self.order = np.argsort(codes, kind="stable")
+        # Codes in key order, as the plan lists slices: regrouped rows (``Loaded``) then
+        # hold a task's consecutive slices as one run.
+        try:
+            codes = df.groupby(list(split_by), sort=True, dropna=False,
+                               observed=True).ngroup().to_numpy()
+        except TypeError:  # keys that do not sort (mixed types): first-seen order
+            codes = df.groupby(list(split_by), sort=False, dropna=False,
+                               observed=True).ngroup().to_numpy()
+        self.order = stable_order(codes)
         self.starts = np.r_[0, np.cumsum(np.bincount(codes))]
         first = self.order[self.starts[:-1]]
         cols = [_norm_column(df[c].iloc[first]) for c in split_by]
@@ -127,7 +145,11 @@ class Positions:
         """The rows of ``keys``, concatenated in that order, and each key's row count
         (0 for a key with no rows)."""
         idx = self.index
-        codes = np.fromiter((idx.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        return self.take_codes(np.fromiter((idx.get(k, -1) for k in keys), dtype=np.int64,
+                                           count=len(keys)))
+
+    def take_codes(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``take`` by the keys' positions in ``index`` (-1: a key with no rows)."""
         found = codes >= 0
         safe = np.where(found, codes, 0)
         first, sizes = self.starts[safe], np.where(found, np.diff(self.starts)[safe], 0)
@@ -147,16 +169,33 @@ class Loaded:
     parts: dict[str, int] | None = None  # tokens of the pieces a shuffled unit came from
     _positions: Positions | None = None
 
-    def positions(self, split_by: Sequence[str]) -> Positions:
-        """Row positions per split key, computed once per loaded unit and worker."""
+    def grouped(self, split_by: Sequence[str]) -> tuple[pd.DataFrame, Positions]:
+        """The rows and their positions per split key, computed once per loaded unit
+        and worker. Use the frame returned, not an earlier ``frame``:
+
+        rows not grouped by key (unsorted input) are regrouped here, once. Each task's
+        rows are then one run, taken as a view, instead of a copy per task and spec
+        (~1 ms per 50,000 rows per text column)."""
         if self._positions is None:
-            self._positions = Positions(self.frame, split_by)
-        return self._positions
+            self.frame, self._positions = _grouped(self.frame, Positions(self.frame, split_by))
+        return self.frame, self._positions
+
+    def positions(self, split_by: Sequence[str]) -> Positions:
+        return self.grouped(split_by)[1]
 
     def __getstate__(self) -> dict[str, Any]:
         # Positions are recomputed on a receiving worker (~65 ms per 1M rows): pickling
         # one small array per slice made a 1M-row transfer take seconds under the GIL.
         return {**self.__dict__, "_positions": None}
+
+
+def _grouped(df: pd.DataFrame, pos: Positions) -> tuple[pd.DataFrame, Positions]:
+    """``df`` with its rows in ``pos``'s order (a copy only when they are not already),
+    and ``pos`` for it."""
+    if len(pos.order) > 1 and not (np.diff(pos.order) == 1).all():
+        df = df.take(pos.order)
+        pos.order = np.arange(len(pos.order))
+    return df, pos
 
 
 @sizeof.register(Loaded)
@@ -203,6 +242,7 @@ def load_unit(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
         # (sorted data, usually) it serves as is, without matching rows to keys.
         pos = Positions(df, split_by)
         if len(pos) <= len(wanted) and set(pos.index).issubset(wanted):
+            df, pos = _grouped(df, pos)
             return Loaded(df, nbytes, _positions=pos)
     return Loaded(_restrict(df, split_by, wanted), nbytes)
 
@@ -234,19 +274,23 @@ def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
         return LoadFailed(exc)
     if df.empty:
         return {}
-    groups = df.groupby(list(split_by), sort=False, dropna=False, observed=True).indices
-    by_unit: dict[int, list[np.ndarray]] = {}
+    # Rows ordered by unit, then key, then as read, cut per unit: no Python step per
+    # key (a dict of 10^5 index arrays took most of a step on tiny).
+    pos = Positions(df, split_by)
     unit_of = key_unit.unpack()
-    for k, pos in groups.items():
-        u = unit_of.get(_norm_key(k if isinstance(k, tuple) else (k,)))
-        if u is not None:
-            by_unit.setdefault(u, []).append(np.asarray(pos))
-    out = {}
+    code_unit = np.fromiter((unit_of.get(k, -1) for k in pos.index), dtype=np.int64,
+                            count=len(pos))
+    codes = stable_order(code_unit + 1)  # keys of no unit (-1) first, then dropped
+    codes = codes[code_unit[codes] >= 0]
+    if not codes.size:
+        return {}
+    rows, sizes = pos.take_codes(codes)
+    units = code_unit[codes]
+    first = np.r_[0, np.flatnonzero(np.diff(units)) + 1]  # each unit's first key
+    cuts = np.cumsum(sizes)[first[1:] - 1]
     share = nbytes / max(len(df), 1)
-    for u, parts in by_unit.items():
-        pos = np.sort(np.concatenate(parts))
-        out[u] = Loaded(df.iloc[pos], int(share * len(pos)))
-    return out
+    return {int(u): Loaded(df.iloc[r], int(share * len(r)))
+            for u, r in zip(units[first], np.split(rows, cuts), strict=True)}
 
 
 def piece(parts: dict[int, Loaded] | LoadFailed, unit: int) -> Loaded | LoadFailed | None:
@@ -567,8 +611,7 @@ def _run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutco
         return TaskOutcome(key=task.key, n_fits=0, by_status={}, fit_seconds=0.0,
                            wall_seconds=time.perf_counter() - t0, committed=False,
                            worker=_worker_address(), corrupt=exc)
-    df = loaded.frame
-    pos = loaded.positions(payload.split_by)
+    df, pos = loaded.grouped(payload.split_by)
     t_data = time.perf_counter()
     monitor = _MemoryMonitor(store, payload) if store is not None else None
     specs = {k: (v.replace(engine=payload.engine) if payload.engine and v.engine != payload.engine

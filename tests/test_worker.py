@@ -62,6 +62,47 @@ def test_a_transferred_unit_leaves_its_positions_behind() -> None:
                                   loaded.positions(["gene"]).get(("g003",)))
 
 
+@pytest.mark.parametrize("top", [0, 1, 300, 2**16 - 1, 2**16, 70_000, 2**32 - 1, 2**40])
+def test_stable_order_is_numpys_stable_argsort(top: int) -> None:
+    rng = np.random.default_rng(top % 1000)
+    codes = rng.integers(0, top + 1, 5_000, dtype=np.int64)
+    codes[:3] = top  # the largest code, repeated: ties keep their order
+    np.testing.assert_array_equal(worker.stable_order(codes),
+                                  np.argsort(codes, kind="stable"))
+
+
+def test_shuffle_steps_are_balanced_and_bounded() -> None:
+    from types import SimpleNamespace
+
+    from mixedscale.executor import _PARTITION_BYTES, _shuffle_steps
+
+    def steps(sizes: list[int], workers: int) -> list[list[int]]:
+        rgs = [SimpleNamespace(nbytes=b, i=i) for i, b in enumerate(sizes)]
+        return [[rg.i for rg in s] for s in _shuffle_steps(rgs, workers)]  # type: ignore[arg-type]
+
+    assert steps([10] * 20, 2) == [list(range(10)), list(range(10, 20))]  # one per worker
+    assert steps([10] * 3, 4) == [[0], [1], [2]]  # never more steps than row groups
+    assert steps([], 2) == []
+    big = steps([_PARTITION_BYTES // 2] * 10, 2)
+    assert len(big) % 2 == 0 and sum(map(len, big)) == 10
+    assert all(len(s) * _PARTITION_BYTES // 2 <= _PARTITION_BYTES for s in big)
+
+
+def test_unsorted_rows_are_regrouped_once_by_key() -> None:
+    df = make_genes(n_genes=6, shuffle=True)
+    loaded = Loaded(df, 0)
+    frame, pos = loaded.grouped(["gene"])
+    assert loaded.grouped(["gene"])[0] is frame  # regrouped once, then kept
+    keys = [("g001",), ("g002",), ("g003",)]
+    rows, sizes = pos.take(keys)  # consecutive keys: one run of rows (a view)
+    assert (np.diff(rows) == 1).all() and sizes.tolist() == [48, 48, 48]
+    for (g,) in keys:
+        got = frame.iloc[pos.get((g,))]
+        want = df[df["gene"] == g]
+        assert (got["gene"] == g).all()
+        pd.testing.assert_frame_equal(got.sort_index(), want.sort_index())
+
+
 def test_a_shuffled_unit_is_read_once_per_worker_process(tmp_path: Path) -> None:
     df = make_genes(n_genes=12, shuffle=True)
     f = tmp_path / "d.parquet"
