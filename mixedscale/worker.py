@@ -114,14 +114,10 @@ class Positions:
             self.starts = np.array([0, len(df)])
             self.index: dict[tuple[Any, ...], int] = {(): 0}
             return
-        # Codes in key order, as the plan lists slices: regrouped rows (``Loaded``) then
-        # hold a task's consecutive slices as one run.
-        try:
-            codes = df.groupby(list(split_by), sort=True, dropna=False,
-                               observed=True).ngroup().to_numpy()
-        except TypeError:  # keys that do not sort (mixed types): first-seen order
-            codes = df.groupby(list(split_by), sort=False, dropna=False,
-                               observed=True).ngroup().to_numpy()
+        # Codes in key order, as the planner sorts slices (``plan._key_codes``):
+        # regrouped rows (``Loaded``) then hold a task's consecutive slices as one run.
+        codes = df.groupby(list(split_by), sort=True, dropna=False,
+                           observed=True).ngroup().to_numpy()
         self.order = stable_order(codes)
         self.starts = np.r_[0, np.cumsum(np.bincount(codes))]
         first = self.order[self.starts[:-1]]
