@@ -292,7 +292,8 @@ class _Run:
         queue on the one worker that loaded it, the others idle until work stealing
         (which needs task durations) moves some: all of a short run. A loose
         restriction makes the others fetch the unit once instead; a shuffled run's
-        tasks hold no data and are placed freely anyway."""
+        tasks hold no data and are placed freely anyway. Also records the worker count,
+        which ``start_shuffle`` cuts its steps by."""
         self.n_workers = max(1, len(workers))
         if len(self.plan.units) < len(workers) and not self.plan.shuffle:
             self.spread = workers

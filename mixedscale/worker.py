@@ -176,9 +176,6 @@ class Loaded:
             self.frame, self._positions = _grouped(self.frame, Positions(self.frame, split_by))
         return self.frame, self._positions
 
-    def positions(self, split_by: Sequence[str]) -> Positions:
-        return self.grouped(split_by)[1]
-
     def __getstate__(self) -> dict[str, Any]:
         # Positions are recomputed on a receiving worker (~65 ms per 1M rows): pickling
         # one small array per slice made a 1M-row transfer take seconds under the GIL.
@@ -667,11 +664,11 @@ def _run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutco
         if task_keys is None:
             task_keys = _TaskKeys(payload, columns)
         items = np.asarray(idxs, dtype=np.int64)
+        planned = payload.specs[int(columns.specs[idxs[0]])]  # the user's spec, for its id
         for name in ("fits", "params", "variance"):
             table = getattr(out, name)
             if table.num_rows:
-                frames[name] = [task_keys.keyed(table, items,
-                                                payload.specs[int(columns.specs[idxs[0]])])]
+                frames[name] = [task_keys.keyed(table, items, planned)]
         return [(idxs[j], one(idxs[j])) for j in out.fallback], frames
 
     def timeout_rows(idxs: list[int]) -> Chunk:

@@ -189,3 +189,23 @@ def test_the_fits_per_second_target_reads_the_median_fits_per_second() -> None:
     assert median_of(alone, "fits_per_second") == 1999.0
     (t,) = [t for t in targets([alone]) if t["target"].startswith("genes (2,000")]
     assert not t["holds"]
+
+
+def test_the_overhead_split_adds_up_to_the_overhead() -> None:
+    """Worker time outside fits and driver + scheduler CPU, each over the ideal wall
+    (fit seconds / workers); the remainder is what is left of the overhead."""
+    from benchmarks.report import budget, markdown
+
+    row = {"suite": "genes", "runner": "mixedscale-fast-sorted", "status": "ok",
+           "n_workers": 2, "fit_seconds_sum": 4.0, "overhead": 0.25,
+           "worker_seconds": {"task": 4.4, "write": 0.2},
+           "driver_cpu_exec_seconds": 0.1, "scheduler_cpu_seconds": 0.1,
+           "n_fits": 100, "fits_per_second": 40.0, "plan_seconds": 0.1, "note": "",
+           "driver_peak_mb": 1.0, "worker_peak_mb": 1.0, "read_ratio": 1.0}
+    b = budget(row)
+    assert b is not None
+    assert b["outside"] == pytest.approx(0.1) and b["write"] == pytest.approx(0.05)
+    assert b["cpu"] == pytest.approx(0.05) and b["rest"] == pytest.approx(0.10)
+    assert budget({**row, "runner": "pandas-loop"}) is None  # peers have no split
+    assert "| genes | mixedscale-fast-sorted | 25.0% | 10.0% (5.0%) | 5.0% | 10.0% |" in \
+        markdown({"runs": [row]})

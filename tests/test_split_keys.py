@@ -174,12 +174,12 @@ def test_a_loaded_unit_holds_exactly_its_keys_rows(kind: str, tmp_path: Path) ->
                  [k for k in everything if k[0] is not None][:1]):
         got = load_unit(src, src.row_groups, plan.columns, plan.split_by, Packed(keys))
         assert isinstance(got, Loaded)
-        assert set(got.positions(["k"]).index) == set(keys)
-        n = sum(len(got.positions(["k"]).get(k)) for k in keys)
+        assert set(got.grouped(["k"])[1].index) == set(keys)
+        n = sum(len(got.grouped(["k"])[1].get(k)) for k in keys)
         assert n == len(got.frame) == len(_restrict(df, ["k"], keys))
-        fresh = Loaded(got.frame.copy(), 0).positions(["k"])
+        fresh = Loaded(got.frame.copy(), 0).grouped(["k"])[1]
         for k in keys:
-            np.testing.assert_array_equal(got.positions(["k"]).get(k), fresh.get(k))
+            np.testing.assert_array_equal(got.grouped(["k"])[1].get(k), fresh.get(k))
 
 
 @pytest.mark.cluster

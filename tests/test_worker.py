@@ -55,11 +55,11 @@ def test_positions_match_groupby_indices(df: pd.DataFrame, split_by: list[str]) 
 
 def test_a_transferred_unit_leaves_its_positions_behind() -> None:
     loaded = Loaded(make_genes(n_genes=30), 10)
-    loaded.positions(["gene"])
+    loaded.grouped(["gene"])
     back = pickle.loads(pickle.dumps(loaded))
     assert back._positions is None and back.token == loaded.token
-    np.testing.assert_array_equal(back.positions(["gene"]).get(("g003",)),
-                                  loaded.positions(["gene"]).get(("g003",)))
+    np.testing.assert_array_equal(back.grouped(["gene"])[1].get(("g003",)),
+                                  loaded.grouped(["gene"])[1].get(("g003",)))
 
 
 @pytest.mark.parametrize("top", [0, 1, 300, 2**16 - 1, 2**16, 70_000, 2**32 - 1, 2**40])
