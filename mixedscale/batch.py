@@ -874,6 +874,8 @@ def _shared_designs(Xs: np.ndarray, Zs: np.ndarray, g_row: np.ndarray, sl_o: np.
     ways); every candidate is then compared row by row, so a collision cannot merge
     two different designs."""
     F = len(n_rows)
+    if F == 0:
+        return np.arange(0)
     rng = np.random.default_rng(20261125)  # a fixed projection, not randomness
     proj = Xs @ rng.standard_normal(Xs.shape[1]) + g_row * np.pi
     if Zs.shape[1]:
@@ -881,8 +883,14 @@ def _shared_designs(Xs: np.ndarray, Zs: np.ndarray, g_row: np.ndarray, sl_o: np.
     pos = np.arange(len(sl_o)) - s_start[sl_o]
     keys = np.stack([n_rows.astype(float), np.add.reduceat(proj, s_start),
                      np.add.reduceat(proj * (1.0 + pos), s_start)], axis=1)
-    _, first, inv = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    rep = first[np.ravel(inv)]
+    # Each slice's first slice with the same keys. A lexsort, not np.unique(axis=0):
+    # that sorts rows as opaque bytes, 20x slower (3 % of tiny's fit time).
+    order = np.lexsort(keys.T[::-1])
+    ks = keys[order]
+    starts = np.flatnonzero(np.r_[True, (ks[1:] != ks[:-1]).any(axis=1)])
+    rep = np.empty(F, dtype=np.intp)
+    # lexsort is stable: a run's first entry is its lowest slice index
+    rep[order] = np.repeat(order[starts], np.diff(np.r_[starts, F]))
     cand = rep[sl_o] != sl_o
     if not cand.any():
         return np.arange(F)
