@@ -226,6 +226,50 @@ def test_fit_ids_and_fingerprints_keep_their_formula(tmp_path: Path,
         assert fid == _reference_fit_id(plan.specs[pi], s.key, s.fingerprint)
 
 
+def _units_by_loop(slices: list[plan_mod.SliceInfo], rg_bytes: list[int]
+                   ) -> list[plan_mod.LoadUnit]:
+    """``plan._units``' rule as a plain loop over the slices (by first row group)."""
+    order = sorted(range(len(slices)), key=lambda i: (slices[i].row_groups[:1], i))
+    soft = min(plan_mod.UNIT_MAX_ROWS,
+               -(-sum(s.rows for s in slices) // plan_mod.UNIT_MIN_UNITS))
+    units: list[plan_mod.LoadUnit] = []
+    cur: list[int] = []
+    rgs: set[int] = set()
+    for i in [*order, None]:
+        s = slices[i] if i is not None else None
+        if cur and (s is None or sum(slices[j].rows for j in cur) + s.rows
+                    > plan_mod.UNIT_MAX_ROWS or (sum(slices[j].rows for j in cur) >= soft
+                                                 and not rgs & set(s.row_groups))):
+            units.append(plan_mod.LoadUnit(len(units), tuple(sorted(cur)), tuple(sorted(rgs)),
+                                           sum(slices[j].rows for j in cur),
+                                           sum(rg_bytes[r] for r in rgs)))
+            cur, rgs = [], set()
+        if s is not None and i is not None:
+            cur.append(i)
+            rgs.update(s.row_groups)
+    return units
+
+
+@pytest.mark.parametrize(("max_rows", "min_units"), [(10**6, 2), (60, 2), (100, 3), (30, 1)])
+def test_load_units_follow_their_rule(monkeypatch: pytest.MonkeyPatch, max_rows: int,
+                                      min_units: int) -> None:
+    monkeypatch.setattr(plan_mod, "UNIT_MAX_ROWS", max_rows)
+    monkeypatch.setattr(plan_mod, "UNIT_MIN_UNITS", min_units)
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        n, n_rg = int(rng.integers(1, 40)), int(rng.integers(1, 12))
+        if trial % 2:  # sorted-like: a run of one or two row groups per slice
+            rgs = [tuple(range(i * n_rg // n, min(n_rg, i * n_rg // n + int(rng.integers(1, 3)))))
+                   for i in range(n)]
+        else:  # scattered, some slices in no row group
+            rgs = [tuple(sorted(rng.choice(n_rg, int(rng.integers(0, min(4, n_rg) + 1)),
+                                           replace=False).tolist())) for _ in range(n)]
+        slices = [plan_mod.SliceInfo((i,), int(rng.integers(1, 50)), r, "f")
+                  for i, r in enumerate(rgs)]
+        rg_bytes = rng.integers(1, 1000, n_rg).tolist()
+        assert plan_mod._units(slices, rg_bytes) == _units_by_loop(slices, rg_bytes), trial
+
+
 def test_small_sorted_data_loads_in_units_cut_at_row_groups(tmp_path: Path) -> None:
     df = make_genes(n_genes=40)
     f = tmp_path / "d.parquet"
