@@ -632,3 +632,43 @@ def test_unidentifiable_random_effects_say_why_in_the_data_s_terms() -> None:
                                       vc_formula={"sample": "0 + C(sample)"})).fit
     assert "for crossed effects (lme4's (1 | a) + (1 | b)) give groups=None" in \
         vc["error_message"]
+
+
+@pytest.mark.parametrize(("formula", "lhs"), [
+    ("_ms0_ ~ _ms1_ + _ms2_", True), ("_ms0_~_ms2_", True), ("_ms0_ ~ 1", True),
+    ("_ms0_ ~ 1 + _ms3_ + _ms1_", True), ("_ms3_ ~ _ms1_", True), ("~ _ms1_", False),
+    ("~1", False), ("~ _ms2_ + 1 + _ms3_", False),
+    # patsy's own: no intercept, repeats, products, text, bool, transforms
+    ("_ms0_ ~ 0 + _ms1_", True), ("_ms0_ ~ _ms1_ - 1", True), ("_ms0_ ~ _ms1_ + _ms1_", True),
+    ("_ms0_ ~ _ms1_ * _ms2_", True), ("_ms0_ ~ _ms4_", True), ("~ _ms5_", False),
+    ("_ms0_ ~ np.log(_ms2_)", True), ("_ms4_ ~ _ms1_", True),
+])
+def test_plain_designs_are_built_as_patsy_builds_them(formula: str, lhs: bool) -> None:
+    import patsy
+
+    from mixedscale import design
+
+    rng = np.random.default_rng(3)
+    n = 50
+    frame = pd.DataFrame({"_ms0_": rng.normal(size=n), "_ms1_": rng.normal(size=n),
+                          "_ms2_": rng.uniform(1, 2, n).astype(np.float32),
+                          "_ms3_": rng.integers(-5, 5, n), "_ms4_": rng.choice(["a", "b"], n),
+                          "_ms5_": rng.random(n) < 0.5})
+    frame["_ms4_"] = pd.Categorical(frame["_ms4_"])
+    plain = design._plain_matrix(formula, frame, lhs)
+    plain_kind = all(t.strip() == "1" or design._IDENT_TERM.fullmatch(t.strip())
+                     for t in formula.split("~")[1].split("+"))
+    plain_kind = plain_kind and "_ms4_" not in formula and "_ms5_" not in formula \
+        and formula.count("_ms1_") < 2
+    assert (plain is not None) == plain_kind
+    if plain is None:
+        return
+    env = patsy.EvalEnvironment([{"np": np}])
+    if lhs:
+        yv, xm = patsy.dmatrices(formula, frame, eval_env=env)
+        np.testing.assert_array_equal(plain[1], np.asarray(yv))
+    else:
+        xm = patsy.dmatrix(formula, frame, eval_env=env)
+        assert plain[1] is None
+    np.testing.assert_array_equal(plain[0], np.asarray(xm))
+    assert plain[2] == list(xm.design_info.column_names)
