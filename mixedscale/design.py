@@ -97,8 +97,8 @@ def _plain_matrix(formula: str, data: pd.DataFrame, lhs: bool
     """What patsy builds for a sum of plain numeric columns with an intercept (``y ~ x
     + z``, ``~ x``), without patsy: its term machinery was a fifth of a 100k-row fit.
     None for anything else (patsy then builds it)."""
-    left, sep, right = formula.rpartition("~")
-    if not sep or bool(left.strip()) != lhs:
+    left, sep, right = formula.rpartition("~")  # patsy reads "x" as "~ x"
+    if bool(left.strip()) != lhs or (lhs and not sep):
         return None
     terms = [t.strip() for t in right.split("+")]
     names = [t for t in terms if t != "1"]
