@@ -43,6 +43,8 @@ class Design:
     group_labels: list[str]
     n_dropped: int
     warnings: list[str] = field(default_factory=list)
+    # Derived matrices shared by the checks and the engines (see lmm.scaled_x).
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -416,10 +418,10 @@ def check_design(d: Design, spec: ModelSpec | None = None) -> None:
     p = d.X.shape[1]
     # On centred and scaled columns, as the engines fit them: a time in Unix seconds
     # (1.7e9 + a few thousand) is raw X's second singular value at ~1e-6 of its first.
-    from .lmm import _affine
+    from .lmm import scaled_x
 
-    Xs = d.X @ _affine(d.X, center=True) if p else d.X
-    if p and np.linalg.matrix_rank(Xs) < p:
+    _, Xs, R = scaled_x(d)
+    if p and _rank(Xs, R) < p:
         # Name the first column that is a linear combination of earlier ones.
         bad = next(d.x_names[j - 1] for j in range(1, p + 1)
                    if np.linalg.matrix_rank(Xs[:, :j]) < j)
@@ -433,6 +435,18 @@ def check_design(d: Design, spec: ModelSpec | None = None) -> None:
     # and that case is left unchecked rather than add a QR of X to every fit.
     if p >= d.n_groups and d.Z.shape[1]:
         _check_re_identified(d, Xs)
+
+
+def _rank(M: np.ndarray, R: np.ndarray | None) -> int:
+    """``np.linalg.matrix_rank(M)``, from the R of M's QR when given: the same singular
+    values and tolerance, without an SVD of all n rows."""
+    if R is None:
+        return int(np.linalg.matrix_rank(M))
+    sv = np.linalg.svd(R, compute_uv=False)
+    if not sv.size:
+        return 0
+    tol = sv.max() * max(M.shape) * np.finfo(sv.dtype).eps
+    return int(np.count_nonzero(sv > tol))
 
 
 def _check_re_identified(d: Design, Xs: np.ndarray) -> None:

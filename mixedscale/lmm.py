@@ -15,7 +15,7 @@ Hessians, singularity, standard errors and llf mean the same on either path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -59,15 +59,26 @@ def _affine(M: np.ndarray, center: bool) -> np.ndarray:
     return T
 
 
+def scaled_x(d: Design) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(T, X @ T, R of X @ T's QR, or None with n <= p): X centred and unit-scaled.
+    Computed once per design for check_design's rank check and make_scaling."""
+    got = d.cache.get("scaled_x")
+    if got is None:
+        p = d.X.shape[1]
+        T = _affine(d.X, center=True)
+        Xs = d.X @ T if p else d.X
+        R = np.linalg.qr(Xs, mode="r") if p and d.n > p else None
+        got = d.cache["scaled_x"] = (T, Xs, R)
+    return cast(tuple[np.ndarray, np.ndarray, np.ndarray | None], got)
+
+
 def make_scaling(d: Design, diagonal: bool) -> Scaling:
-    B = _affine(d.X, center=True)
-    if d.X.shape[1] and d.n > d.X.shape[1]:
-        # Orthonormalize the fixed effects (X_s' X_s = n I): with near-collinear
-        # columns, RX'RX is otherwise so ill-conditioned that the deviance is
-        # noisy at the scale of finite-difference steps and optimizers stop short.
-        R = np.linalg.qr(d.X @ B, mode="r")
-        if np.all(np.abs(np.diag(R)) > 0):
-            B = B @ np.linalg.inv(R) * np.sqrt(d.n)
+    B, _, R = scaled_x(d)
+    # Orthonormalize the fixed effects (X_s' X_s = n I): with near-collinear columns,
+    # RX'RX is otherwise so ill-conditioned that the deviance is noisy at the scale of
+    # finite-difference steps and optimizers stop short.
+    if R is not None and np.all(np.abs(np.diag(R)) > 0):
+        B = B @ np.linalg.inv(R) * np.sqrt(d.n)
     # Centering a random slope changes a diagonal covariance model; only scale then.
     A = _affine(d.Z, center=not diagonal)
     sy = float(np.std(d.y - d.X @ (b0 := response_shift(d.X, d.y)))) or 1.0

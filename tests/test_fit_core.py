@@ -672,3 +672,19 @@ def test_plain_designs_are_built_as_patsy_builds_them(formula: str, lhs: bool) -
         assert plain[1] is None
     np.testing.assert_array_equal(plain[0], np.asarray(xm))
     assert plain[2] == list(xm.design_info.column_names)
+
+
+def test_rank_from_qr_agrees_with_numpy() -> None:
+    from mixedscale.design import _rank
+
+    rng = np.random.default_rng(11)
+    n = 200
+    x = rng.normal(size=n)
+    cases = [np.c_[np.ones(n), x], np.c_[np.ones(n), x, 2 * x - 1],  # exactly collinear
+             np.c_[np.ones(n), x, x + 1e-9 * rng.normal(size=n)],  # nearly, still full rank
+             np.c_[np.ones(n), x, x + 1e-16 * rng.normal(size=n)],  # below the tolerance
+             np.zeros((n, 2)), np.ones((n, 1))]
+    for M in cases:
+        R = np.linalg.qr(M, mode="r")
+        assert _rank(M, R) == np.linalg.matrix_rank(M)
+        assert _rank(M, None) == np.linalg.matrix_rank(M)
