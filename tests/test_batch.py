@@ -258,8 +258,9 @@ def test_fit_tasks_of_too_few_load_units_are_dealt_round_the_workers(
         cluster_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Data read in one unit lives on the worker that loaded it, and Dask would queue
     every fit task there (until work stealing, which needs task durations, moves some).
-    With fewer units than workers, fit tasks carry a loose restriction to each worker
-    in turn; with a unit per worker they carry none."""
+    With fewer units than workers, the first fit task per worker carries a loose
+    restriction to it (so each fetches the unit); later ones, and every task with a
+    unit per worker, carry none: Dask places them by data and load."""
     one = tmp_path / "one.parquet"  # one row group: one load unit
     make_genes(n_genes=12).to_parquet(one, index=False, row_group_size=10**6)
     two = write_genes(tmp_path / "two", 12, files=2)  # a unit per file
@@ -280,9 +281,11 @@ def test_fit_tasks_of_too_few_load_units_are_dealt_round_the_workers(
         res = ms.fit_many(str(path), spec, split_by="gene", client=cluster_client,
                           progress=False)
         assert res.run.state == "complete" and (res.fits["status"] == "ok").all()
-        assert len(seen) == len(p.tasks)
-        assert {w for kw in seen for w in kw.get("workers") or []} == dealt
-        assert all(kw.get("allow_other_workers", False) is bool(dealt) for kw in seen)
+        assert len(seen) == len(p.tasks) > len(workers)
+        first = seen[:len(workers)] if dealt else []
+        assert {w for kw in first for w in kw["workers"]} == dealt
+        assert all(len(kw["workers"]) == 1 and kw["allow_other_workers"] for kw in first)
+        assert not any("workers" in kw for kw in seen[len(first):])
 
 
 def test_each_workers_first_load_is_submitted_before_any_fit(
