@@ -28,6 +28,7 @@ import pyarrow as pa
 from .design import ModelFailure, build_design
 from .engines import GRAD_TOL, HESS_RATIO_TOL, lme4_verdict
 from .errors import MixedscaleError
+from .lmm import ones_columns
 from .single import versions, wald
 from .spec import ModelSpec
 from .store import FIT_SCHEMA, constant
@@ -611,8 +612,8 @@ def _prepare(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
     sizes = np.diff(np.r_[starts, len(pair)])
     # Per-slice scaling, as lmm.make_scaling: centre and scale non-intercept columns.
     p, q = X.shape[1], Z.shape[1]
-    xi = np.flatnonzero(np.all(d.X == 1.0, axis=0))
-    zi = np.flatnonzero(np.all(d.Z == 1.0, axis=0)) if q else np.zeros(0, dtype=int)
+    xi = np.flatnonzero(ones_columns(d.X))
+    zi = np.flatnonzero(ones_columns(d.Z)) if q else np.zeros(0, dtype=int)
     s_start = _segments(sl_o, F)
     cnt = np.maximum(n_rows, 1)[:, None]
 

@@ -688,3 +688,13 @@ def test_rank_from_qr_agrees_with_numpy() -> None:
         R = np.linalg.qr(M, mode="r")
         assert _rank(M, R) == np.linalg.matrix_rank(M)
         assert _rank(M, None) == np.linalg.matrix_rank(M)
+
+
+def test_ones_columns_finds_intercepts_as_numpy_does() -> None:
+    from mixedscale.lmm import ones_columns
+
+    cases = [np.ones((5, 3)), np.zeros((0, 3)), np.zeros((4, 0)),
+             np.c_[np.ones(5), np.r_[1, 1, 1, 1, 2.0]], np.c_[np.r_[2, 1, 1.0], np.ones(3)],
+             np.array([[np.nan, 1.0]]), np.c_[np.ones(4), -np.ones(4)]]
+    for M in cases:
+        np.testing.assert_array_equal(ones_columns(M), np.all(M == 1.0, axis=0))
