@@ -637,8 +637,9 @@ def _prepare(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
     # differs, as per gene) share X'X, Z'Z and Z'X: computed once per distinct design.
     g_row = np.repeat(seg_local, sizes)
     rep = _shared_designs(Xs, Zs, g_row, sl_o, s_start, n_rows)
-    distinct = np.unique(rep)
-    own = np.isin(sl_o, distinct)
+    first = rep == np.arange(F)  # a design's first slice is its own representative
+    distinct = np.flatnonzero(first)
+    own = first[sl_o]
     XtX = np.zeros((F, p, p))
     XtX[distinct] = np.add.reduceat((Xs[:, :, None] * Xs[:, None, :])[own],
                                     _segments(sl_o[own], F)[distinct], axis=0)

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -237,6 +238,7 @@ class _Run:
         self.partitions_bad: frozenset[str] = frozenset()
         self.n_shuffles = 0
         self.spread: list[str] = []  # see spread_over
+        self.slice_keys: list[tuple[Any, ...]] | None = None  # each slice's key, by index
         self.n_workers = 1  # set by spread_over
         self.manifest_lock = threading.Lock()
         self.manifest_closed = False
@@ -246,10 +248,16 @@ class _Run:
 
     # -- payloads and submission
     def payload(self, task: Task) -> TaskPayload:
+        idx = _distinct(task.columns.slices)
+        if self.slice_keys is None:
+            self.slice_keys = [s.key for s in self.plan.slices]
+        # itemgetter and zip: a comprehension over 10^5 slices was 40 ms of driver CPU
+        keys = dict(zip(idx, itemgetter(*idx)(self.slice_keys), strict=True)) \
+            if len(idx) > 1 else {i: self.slice_keys[i] for i in idx}
         return TaskPayload(
             task=task,
-            keys={s: self.plan.slices[s].key for s in np.unique(task.columns.slices).tolist()},
-            specs={p: self.plan.specs[p] for p in np.unique(task.columns.specs).tolist()},
+            keys=keys,
+            specs={p: self.plan.specs[p] for p in _distinct(task.columns.specs)},
             split_by=self.plan.split_by, key_fields=self.key_fields, run_id=self.run_id,
             timeout=self.opts.timeout, engine=self.opts.engine)
 
@@ -673,6 +681,13 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
         parts=None if parts is None else parts | {t.key for t in todo},
         n_split=run.n_split, message=message, tables=run.tables,
         task_seconds=dict(run.task_seconds))
+
+
+def _distinct(a: np.ndarray) -> list[int]:
+    """``np.unique(a).tolist()`` by a sort: numpy 2's hashing unique took 1 ms per
+    5,000 slice indices, 16x as long."""
+    s = np.sort(a)
+    return s[np.r_[True, s[1:] != s[:-1]]].tolist() if s.size else []
 
 
 class _Heartbeat:
