@@ -449,3 +449,16 @@ def test_bound_verdicts_are_lme4_verdict_fit_by_fit(k: int) -> None:
         g, p = lme4_verdict(grads[f], H[f], on_bound[f])
         assert gmax[f] == pytest.approx(g, rel=1e-12, abs=0), f
         assert pd_[f] == (p is not False), f
+
+
+def test_bound_patterns_group_rows_as_numpy_unique_does() -> None:
+    from mixedscale.batch import _row_patterns
+
+    rng = np.random.default_rng(5)
+    for n, k in [(0, 3), (1, 1), (50, 3), (1000, 6), (20, 0), (30, 64)]:
+        mask = rng.random((n, k)) < 0.3
+        patterns, which = _row_patterns(mask)
+        expect = np.unique(mask, axis=0)
+        assert sorted(map(tuple, patterns.tolist())) == sorted(map(tuple, expect.tolist()))
+        if n:
+            np.testing.assert_array_equal(patterns[which], mask)
