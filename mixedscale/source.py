@@ -294,8 +294,12 @@ _NULLABLE_INTS = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(),
 def to_frame(table: pa.Table, keys: Sequence[str] = ()) -> pd.DataFrame:
     """``table.to_pandas()``, with the integer ``keys`` columns that hold a missing
     value as nullable integers: as float64 (pandas' default) keys above 2**53 round,
-    so two slices could become one, and every key would read as a float."""
-    df = table.to_pandas()
+    so two slices could become one, and every key would read as a float.
+
+    ``split_blocks``: each column keeps its own Arrow-backed array. pandas' default
+    copies all float (and all int) columns into one 2-D block: 10-60 ms per 10^6
+    rows against 1 ms, a tenth of loading a unit."""
+    df = table.to_pandas(split_blocks=True)
     for c in keys:
         if c in df.columns and table.column(c).null_count \
                 and table.schema.field(c).type in _NULLABLE_INTS:

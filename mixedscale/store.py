@@ -270,7 +270,7 @@ def to_pandas(tab: pa.Table) -> pd.DataFrame:
     columns are pandas' nullable types, the same whether or not a column has missing
     values (an error row's): plain types would turn into object or float columns."""
     return tab.to_pandas(types_mapper=lambda t: pd.ArrowDtype(t) if pa.types.is_list(t)
-                         else _NULLABLE.get(t))
+                         else _NULLABLE.get(t), split_blocks=True)  # see source.to_frame
 
 
 class Store:
