@@ -477,7 +477,7 @@ def verify(prob: BatchProblem, th: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 def _row_patterns(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct rows of a boolean (F, k) array, and each row's index among them:
     ``np.unique(mask, axis=0, return_inverse=True)``, with rows as bit codes (numpy
-    sorts rows as opaque bytes, ~20x slower)."""
+    sorts rows as opaque bytes: 4.6 ms against 0.14 ms for 5,000 rows)."""
     k = mask.shape[1]
     if k > 62:
         patterns, which = np.unique(mask, axis=0, return_inverse=True)
@@ -900,7 +900,7 @@ def _shared_designs(Xs: np.ndarray, Zs: np.ndarray, g_row: np.ndarray, sl_o: np.
     keys = np.stack([n_rows.astype(float), np.add.reduceat(proj, s_start),
                      np.add.reduceat(proj * (1.0 + pos), s_start)], axis=1)
     # Each slice's first slice with the same keys. A lexsort, not np.unique(axis=0):
-    # that sorts rows as opaque bytes, 20x slower (3 % of tiny's fit time).
+    # that sorts rows as opaque bytes, 3-4x slower (3 % of tiny's fit time).
     order = np.lexsort(keys.T[::-1])
     ks = keys[order]
     starts = np.flatnonzero(np.r_[True, (ks[1:] != ks[:-1]).any(axis=1)])

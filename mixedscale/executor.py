@@ -35,7 +35,6 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from operator import itemgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -238,7 +237,6 @@ class _Run:
         self.partitions_bad: frozenset[str] = frozenset()
         self.n_shuffles = 0
         self.spread: list[str] = []  # see spread_over
-        self.slice_keys: list[tuple[Any, ...]] | None = None  # each slice's key, by index
         self.n_workers = 1  # set by spread_over
         self.manifest_lock = threading.Lock()
         self.manifest_closed = False
@@ -248,15 +246,9 @@ class _Run:
 
     # -- payloads and submission
     def payload(self, task: Task) -> TaskPayload:
-        idx = _distinct(task.columns.slices)
-        if self.slice_keys is None:
-            self.slice_keys = [s.key for s in self.plan.slices]
-        # itemgetter and zip: a comprehension over 10^5 slices was 40 ms of driver CPU
-        keys = dict(zip(idx, itemgetter(*idx)(self.slice_keys), strict=True)) \
-            if len(idx) > 1 else {i: self.slice_keys[i] for i in idx}
         return TaskPayload(
             task=task,
-            keys=keys,
+            keys={s: self.plan.slices[s].key for s in _distinct(task.columns.slices)},
             specs={p: self.plan.specs[p] for p in _distinct(task.columns.specs)},
             split_by=self.plan.split_by, key_fields=self.key_fields, run_id=self.run_id,
             timeout=self.opts.timeout, engine=self.opts.engine)
