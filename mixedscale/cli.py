@@ -75,6 +75,16 @@ def _exit_for(exc: MixedscaleError) -> typer.Exit:
     return _err(str(exc), EXIT_INCOMPLETE if isinstance(exc, RunIncomplete) else exc.exit_code)
 
 
+class _SyncCancelRace(logging.Filter):
+    """Drops distributed's own error when Ctrl-C lands just as ``distributed.utils.sync``
+    starts a call: its cancel callback reads a variable not set yet (a NameError) and
+    tornado logs the traceback. The run still ends as interrupted, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NameError) and "sync.<locals>.cancel" in record.getMessage())
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -82,6 +92,9 @@ def _setup_logging(quiet: bool) -> None:
 
     for noisy in ("distributed", "tornado", "asyncio", "bokeh"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    tornado_app = logging.getLogger("tornado.application")
+    if not any(isinstance(f, _SyncCancelRace) for f in tornado_app.filters):
+        tornado_app.addFilter(_SyncCancelRace())
     # A lost scheduler makes the client log reconnect tracebacks; the run ends with
     # its own one-line error (exit 3) instead.
     logging.getLogger("distributed.client").setLevel(logging.CRITICAL)

@@ -611,3 +611,34 @@ def test_the_progress_bar_draws_on_stderr() -> None:
         assert bar.bar is not None and bar.bar.console.stderr
     finally:
         bar.close()
+
+
+def test_distributeds_sync_cancel_race_on_ctrl_c_is_not_logged() -> None:
+    """distributed.utils.sync's cancel callback raises NameError when Ctrl-C lands before
+    its call started; tornado logs that traceback. The CLI's logging drops it, only it."""
+    import functools
+    import logging
+
+    from mixedscale import cli as cli_mod
+
+    cli_mod._setup_logging(True)
+    logger = logging.getLogger("tornado.application")
+
+    def sync() -> functools.partial[None]:
+        def cancel() -> None:
+            raise NameError("cannot access free variable 'future'")
+        return functools.partial(cancel)
+
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        for exc in (NameError("cannot access free variable 'future'"), ValueError("other")):
+            try:
+                raise exc
+            except Exception:
+                logger.error("Exception in callback %r", sync(), exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert [type(r.exc_info[1]) for r in seen if r.exc_info] == [ValueError]
