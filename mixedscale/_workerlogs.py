@@ -25,11 +25,21 @@ from distributed.diagnostics.plugin import WorkerPlugin
 __all__ = ["QuietWorkerLogs"]
 
 
+class _LostHeartbeat(logging.Filter):
+    """A heartbeat that finds the embedded scheduler gone: the driver, in whose process
+    it runs, is closing the cluster (a finished or interrupted run) and reports the run
+    itself; the worker's traceback would print above that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to communicate with scheduler during heartbeat" not in record.getMessage()
+
+
 class QuietWorkerLogs(WorkerPlugin):  # type: ignore[misc]
     name = "mixedscale-quiet-logs"
 
     def setup(self, worker: Any) -> None:
         logging.getLogger("distributed").setLevel(logging.ERROR)
+        logging.getLogger("distributed.worker").addFilter(_LostHeartbeat())
         # Fits record their warnings as data (inside catch_warnings); what reaches the
         # filters here comes from a fit abandoned at its timeout, still running in its
         # thread, and would print statsmodels' ConvergenceWarning into the driver's output.

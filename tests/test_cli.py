@@ -642,3 +642,16 @@ def test_distributeds_sync_cancel_race_on_ctrl_c_is_not_logged() -> None:
     finally:
         logger.removeHandler(handler)
     assert [type(r.exc_info[1]) for r in seen if r.exc_info] == [ValueError]
+
+
+def test_embedded_workers_drop_only_the_lost_heartbeat_error() -> None:
+    import logging
+
+    from mixedscale._workerlogs import _LostHeartbeat
+
+    f = _LostHeartbeat()
+    rec = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1,
+                            "Failed to communicate with scheduler during heartbeat.", None, None)
+    other = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1,
+                              "Compute Failed", None, None)
+    assert not f.filter(rec) and f.filter(other)
