@@ -670,7 +670,7 @@ def read_split_keys(src: Source, split_by: Sequence[str], extra: Sequence[str] =
         out = g.rename("_rows").reset_index() if split_by else pd.DataFrame({"_rows": [len(df)]})
         out["_rg"] = 0
         return out, 0
-    frames = []
+    parts: list[pa.Table] = []
     nbytes = 0
     expr = src.expression()
     for k, rg in enumerate(src.row_groups):
@@ -693,22 +693,38 @@ def read_split_keys(src: Source, split_by: Sequence[str], extra: Sequence[str] =
         t = _decode_mixed_dictionaries(t, src.schema)
         if expr is not None:
             t = t.filter(expr)
-        if not split_by:
-            frames.append(pd.DataFrame({"_rows": [t.num_rows], "_rg": [k]}))
-            continue
-        keys = t.select(list(split_by))
-        agg = keys.group_by(list(split_by), use_threads=False).aggregate([([], "count_all")])
-        f = to_frame(agg, split_by).rename(columns={"count_all": "_rows"})
-        f["_rg"] = k
-        frames.append(f)
+        agg = _key_counts(t.select(list(split_by))) if split_by else \
+            pa.table({"_rows": pa.array([t.num_rows], pa.int64())})
+        parts.append(agg.append_column("_rg", constant(k, agg.num_rows, pa.int64())))
     # A file with one unreadable row group is left out whole: its readable ones would
     # make slices of part of their rows, fitted and stored as if complete.
     rgs = src.row_groups
-    frames = [f for f in frames
-              if not len(f) or rgs[int(f["_rg"].iloc[0])].file not in src.bad_files]
-    if not frames:
+    parts = [t for t in parts if not t.num_rows
+             or rgs[t.column("_rg")[0].as_py()].file not in src.bad_files]
+    if not parts:
         return pd.DataFrame(columns=[*split_by, "_rows", "_rg"]), nbytes
-    return pd.concat(frames, ignore_index=True), nbytes
+    if all(t.schema == parts[0].schema for t in parts):
+        # One conversion, not one per row group (10^3+ each paid pandas' fixed cost).
+        return to_frame(pa.concat_tables(parts), split_by), nbytes
+    # Files typing a key differently (int32 and int64): pandas' concat finds the type.
+    return pd.concat([to_frame(t, split_by) for t in parts], ignore_index=True), nbytes
+
+
+def _key_counts(keys: pa.Table) -> pa.Table:
+    """Each distinct key of a row group and its row count (``_rows``), in any order.
+
+    One integer column with no missing value (the common split: an id) is counted by a
+    sort, ~5x faster than Arrow's hash group-by at 10^5 rows (numpy 2's ``unique``
+    hashes and is slower still); anything else goes to Arrow."""
+    col = keys.column(0)
+    if keys.num_columns == 1 and pa.types.is_integer(col.type) and not col.null_count:
+        v = np.sort(col.to_numpy())
+        starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]]) if len(v) else np.zeros(0, int)
+        counts = np.diff(np.r_[starts, len(v)]).astype(np.int64)
+        return pa.table([pa.array(v[starts], type=col.type), pa.array(counts)],
+                        names=[keys.column_names[0], "_rows"])
+    agg = keys.group_by(keys.column_names, use_threads=False).aggregate([([], "count_all")])
+    return agg.rename_columns(["_rows" if c == "count_all" else c for c in agg.column_names])
 
 
 

@@ -3,6 +3,7 @@ stored as null; a split column typed differently by two jobs of one store is ref
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 from pathlib import Path
@@ -482,3 +483,68 @@ def test_an_all_null_column_or_a_finer_timestamp_in_one_file_reads_with_the_othe
     assert len(plan.slices) == 4
     fits = _stored_fits(data, tmp_path)
     assert (fits["status"] == "ok").all() and len(fits) == 4
+
+
+# -- the planner's key scan: fast paths held to the general ones -------------------------
+def _counted(t: pa.Table) -> collections.Counter[tuple[Any, ...]]:
+    return collections.Counter(zip(*t.to_pydict().values(), strict=True))
+
+
+KEY_TABLES = {
+    "int64": pa.table({"k": pa.array(np.random.default_rng(7).integers(-100, 100, 1000))}),
+    "int8": pa.table({"k": pa.array(np.random.default_rng(8).integers(-128, 128, 500),
+                                    type=pa.int8())}),
+    "uint64 beyond int64": pa.table({"k": pa.array([2**64 - 1, 3, 2**63, 3, 2**64 - 1],
+                                                   type=pa.uint64())}),
+    "one row": pa.table({"k": pa.array([5], type=pa.int32())}),
+    "empty": pa.table({"k": pa.array([], type=pa.int64())}),
+    "missing": pa.table({"k": pa.array([1, None, 1, None, 3])}),
+    "text": pa.table({"k": pa.array(["b", "a", "b"])}),
+    "two columns": pa.table({"a": pa.array([1, 1, 2, 1]), "b": pa.array(["x", "x", "y", "y"])}),
+}
+
+
+@pytest.mark.parametrize("name", list(KEY_TABLES))
+def test_key_counts_count_each_key_once(name: str) -> None:
+    """Integer keys are counted by a sort, other keys by Arrow: either way one row per
+    distinct key (missing included) with its row count, and the key's type kept."""
+    from mixedscale.source import _key_counts
+
+    t = KEY_TABLES[name]
+    got = _key_counts(t)
+    assert got.schema == pa.schema([*t.schema, pa.field("_rows", pa.int64())])
+    counts = {k[:-1]: k[-1] for k in _counted(got)}
+    assert len(counts) == got.num_rows  # no key twice
+    assert counts == dict(_counted(t))
+
+
+KEY_COLUMNS = {
+    "int": pd.Series(np.random.default_rng(1).integers(-5, 5, 50)),
+    "Int64 NA": pd.Series(pd.array([3, None, 1, 3, None, -2], dtype="Int64")),
+    "float NaN": pd.Series([1.5, np.nan, -1.0, 1.5, np.nan, 0.0, -0.0]),
+    "str NA": pd.Series(["b", None, "a", None, "B", "é"], dtype="str"),
+    "bool": pd.Series([True, False, True]),
+    "boolean NA": pd.Series(pd.array([True, None, False, None], dtype="boolean")),
+    "datetime NaT": pd.Series(pd.to_datetime(["2020-01-02", None, "2019-01-01", None])),
+    "categorical NA": pd.Series(pd.Categorical(["z", None, "a", "z"],
+                                               categories=["z", "m", "a"])),
+    "uint64 beyond int64": pd.Series(np.array([2**63 + 5, 1, 2**63 + 5], dtype=np.uint64)),
+    "object": pd.Series(["b", None, "a", "b"], dtype=object),
+}
+
+
+@pytest.mark.parametrize("name", list(KEY_COLUMNS))
+def test_single_key_codes_are_the_group_bys(name: str) -> None:
+    """One split column is coded by pandas' factorize; the codes and the key of each
+    must be what the group-by (the path for several columns) gives."""
+    from mixedscale.plan import _key_codes
+
+    keys = pd.DataFrame({"k": KEY_COLUMNS[name], "_rows": 1})
+    codes, uniq = _key_codes(keys, ["k"])
+    grouped = keys.groupby(["k"], sort=True, dropna=False, observed=True)
+    np.testing.assert_array_equal(codes, grouped.ngroup().to_numpy())
+    first = pd.Series(np.arange(len(keys))).groupby(codes).first().to_numpy()
+    want = keys.loc[:, ["k"]].iloc[first].reset_index(drop=True)
+    assert uniq["k"].dtype == want["k"].dtype
+    assert [None if pd.isna(v) else v for v in uniq["k"]] == \
+        [None if pd.isna(v) else v for v in want["k"]]
