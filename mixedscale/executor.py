@@ -53,6 +53,7 @@ from .worker import (
     TaskPayload,
     failure_tables,
     forget_shuffled,
+    key_units,
     load_unit,
     partition,
     partition_to_store,
@@ -343,8 +344,9 @@ class _Run:
                 self.unit_futures.pop(k, None)
 
     def start_shuffle(self) -> None:
-        key_unit = Packed({self.plan.slices[i].key: u.index for u in self.plan.units
-                           for i in u.slices})
+        slices = self.plan.slices
+        key_unit = Packed(key_units([slices[i].key for u in self.plan.units for i in u.slices],
+                                    [u.index for u in self.plan.units for _ in u.slices]))
         self.partitions_bad = frozenset(self.bad_files)
         batches = _shuffle_steps([rg for rg in self.src.row_groups
                                   if rg.file not in self.bad_files], self.n_workers)

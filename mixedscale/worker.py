@@ -8,6 +8,7 @@ executor then restarts that worker to reclaim the thread.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -106,13 +107,20 @@ def stable_order(codes: np.ndarray) -> np.ndarray:
 
 class Positions:
     """Row positions per split key (normalized as the plan's keys): one stable sort of
-    the unit's rows, then a view per key, ascending like ``groupby().indices``."""
+    the unit's rows, then a view per key, ascending like ``groupby().indices``.
+
+    Keys are looked up by their code (their place in key order). One integer or text
+    column with no missing value (the usual split) is looked up by a pandas Index,
+    vectorized; other keys by a dict of normalized key tuples. The dict is built only
+    if asked for: 10^5 tuples were most of a shuffle step's time on tiny."""
 
     def __init__(self, df: pd.DataFrame, split_by: Sequence[str]) -> None:
+        self._index: dict[tuple[Any, ...], int] | None = None
+        self._vindex: pd.Index | None = None
         if not split_by or df.empty:
             self.order = np.arange(len(df))
             self.starts = np.array([0, len(df)])
-            self.index: dict[tuple[Any, ...], int] = {(): 0}
+            self._index = {(): 0}
             return
         # Codes in key order, as the planner sorts slices (``plan._key_codes``):
         # regrouped rows (``Loaded``) then hold a task's consecutive slices as one run.
@@ -120,9 +128,36 @@ class Positions:
                            observed=True).ngroup().to_numpy()
         self.order = stable_order(codes)
         self.starts = np.r_[0, np.cumsum(np.bincount(codes))]
-        first = self.order[self.starts[:-1]]
-        cols = [_norm_column(df[c].iloc[first]) for c in split_by]
-        self.index = {k: i for i, k in enumerate(zip(*cols, strict=True))}
+        self._firsts = [df[c].iloc[self.order[self.starts[:-1]]] for c in split_by]
+        col = self._firsts[0]
+        if len(split_by) == 1 and not col.hasnans and (
+                col.dtype.kind in "iu" or isinstance(col.dtype, pd.StringDtype)):
+            self._vindex = pd.Index(col.to_numpy())
+
+    @property
+    def index(self) -> dict[tuple[Any, ...], int]:
+        """Each key's code, by its normalized key tuple."""
+        if self._index is None:
+            cols = [_norm_column(c) for c in self._firsts]
+            self._index = {k: i for i, k in enumerate(zip(*cols, strict=True))}
+        return self._index
+
+    def codes(self, keys: Sequence[tuple[Any, ...]] | np.ndarray) -> np.ndarray:
+        """Each key's code, -1 for a key with no rows. ``keys``: key tuples, or one
+        column's values as an array (see ``key_units``)."""
+        vx = self._vindex
+        if isinstance(keys, np.ndarray):
+            if vx is not None:
+                return np.asarray(vx.get_indexer(pd.Index(keys)), dtype=np.int64)
+            keys = [(v,) for v in keys.tolist()]
+        if vx is not None:
+            vals = [k[0] for k in keys]
+            # A missing key (None) has no rows here, but would turn the lookup's ints
+            # into floats: such lists take the dict.
+            if None not in vals:
+                return np.asarray(vx.get_indexer(pd.Index(vals)), dtype=np.int64)
+        idx = self.index
+        return np.fromiter((idx.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
 
     @overload
     def get(self, key: tuple[Any, ...]) -> np.ndarray | None: ...
@@ -132,20 +167,25 @@ class Positions:
 
     def get(self, key: tuple[Any, ...], default: np.ndarray | None = None
             ) -> np.ndarray | None:
-        i = self.index.get(key)
-        if i is None:
+        i = -1
+        if self._vindex is not None and self._index is None and key[0] is not None:
+            # One key: a hash lookup, not get_indexer's array round trip. A miss asks
+            # the dict, which also matches keys of another type (True for 1).
+            with contextlib.suppress(KeyError, TypeError):
+                i = int(cast(int, self._vindex.get_loc(key[0])))  # unique: a position
+        if i < 0:
+            i = self.index.get(key, -1)
+        if i < 0:
             return default
         return self.order[self.starts[i]:self.starts[i + 1]]
 
     def take(self, keys: Sequence[tuple[Any, ...]]) -> tuple[np.ndarray, np.ndarray]:
         """The rows of ``keys``, concatenated in that order, and each key's row count
         (0 for a key with no rows)."""
-        idx = self.index
-        return self.take_codes(np.fromiter((idx.get(k, -1) for k in keys), dtype=np.int64,
-                                           count=len(keys)))
+        return self.take_codes(self.codes(keys))
 
     def take_codes(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``take`` by the keys' positions in ``index`` (-1: a key with no rows)."""
+        """``take`` by the keys' codes (-1: a key with no rows)."""
         found = codes >= 0
         safe = np.where(found, codes, 0)
         first, sizes = self.starts[safe], np.where(found, np.diff(self.starts)[safe], 0)
@@ -153,8 +193,15 @@ class Positions:
         at = np.arange(int(sizes.sum())) - np.repeat(offsets - first, sizes)
         return self.order[at], sizes
 
+    def covered_by(self, keys: Sequence[tuple[Any, ...]]) -> bool:
+        """Whether ``keys`` include every key the rows hold."""
+        codes = self.codes(keys)
+        seen = np.zeros(len(self), dtype=bool)
+        seen[codes[codes >= 0]] = True
+        return bool(seen.all())
+
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.starts) - 1
 
 
 @dataclass
@@ -234,7 +281,7 @@ def load_unit(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
         # The positions index every key the rows hold; when the unit wants them all
         # (sorted data, usually) it serves as is, without matching rows to keys.
         pos = Positions(df, split_by)
-        if len(pos) <= len(wanted) and set(pos.index).issubset(wanted):
+        if len(pos) <= len(wanted) and pos.covered_by(wanted):
             df, pos = _grouped(df, pos)
             return Loaded(df, nbytes, _positions=pos)
     return Loaded(_restrict(df, split_by, wanted), nbytes)
@@ -257,8 +304,22 @@ def _restrict(df: pd.DataFrame, split_by: Sequence[str], keys: Sequence[tuple[An
     return df if mask.all() else df.loc[mask]  # sorted data: usually every row, no copy
 
 
+KeyUnits = tuple[Sequence[tuple[Any, ...]] | np.ndarray, np.ndarray]
+
+
+def key_units(keys: Sequence[tuple[Any, ...]], units: Sequence[int]) -> KeyUnits:
+    """The shuffle's map of split keys to load units, as two columns. Keys of one int
+    column travel as an int64 array: 10^5 key tuples (a dict of them before) took
+    0.03-0.07 s to unpickle in every shuffle step."""
+    unit_of = np.asarray(units, dtype=np.int64)
+    if all(len(k) == 1 and type(k[0]) is int for k in keys):  # exactly int: not bool
+        with contextlib.suppress(OverflowError):  # beyond int64: as tuples
+            return np.array([k[0] for k in keys], dtype=np.int64), unit_of
+    return list(keys), unit_of
+
+
 def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
-              split_by: Sequence[str], key_unit: Packed[dict[tuple[Any, ...], int]]
+              split_by: Sequence[str], key_unit: Packed[KeyUnits]
               ) -> dict[int, Loaded] | LoadFailed:
     """Shuffle step for data not sorted by the split key: one read, rows bucketed by unit."""
     try:
@@ -270,9 +331,10 @@ def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
     # Rows ordered by unit, then key, then as read, cut per unit: no Python step per
     # key (a dict of 10^5 index arrays took most of a step on tiny).
     pos = Positions(df, split_by)
-    unit_of = key_unit.unpack()
-    code_unit = np.fromiter((unit_of.get(k, -1) for k in pos.index), dtype=np.int64,
-                            count=len(pos))
+    keys, unit_of = key_unit.unpack()
+    found = pos.codes(keys)
+    code_unit = np.full(len(pos), -1, dtype=np.int64)
+    code_unit[found[found >= 0]] = unit_of[found >= 0]
     codes = stable_order(code_unit + 1)  # keys of no unit (-1) first, then dropped
     codes = codes[code_unit[codes] >= 0]
     if not codes.size:
@@ -294,7 +356,7 @@ _SCRATCH_CODEC = "lz4" if pa.Codec.is_available("lz4") else None
 
 
 def partition_to_store(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
-                       split_by: Sequence[str], key_unit: Packed[dict[tuple[Any, ...], int]],
+                       split_by: Sequence[str], key_unit: Packed[KeyUnits],
                        store: Store, folder: str, index: int
                        ) -> dict[int, tuple[str, int]] | LoadFailed:
     """The shuffle step, spilled: rows bucketed by unit are written to scratch files in

@@ -21,7 +21,15 @@ from mixedscale.executor import RunOptions, _Run, pending
 from mixedscale.plan import Plan
 from mixedscale.source import Source
 from mixedscale.store import Store, open_store
-from mixedscale.worker import Loaded, Packed, _restrict, load_unit, partition, run_task
+from mixedscale.worker import (
+    Loaded,
+    Packed,
+    _restrict,
+    key_units,
+    load_unit,
+    partition,
+    run_task,
+)
 
 from .clusterutil import invoke
 from .conftest import make_genes
@@ -63,7 +71,8 @@ def _unit_data(src: Source, plan: Plan, unit: int, how: str) -> Any:
         df, _ = src.read(plan.columns, split_by=plan.split_by)
         return Loaded(_restrict(df, plan.split_by, keys), 0)
     if how == "shuffle":
-        key_unit = {plan.slices[i].key: u.index for u in plan.units for i in u.slices}
+        key_unit = key_units([plan.slices[i].key for u in plan.units for i in u.slices],
+                             [u.index for u in plan.units for _ in u.slices])
         return [partition(src, src.row_groups, plan.columns, plan.split_by,
                           Packed(key_unit)).get(unit)]
     rgs = [src.row_groups[i] for i in plan.units[unit].row_groups]

@@ -42,6 +42,10 @@ def _indices(df: pd.DataFrame, split_by: list[str]) -> dict[tuple[object, ...], 
                    "b": _rng.choice([True, False], _N)}), ["a", "b"]),
     (pd.DataFrame({"d": pd.to_datetime(_rng.integers(0, 4, _N), unit="D")}), ["d"]),
     (pd.DataFrame({"a": np.arange(5)}), []),
+    (pd.DataFrame({"a": np.array([2**63 + 7, 1, 2**64 - 1] * 40, dtype=np.uint64)}), ["a"]),
+    (pd.DataFrame({"a": pd.array(_rng.integers(-9, 9, _N), dtype="Int64")}), ["a"]),
+    (pd.DataFrame({"a": pd.array([1, None, 2**62 + 1] * 9, dtype="Int64")}), ["a"]),
+    (pd.DataFrame({"a": pd.Series(_rng.choice(["x", "é", "10"], _N), dtype="str")}), ["a"]),
 ])
 def test_positions_match_groupby_indices(df: pd.DataFrame, split_by: list[str]) -> None:
     pos = Positions(df, split_by)
@@ -51,6 +55,58 @@ def test_positions_match_groupby_indices(df: pd.DataFrame, split_by: list[str]) 
         np.testing.assert_array_equal(pos.get(k), v)
     assert pos.get(("no such key",)) is None
     assert len(pos.get(("no such key",), np.zeros(0, dtype=np.intp))) == 0
+
+
+@pytest.mark.parametrize("column", [
+    _rng.integers(-50, 50, _N),
+    np.array([2**63 + 7, 1, 2**64 - 1] * 40, dtype=np.uint64),
+    pd.Series(_rng.choice(["x", "é", "10", ""], _N), dtype="str"),
+])
+def test_vectorized_key_lookup_is_the_dicts(column: object) -> None:
+    """One int or text column is looked up by a pandas Index: every lookup must give
+    what the dict of normalized keys gives, for keys present, absent, missing or of
+    another type."""
+    df = pd.DataFrame({"a": column})
+    fast, slow = Positions(df, ["a"]), Positions(df, ["a"])
+    slow._vindex = None
+    assert fast._vindex is not None
+    present = list(slow.index)
+    keys_lists = [present, present[::-3], [*present[:5], ("nope",), (None,), (10**30,)],
+                  [(1.0,), (True,), ("1",), (-1,)], []]
+    for keys in keys_lists:
+        np.testing.assert_array_equal(fast.codes(keys), slow.codes(keys))
+        for a, b in zip(fast.take(keys), slow.take(keys), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert fast.covered_by(keys) == slow.covered_by(keys) == (set(present) <= set(keys))
+        fresh = Positions(df, ["a"])  # no dict built yet: gets use the Index
+        for k in keys:
+            a, b = fresh.get(k), slow.get(k)
+            assert (a is None and b is None) or np.array_equal(a, b)
+
+
+def test_shuffle_key_maps_travel_as_arrays_only_for_int_keys() -> None:
+    units = [0, 1]
+    assert isinstance(worker.key_units([(5,), (-2,)], units)[0], np.ndarray)
+    for keys in ([(1,), (2**63,)], [(True,), (False,)], [("a",), ("b",)], [(1, "a"), (2, "b")],
+                 [(1,), (None,)]):
+        got, unit_of = worker.key_units(keys, units)
+        assert got == keys and unit_of.tolist() == units
+
+
+def test_a_shuffle_step_buckets_the_same_rows_from_either_key_map() -> None:
+    df = make_genes(n_genes=9, shuffle=True)
+    df["site"] = df["gene"].str[1:].astype(int) * 10**12
+    src, plan = prepare(df, [ms.ModelSpec("y ~ time", groups="subject")], "site")
+    keys = [s.key for s in plan.slices]
+    units = [i % 3 for i in range(len(keys))]
+    as_array, as_tuples = worker.key_units(keys, units), (keys, np.asarray(units))
+    assert isinstance(as_array[0], np.ndarray)
+    a = worker.partition(src, src.row_groups, plan.columns, plan.split_by, Packed(as_array))
+    b = worker.partition(src, src.row_groups, plan.columns, plan.split_by, Packed(as_tuples))
+    assert isinstance(a, dict) and isinstance(b, dict) and sorted(a) == sorted(b) == [0, 1, 2]
+    for u in a:
+        pd.testing.assert_frame_equal(a[u].frame, b[u].frame)
+        assert set(a[u].frame["site"]) == {keys[i][0] for i in range(len(keys)) if i % 3 == u}
 
 
 def test_a_transferred_unit_leaves_its_positions_behind() -> None:
@@ -110,7 +166,8 @@ def test_a_shuffled_unit_is_read_once_per_worker_process(tmp_path: Path) -> None
     src, plan = prepare(str(f), [ms.ModelSpec("y ~ time", groups="subject")], "gene")
     store = Store(str(tmp_path / "store"))
     store.init()
-    key_unit = {s.key: i % 2 for i, s in enumerate(plan.slices)}  # two units
+    key_unit = worker.key_units([s.key for s in plan.slices],
+                                [i % 2 for i in range(len(plan.slices))])  # two units
     parts = [partition_to_store(src, src.row_groups, plan.columns, plan.split_by,
                                 Packed(key_unit), store, "shuffle-test", 0)]
     worker.forget_shuffled()
