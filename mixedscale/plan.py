@@ -375,17 +375,21 @@ def _slices(src: Source, keys: pd.DataFrame, split_by: list[str], columns: list[
     p_slice, p_rg = np.divmod(pairs, int(rg.max(initial=0)) + 1)
     cuts = np.searchsorted(p_slice, np.arange(n + 1)).tolist()
     p_rgs = p_rg.tolist()
-    # _h([fingerprints], flt) spelled out, with each row group's JSON encoded once.
-    rg_json = [encode_basestring_ascii(rg.fingerprint) for rg in src.row_groups]
-    flt_json = encode_basestring_ascii(flt)
+    # _h([fingerprints], flt) spelled out, with each row group's JSON encoded once
+    # and the hash of the common start copied, not recomputed.
+    rg_json = [encode_basestring_ascii(rg.fingerprint).encode() for rg in src.row_groups]
+    start, end = hashlib.sha256(b"[["), f"], {encode_basestring_ascii(flt)}]".encode()
     # Comprehensions, not one loop with appends: 10^6 slices plan ~2x faster.
     rg_sets = [tuple(p_rgs[a:b]) for a, b in itertools.pairwise(cuts)]
     if fps is not None:
         fp_list = [fps.get(k, "") for k in key_rows]
     else:  # one hash per distinct set of row groups, shared by the slices reading it
-        fp_of = {t: hashlib.sha256(
-            f"[[{', '.join(map(rg_json.__getitem__, t))}], {flt_json}]".encode()).hexdigest()[:16]
-            for t in set(rg_sets)}
+        fp_of = {}
+        for t in set(rg_sets):
+            h = start.copy()
+            h.update(b", ".join(map(rg_json.__getitem__, t)))
+            h.update(end)
+            fp_of[t] = h.hexdigest()[:16]
         fp_list = [fp_of[t] for t in rg_sets]
     sizes = np.rint(rows).astype(np.int64).tolist()
     return (list(map(SliceInfo._make, zip(key_rows, sizes, rg_sets, fp_list, strict=True))),
