@@ -398,11 +398,11 @@ def _slices(src: Source, keys: pd.DataFrame, split_by: list[str], columns: list[
 
 def _key_codes(keys: pd.DataFrame, split_by: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
     """Codes of each row's split key into the sorted distinct keys (missing keys last)."""
-    col = keys[split_by[0]]
-    if len(split_by) == 1 and col.dtype != object:
+    if len(split_by) == 1 and keys[split_by[0]].dtype != object:
         # pandas' factorize gives the group-by's codes (tests hold them equal), ~3x as
         # fast on 10^6 rows; any row of a code holds its key, so no first() pass.
-        fcodes = pd.factorize(col, sort=True, use_na_sentinel=False)[0].astype(np.intp)
+        fcodes = pd.factorize(keys[split_by[0]], sort=True,
+                              use_na_sentinel=False)[0].astype(np.intp)
         rep = np.empty(int(fcodes.max(initial=-1)) + 1, dtype=np.intp)
         rep[fcodes] = np.arange(len(fcodes))
         return fcodes, keys.loc[:, split_by].iloc[rep].reset_index(drop=True)
