@@ -703,10 +703,13 @@ def read_split_keys(src: Source, split_by: Sequence[str], extra: Sequence[str] =
              or rgs[t.column("_rg")[0].as_py()].file not in src.bad_files]
     if not parts:
         return pd.DataFrame(columns=[*split_by, "_rows", "_rg"]), nbytes
-    if all(t.schema == parts[0].schema for t in parts):
+    if all(t.schema == parts[0].schema for t in parts) and \
+            not any(pa.types.is_dictionary(f.type) for f in parts[0].schema):
         # One conversion, not one per row group (10^3+ each paid pandas' fixed cost).
         return to_frame(pa.concat_tables(parts), split_by), nbytes
-    # Files typing a key differently (int32 and int64): pandas' concat finds the type.
+    # Files typing a key differently (int32 and int64) or categorical keys: pandas'
+    # concat finds the type (text for categories that differ between files, which
+    # orders the slices by text, as the workers do).
     return pd.concat([to_frame(t, split_by) for t in parts], ignore_index=True), nbytes
 
 
