@@ -39,7 +39,9 @@ class QuietWorkerLogs(WorkerPlugin):  # type: ignore[misc]
 
     def setup(self, worker: Any) -> None:
         logging.getLogger("distributed").setLevel(logging.ERROR)
-        logging.getLogger("distributed.worker").addFilter(_LostHeartbeat())
+        worker_log = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, _LostHeartbeat) for f in worker_log.filters):  # one each
+            worker_log.addFilter(_LostHeartbeat())
         # Fits record their warnings as data (inside catch_warnings); what reaches the
         # filters here comes from a fit abandoned at its timeout, still running in its
         # thread, and would print statsmodels' ConvergenceWarning into the driver's output.

@@ -655,3 +655,24 @@ def test_embedded_workers_drop_only_the_lost_heartbeat_error() -> None:
     other = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1,
                               "Compute Failed", None, None)
     assert not f.filter(rec) and f.filter(other)
+
+
+def test_worker_log_setup_installs_its_filter_once() -> None:
+    import logging
+    import signal
+    import warnings
+
+    from mixedscale._workerlogs import QuietWorkerLogs, _LostHeartbeat
+
+    log = logging.getLogger("distributed.worker")
+    saved, level = list(log.filters), logging.getLogger("distributed").level
+    sigint = signal.getsignal(signal.SIGINT)  # setup ignores Ctrl-C, as in a worker
+    try:
+        with warnings.catch_warnings():
+            for _ in range(3):
+                QuietWorkerLogs().setup(None)
+        assert sum(isinstance(f, _LostHeartbeat) for f in log.filters) == 1
+    finally:
+        log.filters[:] = saved
+        logging.getLogger("distributed").setLevel(level)
+        signal.signal(signal.SIGINT, sigint)
