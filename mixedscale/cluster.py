@@ -54,12 +54,18 @@ BLAS_ENV: dict[str, str] = {
     "MKL_NUM_THREADS": "1",
 }
 # Dask's defaults suit interactive use: an event-loop health check every 20 ms in every
-# process and a statistical profiler sampling each worker's threads every 10 ms. An idle
-# 2-worker local cluster spent 12 % of a core on them (4 % with these); a batch run's
-# workers share their cores with that, and its dashboard needs no profiles.
+# process, a statistical profiler sampling each worker's threads every 10 ms, host
+# metrics (psutil) every 500 ms in every server and each worker's memory read by it and
+# its nanny every 100 ms. An idle 2-worker local cluster spent 12 % of a core on the
+# first two; with those off, 45-100 ms of CPU per second still went to the last two
+# (8-26 with these). A batch run's workers share their cores with that; its dashboard
+# needs no profiles, and its tasks grow memory over seconds, so a memory check every
+# 500 ms still pauses, spills and restarts workers in time.
 HOUSEKEEPING: dict[str, Any] = {
     "distributed.admin.tick.interval": "1s",
     "distributed.worker.profile.enabled": False,
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "500ms",
 }
 REQUIRE_ENCRYPTION_ENV = "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"
 JOB_NAME = "mixedscale-worker"

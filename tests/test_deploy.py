@@ -526,7 +526,14 @@ def test_make_cluster_local_pins_blas() -> None:
 
 def _worker_housekeeping(dask_worker: Any) -> dict[str, Any]:
     cbs = dask_worker.periodic_callbacks
-    return {"tick": cbs["tick"].callback_time, "profile": "profile" in cbs}  # tick: ms
+    return {"tick": cbs["tick"].callback_time, "profile": "profile" in cbs,  # ms
+            "monitor": cbs["monitor"].callback_time,
+            "memory": cbs["memory_monitor"].callback_time}
+
+
+def _nanny_memory_monitor(cluster: Any) -> list[float]:
+    return [n.periodic_callbacks["memory_monitor"].callback_time
+            for n in cluster.workers.values()]
 
 
 def _scheduler_tick(dask_scheduler: Any) -> float:
@@ -541,8 +548,10 @@ def test_make_cluster_local_quiets_dask_housekeeping() -> None:
             Client(cluster, timeout="30s") as client:
         (worker,) = client.run(_worker_housekeeping).values()
         sched = client.run_on_scheduler(_scheduler_tick)
-    assert worker == {"tick": 1000, "profile": False}
+        nannies = _nanny_memory_monitor(cluster)
+    assert worker == {"tick": 1000, "profile": False, "monitor": 2000, "memory": 500}
     assert sched == 1000
+    assert nannies == [500]
     assert dask.config.get("distributed.admin.tick.interval") == "20ms"  # not left set here
 
 
@@ -554,7 +563,7 @@ def test_make_cluster_local_keeps_the_users_housekeeping() -> None:
             make_cluster(ClusterConfig(workers=1, memory_limit="1GB")) as cluster, \
             Client(cluster, timeout="30s") as client:
         (worker,) = client.run(_worker_housekeeping).values()
-    assert worker == {"tick": 50, "profile": False}
+    assert worker == {"tick": 50, "profile": False, "monitor": 2000, "memory": 500}
 
 
 def test_housekeeping_leaves_out_what_the_user_sets(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -564,7 +573,9 @@ def test_housekeeping_leaves_out_what_the_user_sets(monkeypatch: pytest.MonkeyPa
         assert "distributed.admin.tick.interval" not in mc.housekeeping()
     # a DASK_* variable, even to Dask's own default (a file would count the same way)
     monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED", "True")
-    assert mc.housekeeping() == {"distributed.admin.tick.interval": "1s"}
+    assert "distributed.worker.profile.enabled" not in mc.housekeeping()
+    assert mc.housekeeping() == {k: v for k, v in mc.HOUSEKEEPING.items()
+                                 if k != "distributed.worker.profile.enabled"}
 
 
 def test_job_script_exports_housekeeping_before_the_site_prologue() -> None:
