@@ -51,6 +51,7 @@ from .worker import (
     ScratchGone,
     TaskOutcome,
     TaskPayload,
+    UnitRead,
     failure_tables,
     forget_shuffled,
     key_units,
@@ -255,12 +256,19 @@ class _Run:
             timeout=self.opts.timeout, engine=self.opts.engine)
 
     def unit_data(self, unit: int, priority: int = 0) -> Any:
+        u = self.plan.units[unit]
+        keys = [self.plan.slices[i].key for i in u.slices]
+        if self.src.frame is None and not self.plan.shuffle and self.unit_refs.get(unit) == 1:
+            # The unit's only task left reads it itself; decided per call, as a task
+            # split after a worker loss gives the unit more tasks, which share one load.
+            return Packed(UnitRead(self.src, [self.src.row_groups[i] for i in u.row_groups
+                                              if self.src.row_groups[i].file
+                                              not in self.bad_files],
+                                   self.plan.columns, self.plan.split_by, keys))
         # Cached per unit and per set of corrupt files left out of the reads.
         cache = (unit, frozenset(self.bad_files))
         if cache in self.unit_futures:
             return self.unit_futures[cache]
-        u = self.plan.units[unit]
-        keys = [self.plan.slices[i].key for i in u.slices]
         if self.src.frame is not None:
             df, _ = self.src.read(self.plan.columns, split_by=self.plan.split_by)
             from .worker import Loaded, _restrict

@@ -272,11 +272,28 @@ def load_unit(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
               split_by: Sequence[str], keys: Packed[Sequence[tuple[Any, ...]]]
               ) -> Loaded | LoadFailed:
     """Read a unit's row groups (needed columns only) and keep the unit's slices."""
+    return _load(src, rgs, columns, split_by, keys.unpack())
+
+
+@dataclass(frozen=True)
+class UnitRead:
+    """A load unit that its only task reads itself (see ``_merge``): no load task, no
+    wait for the scheduler to hear it finished and send the fit task, and no copy of
+    the rows kept in the worker's memory after the task."""
+
+    src: Source
+    row_groups: Sequence[RowGroup]
+    columns: Sequence[str]
+    split_by: Sequence[str]
+    keys: Sequence[tuple[Any, ...]]
+
+
+def _load(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
+          split_by: Sequence[str], wanted: Sequence[tuple[Any, ...]]) -> Loaded | LoadFailed:
     try:
         df, nbytes = src.read(columns, rgs, split_by)
     except CorruptFile as exc:
         return LoadFailed(exc)
-    wanted = keys.unpack()
     if split_by and not df.empty:
         # The positions index every key the rows hold; when the unit wants them all
         # (sorted data, usually) it serves as is, without matching rows to keys.
@@ -438,13 +455,16 @@ def forget_shuffled() -> None:
         _SHUFFLED.clear()
 
 
-def _merge(data: Loaded | LoadFailed | pd.DataFrame | dict[str, Any]
+def _merge(data: Loaded | LoadFailed | pd.DataFrame | dict[str, Any] | Packed[UnitRead]
            | Sequence[Loaded | LoadFailed | None], store: Store | None = None) -> Loaded:
-    """A task's data: a loaded unit, in-memory shuffle pieces, or {"unit", "scratch"}:
-    a unit read from shuffle scratch files inside the fit task itself. (A separate load
-    task per unit would become runnable for every unit at once when the shuffle ends,
-    and Dask would run them all, holding every unit in memory.) Raises CorruptFile if
-    a read it depends on met one."""
+    """A task's data: a loaded unit, a unit to read here (``UnitRead``), in-memory
+    shuffle pieces, or {"unit", "scratch"}: a unit read from shuffle scratch files
+    inside the fit task itself. (A separate load task per unit would become runnable
+    for every unit at once when the shuffle ends, and Dask would run them all, holding
+    every unit in memory.) Raises CorruptFile if a read it depends on met one."""
+    if isinstance(data, Packed):
+        r = data.unpack()
+        data = _load(r.src, r.row_groups, r.columns, r.split_by, r.keys)
     if isinstance(data, Loaded):
         return data
     if isinstance(data, LoadFailed):

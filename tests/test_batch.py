@@ -312,6 +312,35 @@ def test_each_workers_first_load_is_submitted_before_any_fit(
     assert kinds.count("load") == 2
 
 
+def test_a_unit_with_one_task_is_read_by_that_task(
+        cluster_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No load task (nor its hop through the scheduler) for a unit only one task needs:
+    the task reads its rows itself, with the same fits as the rows given in memory."""
+    path = write_genes(tmp_path / "two", 12, files=2)  # a unit per file
+    _, p = prepare(str(path), [RI], "gene")
+    assert len(p.units) == 2 and sorted(t.unit for t in p.tasks) == [0, 1]
+    submit = cluster_client.submit
+    keys: list[str] = []
+
+    def spy(fn: Any, *args: Any, **kw: Any) -> Any:
+        keys.append(str(kw.get("key", "")))
+        return submit(fn, *args, **kw)
+
+    monkeypatch.setattr(cluster_client, "submit", spy)
+    res = ms.fit_many(str(path), RI, split_by="gene", store=tmp_path / "store",
+                      client=cluster_client, progress=False)
+    assert [k.split("-")[1] for k in keys] == ["fit", "fit"]
+    assert res.run.state == "complete" and (res.fits["status"] == "ok").all()
+    assert res.run.bytes_read == res.run.bytes_one_pass + res.run.bytes_scan
+    monkeypatch.undo()
+    frame = ms.fit_many(pd.read_parquet(path), RI, split_by="gene", client=cluster_client,
+                        progress=False)
+    cols = FIT_COLS[1:]  # fit ids differ: they name the data they were fitted on
+    pd.testing.assert_frame_equal(_sorted(res.fits[cols], ["gene"]),
+                                  _sorted(frame.fits[cols], ["gene"]))
+    _same_estimates(res.params, frame.params, ["gene", "spec_id", "term"])
+
+
 def test_memory_url_as_data_and_store() -> None:
     """memory:// lives in one process, so this cluster runs its workers as threads."""
     import fsspec

@@ -305,3 +305,41 @@ def test_an_engine_override_keeps_the_specs_own_spec_id(engine: str) -> None:
     for name in ("fits", "params", "variance"):  # ...filed under the user's spec
         ids = set().union(*(set(t[name].column("spec_id").to_pylist()) for t in tables if t))
         assert ids == {spec.spec_id}, name
+
+
+class _Submits:
+    """A client that records what it is asked to run."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, str]] = []
+
+    def submit(self, fn: object, *args: object, **kw: object) -> object:
+        self.calls.append((fn, str(kw.get("key", ""))))
+        return object()
+
+
+def test_only_the_last_task_of_a_unit_reads_it_itself(tmp_path: Path) -> None:
+    """A unit one task needs is read inside that task; once it has more (a task split
+    after a worker loss), they share one load task. The read keeps the unit's rows."""
+    path = tmp_path / "d.parquet"
+    make_genes(n_genes=6).to_parquet(path, index=False)
+    src, plan = prepare(str(path), [ms.ModelSpec("y ~ time", groups="subject")], "gene")
+    (task,) = plan.tasks
+    client = _Submits()
+    run = _Run(plan, src, None, client, RunOptions())
+    run.expect([task])
+    data = run.unit_data(task.unit)
+    assert isinstance(data, Packed) and isinstance(data.unpack(), worker.UnitRead)
+    assert client.calls == []
+    got = run_task(run.payload(task), pickle.loads(pickle.dumps(data)), None)
+    want = run_task(run.payload(task), worker.load_unit(
+        src, src.row_groups, plan.columns, plan.split_by,
+        Packed([s.key for s in plan.slices])), None)
+    assert got.tables is not None and want.tables is not None
+    assert got.n_fits == 6 and got.by_status == want.by_status == {"ok": 6}
+    assert got.tables["fits"].drop_columns(["fit_seconds", "attempts"]).equals(
+        want.tables["fits"].drop_columns(["fit_seconds", "attempts"]))
+    run.expect([task.single(it) for it in task.items])
+    shared = run.unit_data(task.unit)
+    assert not isinstance(shared, Packed) and run.unit_data(task.unit) is shared
+    assert [fn for fn, _ in client.calls] == [worker.load_unit]
