@@ -288,6 +288,19 @@ def test_fit_tasks_of_too_few_load_units_are_dealt_round_the_workers(
         assert not any("workers" in kw for kw in seen[len(first):])
 
 
+def _submitted_keys(client: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys of the tasks ``client`` is asked to run from now on, in order."""
+    submit = client.submit
+    keys: list[str] = []
+
+    def spy(fn: Any, *args: Any, **kw: Any) -> Any:
+        keys.append(str(kw.get("key", "")))
+        return submit(fn, *args, **kw)
+
+    monkeypatch.setattr(client, "submit", spy)
+    return keys
+
+
 def test_each_workers_first_load_is_submitted_before_any_fit(
         cluster_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Packing fit payloads holds the GIL the embedded scheduler's event loop needs;
@@ -296,14 +309,7 @@ def test_each_workers_first_load_is_submitted_before_any_fit(
     spec = ms.ModelSpec("y ~ time", groups="subject", engine="statsmodels")
     _, p = prepare(str(path), [spec], "gene")
     assert len(p.units) == 2 and p.tasks[1].unit == 0  # plan order: unit 0's tasks first
-    submit = cluster_client.submit
-    keys: list[str] = []
-
-    def spy(fn: Any, *args: Any, **kw: Any) -> Any:
-        keys.append(str(kw.get("key", "")))
-        return submit(fn, *args, **kw)
-
-    monkeypatch.setattr(cluster_client, "submit", spy)
+    keys = _submitted_keys(cluster_client, monkeypatch)
     res = ms.fit_many(str(path), spec, split_by="gene", client=cluster_client, progress=False)
     assert res.run.state == "complete" and (res.fits["status"] == "ok").all()
     n = len(cluster_client.scheduler_info()["workers"])
@@ -319,15 +325,8 @@ def test_a_unit_with_one_task_is_read_by_that_task(
     path = write_genes(tmp_path / "two", 12, files=2)  # a unit per file
     _, p = prepare(str(path), [RI], "gene")
     assert len(p.units) == 2 and sorted(t.unit for t in p.tasks) == [0, 1]
-    submit = cluster_client.submit
-    keys: list[str] = []
-
-    def spy(fn: Any, *args: Any, **kw: Any) -> Any:
-        keys.append(str(kw.get("key", "")))
-        return submit(fn, *args, **kw)
-
-    monkeypatch.setattr(cluster_client, "submit", spy)
-    res = ms.fit_many(str(path), RI, split_by="gene", store=tmp_path / "store",
+    keys = _submitted_keys(cluster_client, monkeypatch)
+    res = ms.fit_many(str(path), RI, split_by="gene", store=str(tmp_path / "store"),
                       client=cluster_client, progress=False)
     assert [k.split("-")[1] for k in keys] == ["fit", "fit"]
     assert res.run.state == "complete" and (res.fits["status"] == "ok").all()
