@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import DataError, RunIncomplete, StoreError, one_line
-from .plan import Plan, Task, task_key
+from .plan import LoadUnit, Plan, Task, task_key
 from .single import versions
 from .source import CorruptFile, RowGroup, Source
 from .store import HEARTBEAT_SECONDS, SILENT_HEARTBEATS, Store
@@ -257,18 +257,17 @@ class _Run:
 
     def unit_data(self, unit: int, priority: int = 0) -> Any:
         u = self.plan.units[unit]
-        keys = [self.plan.slices[i].key for i in u.slices]
         if self.src.frame is None and not self.plan.shuffle and self.unit_refs.get(unit) == 1:
             # The unit's only task left reads it itself; decided per call, as a task
             # split after a worker loss gives the unit more tasks, which share one load.
-            return Packed(UnitRead(self.src, [self.src.row_groups[i] for i in u.row_groups
-                                              if self.src.row_groups[i].file
-                                              not in self.bad_files],
-                                   self.plan.columns, self.plan.split_by, keys))
+            return Packed(UnitRead(self.src, self.readable(u), self.plan.columns,
+                                   self.plan.split_by, [self.plan.slices[i].key
+                                                        for i in u.slices]))
         # Cached per unit and per set of corrupt files left out of the reads.
         cache = (unit, frozenset(self.bad_files))
         if cache in self.unit_futures:
             return self.unit_futures[cache]
+        keys = [self.plan.slices[i].key for i in u.slices]
         if self.src.frame is not None:
             df, _ = self.src.read(self.plan.columns, split_by=self.plan.split_by)
             from .worker import Loaded, _restrict
@@ -284,15 +283,18 @@ class _Run:
                 fut = [self.client.submit(piece, p, unit, pure=False, priority=priority)
                        for p in self.partitions]
         else:
-            rgs = [self.src.row_groups[i] for i in u.row_groups
-                   if self.src.row_groups[i].file not in self.bad_files]
             self.n_loads += 1
-            fut = self.client.submit(load_unit, self.src, rgs, self.plan.columns,
+            fut = self.client.submit(load_unit, self.src, self.readable(u), self.plan.columns,
                                      self.plan.split_by, Packed(keys), pure=False,
                                      priority=priority,
                                      key=f"mixedscale-load-{self.run_id}-{unit}-{self.n_loads}")
         self.unit_futures[cache] = fut
         return fut
+
+    def readable(self, u: LoadUnit) -> list[RowGroup]:
+        """The unit's row groups, less those of files found corrupt in this run."""
+        rgs = self.src.row_groups
+        return [rgs[i] for i in u.row_groups if rgs[i].file not in self.bad_files]
 
     def spread_over(self, workers: list[str]) -> None:
         """With fewer load units than workers, deal the first fit tasks round the workers.
