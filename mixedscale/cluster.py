@@ -57,10 +57,11 @@ BLAS_ENV: dict[str, str] = {
 # process, a statistical profiler sampling each worker's threads every 10 ms, host
 # metrics (psutil) every 500 ms in every server and each worker's memory read by it and
 # its nanny every 100 ms. An idle 2-worker local cluster spent 12 % of a core on the
-# first two; with those off, 45-100 ms of CPU per second still went to the last two
-# (8-26 with these). A batch run's workers share their cores with that; its dashboard
-# needs no profiles, and its tasks grow memory over seconds, so a memory check every
-# 500 ms still pauses, spills and restarts workers in time.
+# first two; with those off it still took 45-100 ms of CPU per second, all processes
+# together, and 8-26 with the last two slowed as well. A batch run's workers share
+# their cores with that; its dashboard needs no profiles, and its tasks grow memory
+# over seconds, so a memory check every 500 ms still pauses, spills and restarts
+# workers in time.
 HOUSEKEEPING: dict[str, Any] = {
     "distributed.admin.tick.interval": "1s",
     "distributed.worker.profile.enabled": False,
