@@ -51,6 +51,7 @@ UNIT_MAX_ROWS = 1_000_000  # rows loaded at once by one task: its fit peaks near
 # load in parallel instead of waiting for one load and a transfer.
 UNIT_MIN_UNITS = 2
 TAIL_SHARE = 4.0  # near the end, a task holds at most this fraction of the work left
+TAIL_UNITS = 2  # the plan's last units, whose tails are cut together (see _tasks)
 SHUFFLE_RATIO = 1.3  # direct reads above this x one pass switch to a shuffle
 
 
@@ -517,20 +518,41 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
     unit_cost: dict[int, float] = {}
     for unit, cost in zip(units_of, item_costs, strict=True):
         unit_cost[unit] = unit_cost.get(unit, 0.0) + cost
+    even = {ui: uc / max(1, int(np.ceil(uc / target - 0.01))) for ui, uc in unit_cost.items()}
+    left = dict(unit_cost)
+    sizes: dict[int, list[float]] = {ui: [] for ui in unit_cost}
+    turns: dict[int, list[int]] = {ui: [] for ui in unit_cost}  # each chunk's cut, in order
     remaining = total
-    bounds: dict[int, np.ndarray] = {}
-    for ui, uc in unit_cost.items():
-        even = uc / max(1, int(np.ceil(uc / target - 0.01)))  # 0.01: float noise
-        sizes: list[float] = []
-        left = uc
-        while left > 1e-9:
-            size = min(even, max(TASK_MIN_MS, remaining / TAIL_SHARE), left)
-            if left - size < TASK_MIN_MS / 2:  # absorb a sliver
-                size = left
-            sizes.append(size)
-            left -= size
-            remaining -= size
-        bounds[ui] = np.cumsum(sizes)[:-1]
+    n_cut = 0
+
+    def cut(ui: int) -> None:
+        nonlocal remaining, n_cut
+        size = min(even[ui], max(TASK_MIN_MS, remaining / TAIL_SHARE), left[ui])
+        if left[ui] - size < TASK_MIN_MS / 2:  # absorb a sliver
+            size = left[ui]
+        sizes[ui].append(size)
+        turns[ui].append(n_cut)
+        n_cut += 1
+        left[ui] -= size
+        remaining -= size
+
+    order = list(unit_cost)
+    for ui in order[:-TAIL_UNITS]:
+        while left[ui] > 1e-9:
+            cut(ui)
+    # The last units run side by side, each on the worker that loaded it (Dask sends
+    # a task to its data), so they are cut as if consumed together: each ends on small
+    # tasks, not only the very last. (Cut one after another, the first of two units
+    # kept full-size tasks to its end: a worker idled 1-3 s of sites' 12 s.) The plan
+    # lists their tasks in the order cut, which is the run's priority order: a small
+    # task stolen by the other unit's worker then waits behind that worker's big ones.
+    lanes = order[-TAIL_UNITS:]
+    while lanes:
+        ui = max(lanes, key=left.__getitem__)
+        cut(ui)
+        if left[ui] <= 1e-9:
+            lanes.remove(ui)
+    bounds = {ui: np.cumsum(s)[:-1] for ui, s in sizes.items()}
     # Each item's task within its unit: the chunk holding the item's cost midpoint.
     item_unit = np.asarray(units_of, dtype=np.int64)
     item_cost = np.asarray(item_costs, dtype=float)
@@ -545,12 +567,14 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
     cuts = [*np.flatnonzero(first).tolist(), n]
     tasks: list[Task] = []
     sis_a, pis_a = np.asarray(sis, dtype=np.int32), np.asarray(pis, dtype=np.int32)
+    turn: list[int] = []
     for lo, hi in itertools.pairwise(cuts):
         ids = fids[lo:hi]
         tasks.append(Task(key=task_key(ids), unit=units_of[lo],
                           items=Items(ids, sis_a[lo:hi], pis_a[lo:hi]),
                           cost_ms=sum(item_costs[lo:hi])))
-    return tasks
+        turn.append(turns[units_of[lo]][int(chunk[lo])])
+    return [tasks[i] for i in np.argsort(turn, kind="stable")]
 
 
 def task_key(fit_ids: Sequence[str]) -> str:

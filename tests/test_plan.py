@@ -309,6 +309,26 @@ def test_tasks_shrink_toward_the_end_without_slivers() -> None:
     assert max(head) - min(head) <= max(spec_cost_ms(s, 40) for s in (RI, RS)) + 1e-9
 
 
+
+def test_the_last_units_each_end_on_small_tasks(tmp_path: Path) -> None:
+    """Dask runs a unit's tasks where it was loaded, so the last units run side by side
+    on their own workers: each must end on small tasks, not only the plan's last one."""
+    f = tmp_path / "d.parquet"
+    make_genes(n_genes=2000, n_subjects=10, n_times=4).to_parquet(
+        f, index=False, row_group_size=100 * 40)
+    _, plan = prepare(str(f), [RI, RS], "gene")
+    assert len(plan.units) == 2
+    by_unit: dict[int, list[float]] = {}
+    for t in plan.tasks:  # plan order is run order within a unit
+        by_unit.setdefault(t.unit, []).append(t.cost_ms)
+    assert set(by_unit) == {0, 1}
+    for costs in by_unit.values():
+        assert len(costs) >= 4
+        assert max(costs[-2:]) < 0.5 * max(costs), costs
+    # Cut together, not each to its own tail: no more tasks than one shared tail.
+    assert abs(len(by_unit[0]) - len(by_unit[1])) <= 2
+    assert len(plan.tasks) <= 2 * plan_mod.TASK_MIN_TASKS
+
 def test_tasks_pickle_column_wise_and_round_trip() -> None:
     df = make_genes(n_genes=200)
     _, plan = prepare(df, [RI, RS], "gene")
