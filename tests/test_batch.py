@@ -305,17 +305,18 @@ def test_each_workers_first_load_is_submitted_before_any_fit(
         cluster_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Packing fit payloads holds the GIL the embedded scheduler's event loop needs;
     the loads go out first, so no worker waits for the driver to pack every task."""
-    path = write_genes(tmp_path / "two", 12, files=2)  # a unit per file
+    path = write_genes(tmp_path / "three", 18, files=3)  # a unit per file
+    monkeypatch.setattr(plan_mod, "UNIT_MIN_UNITS", 3)  # the planner cuts 2 otherwise
     spec = ms.ModelSpec("y ~ time", groups="subject", engine="statsmodels")
     _, p = prepare(str(path), [spec], "gene")
-    assert len(p.units) == 2 and p.tasks[1].unit == 0  # plan order: unit 0's tasks first
+    assert len(p.units) == 3 and p.tasks[1].unit == 0  # plan order: unit 0's tasks first
     keys = _submitted_keys(cluster_client, monkeypatch)
     res = ms.fit_many(str(path), spec, split_by="gene", client=cluster_client, progress=False)
     assert res.run.state == "complete" and (res.fits["status"] == "ok").all()
     n = len(cluster_client.scheduler_info()["workers"])
     kinds = [k.split("-")[1] for k in keys]
     assert n == 2 and kinds[:2] == ["load", "load"] and kinds[2] == "fit", kinds
-    assert kinds.count("load") == 2
+    assert kinds.count("load") == 3
 
 
 def test_a_unit_with_one_task_is_read_by_that_task(
