@@ -255,11 +255,14 @@ class _Run:
             split_by=self.plan.split_by, key_fields=self.key_fields, run_id=self.run_id,
             timeout=self.opts.timeout, engine=self.opts.engine)
 
+    def read_in_task(self, unit: int) -> bool:
+        """Whether the unit's only task left reads it itself; decided per call, as a task
+        split after a worker loss gives the unit more tasks, which share one load."""
+        return self.src.frame is None and not self.plan.shuffle and self.unit_refs.get(unit) == 1
+
     def unit_data(self, unit: int, priority: int = 0) -> Any:
         u = self.plan.units[unit]
-        if self.src.frame is None and not self.plan.shuffle and self.unit_refs.get(unit) == 1:
-            # The unit's only task left reads it itself; decided per call, as a task
-            # split after a worker loss gives the unit more tasks, which share one load.
+        if self.read_in_task(unit):
             return Packed(UnitRead(self.src, self.readable(u), self.plan.columns,
                                    self.plan.split_by, [self.plan.slices[i].key
                                                         for i in u.slices]))
@@ -617,7 +620,8 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
     try:
         if todo and not plan.shuffle:
             for u in list(dict.fromkeys(t.unit for t in todo))[:n_workers]:
-                run.unit_data(u)
+                if not run.read_in_task(u):  # else its task reads it: nothing to send yet
+                    run.unit_data(u)
         while queue or inflight:
             if opts.stop.is_set():
                 raise RunIncomplete("interrupted: stopped submitting on request; "

@@ -329,6 +329,7 @@ def test_only_the_last_task_of_a_unit_reads_it_itself(tmp_path: Path) -> None:
     run = _Run(plan, src, None, client, RunOptions())
     run.expect([task])
     data = run.unit_data(task.unit)
+    assert run.read_in_task(task.unit)  # so execute() sends nothing for it ahead
     assert isinstance(data, Packed) and isinstance(data.unpack(), worker.UnitRead)
     assert client.calls == []
     got = run_task(run.payload(task), pickle.loads(pickle.dumps(data)), None)
@@ -340,6 +341,7 @@ def test_only_the_last_task_of_a_unit_reads_it_itself(tmp_path: Path) -> None:
     assert got.tables["fits"].drop_columns(["fit_seconds", "attempts"]).equals(
         want.tables["fits"].drop_columns(["fit_seconds", "attempts"]))
     run.expect([task.single(it) for it in task.items])
+    assert not run.read_in_task(task.unit)
     shared = run.unit_data(task.unit)
     assert not isinstance(shared, Packed) and run.unit_data(task.unit) is shared
     assert [fn for fn, _ in client.calls] == [worker.load_unit]
