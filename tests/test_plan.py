@@ -328,6 +328,22 @@ def test_the_last_units_each_end_on_small_tasks(tmp_path: Path) -> None:
     # Cut together, not each to its own tail: no more tasks than one shared tail.
     assert abs(len(by_unit[0]) - len(by_unit[1])) <= 2
     assert len(plan.tasks) <= 2 * plan_mod.TASK_MIN_TASKS
+    # Listed in the order cut: the two units' tasks alternate, big ones first.
+    assert [t.unit for t in plan.tasks[:2]] == [0, 1]
+
+
+def test_a_shuffled_plan_keeps_each_units_tasks_together(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shuffle's tasks hold no data (Dask places them anywhere) and a worker keeps one
+    merged unit at a time, so alternating units would merge each again and again."""
+    f = tmp_path / "s.parquet"
+    make_genes(n_genes=400, n_subjects=10, n_times=4, shuffle=True).to_parquet(
+        f, index=False, row_group_size=400)
+    monkeypatch.setattr(plan_mod, "UNIT_MAX_ROWS", 4000)  # several units, each in all
+    _, plan = prepare(str(f), [RI, RS], "gene")
+    assert plan.shuffle and len(plan.units) >= 2 and len(plan.tasks) > len(plan.units)
+    units = [t.unit for t in plan.tasks]
+    assert units == sorted(units)
 
 def test_tasks_pickle_column_wise_and_round_trip() -> None:
     df = make_genes(n_genes=200)
