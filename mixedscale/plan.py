@@ -518,6 +518,7 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
     unit_cost: dict[int, float] = {}
     for unit, cost in zip(units_of, item_costs, strict=True):
         unit_cost[unit] = unit_cost.get(unit, 0.0) + cost
+    # 0.01: float noise
     even = {ui: uc / max(1, int(np.ceil(uc / target - 0.01))) for ui, uc in unit_cost.items()}
     left = dict(unit_cost)
     sizes: dict[int, list[float]] = {ui: [] for ui in unit_cost}

@@ -309,7 +309,6 @@ def test_tasks_shrink_toward_the_end_without_slivers() -> None:
     assert max(head) - min(head) <= max(spec_cost_ms(s, 40) for s in (RI, RS)) + 1e-9
 
 
-
 def test_the_last_units_each_end_on_small_tasks(tmp_path: Path) -> None:
     """Dask runs a unit's tasks where it was loaded, so the last units run side by side
     on their own workers: each must end on small tasks, not only the plan's last one."""
@@ -344,6 +343,7 @@ def test_a_shuffled_plan_keeps_each_units_tasks_together(
     assert plan.shuffle and len(plan.units) >= 2 and len(plan.tasks) > len(plan.units)
     units = [t.unit for t in plan.tasks]
     assert units == sorted(units)
+
 
 def test_tasks_pickle_column_wise_and_round_trip() -> None:
     df = make_genes(n_genes=200)
