@@ -174,14 +174,18 @@ def test_continuous_chaos_killworker_run_completes(tmp_path: Path) -> None:
 
     data = write_genes(tmp_path / "data", 200)
     # Every task sleeps first, so the run outlasts KillWorker's 2 s delay however few
-    # tasks the planner cuts.
-    env = faults_env({"at": "task_start", "do": "sleep", "seconds": 0.8})
+    # tasks the planner cuts. A worker lives exp(mean 2 s) after it starts, so a task
+    # needing T s survives an attempt with chance exp(-T/2). With a 0.8 s sleep and 10
+    # attempts, one CI run on a slow moment committed nothing in 180 s (each worker
+    # restarted ~50 times in 240 s; its one task, or its 200 one-fit pieces, each
+    # sleeping too, kept dying). Hence a shorter sleep and more attempts per task.
+    env = faults_env({"at": "task_start", "do": "sleep", "seconds": 0.5})
     restarts = 0
-    with dask_cluster(tmp_path / "cluster", 2, worker_env=env, allowed_failures=10,
+    with dask_cluster(tmp_path / "cluster", 2, worker_env=env, allowed_failures=25,
                       preload=["mixedscale.executor"]) as cl:
         # KillWorker's delay is random (exponential, mean 2 s per worker): 2 runs in 15
         # here ended before any kill. Run again, on a fresh store, until one lands.
-        for attempt in range(3):
+        for attempt in range(5):
             store = tmp_path / f"store{attempt}"
             job = write_job(tmp_path / f"job{attempt}.yaml", data, store)
             with cl.client() as c:
