@@ -537,25 +537,23 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
         left[ui] -= size
         remaining -= size
 
+    # Units are cut one after another, except the last ones: they run side by side,
+    # each on the worker that loaded it (Dask sends a task to its data), so they are
+    # cut as if consumed together, each time from the unit with the most work left:
+    # each ends on small tasks, not only the very last. (Cut one after another, the
+    # first of two units kept full-size tasks to its end: a worker idled up to 3.7 s of
+    # sites' 12 s.) The plan lists their tasks in the order cut, which is the run's
+    # priority order: a small task stolen by the other unit's worker then waits behind
+    # that worker's big ones. Not for a shuffle: its tasks hold no data, so Dask places
+    # them freely, and a worker keeps one merged unit at a time (worker._merge).
     order = list(unit_cost)
     n_lanes = TAIL_UNITS if side_by_side else 1
-    for ui in order[:-n_lanes]:
-        while left[ui] > 1e-9:
+    for lanes in [*([ui] for ui in order[:-n_lanes]), order[-n_lanes:]]:
+        while lanes:
+            ui = max(lanes, key=left.__getitem__)
             cut(ui)
-    # The last units run side by side, each on the worker that loaded it (Dask sends
-    # a task to its data), so they are cut as if consumed together: each ends on small
-    # tasks, not only the very last. (Cut one after another, the first of two units
-    # kept full-size tasks to its end: a worker idled 1-3 s of sites' 12 s.) The plan
-    # lists their tasks in the order cut, which is the run's priority order: a small
-    # task stolen by the other unit's worker then waits behind that worker's big ones.
-    # Not for a shuffle: its tasks hold no data, so Dask places them freely, and a
-    # worker keeps one merged unit at a time (worker._merge): units stay one by one.
-    lanes = order[-n_lanes:]
-    while lanes:
-        ui = max(lanes, key=left.__getitem__)
-        cut(ui)
-        if left[ui] <= 1e-9:
-            lanes.remove(ui)
+            if left[ui] <= 1e-9:
+                lanes.remove(ui)
     bounds = {ui: np.cumsum(s)[:-1] for ui, s in sizes.items()}
     # Each item's task within its unit: the chunk holding the item's cost midpoint.
     item_unit = np.asarray(units_of, dtype=np.int64)
