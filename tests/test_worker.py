@@ -345,3 +345,15 @@ def test_only_the_last_task_of_a_unit_reads_it_itself(tmp_path: Path) -> None:
     shared = run.unit_data(task.unit)
     assert not isinstance(shared, Packed) and run.unit_data(task.unit) is shared
     assert [fn for fn, _ in client.calls] == [worker.load_unit]
+
+
+def test_the_memory_monitor_looks_again_before_fast_growth_could_pass_its_mark() -> None:
+    """Far from its mark it wakes once a second, not every 50 ms (each wake takes the
+    GIL from the fit); nearer, soon enough for memory growing at the assumed rate."""
+    rate = worker._GROWTH_BYTES_PER_S
+    assert worker.next_poll(12 * 2**30) == worker._POLL_MAX_S == 1.0
+    assert worker.next_poll(0.0) == worker.next_poll(-1.0) == worker._POLL_MIN_S
+    mid = 0.2 * rate
+    assert worker.next_poll(mid) == pytest.approx(0.2)
+    # The fault suite's hog (16 MiB per ~5 ms) grows slower than the assumed rate.
+    assert rate >= 16 * 2**20 / 0.005
