@@ -840,7 +840,7 @@ def _worker_address() -> str | None:
 # The monitor looks again before memory growing this fast could pass its mark, and at
 # least once a second: each wake takes the GIL from the fit thread, and a fixed 50 ms
 # poll made genes' fits 4-11 % slower on 2 workers (each fitting all 6,000, monitor on
-# and off alternating, 4 experiments). The fault suite's memory hog grows ~3 GB/s.
+# and off alternating, 4 experiments). The fault suite's memory hog grows 0.9-2.6 GiB/s.
 _GROWTH_BYTES_PER_S = 4 * 2**30
 _POLL_MIN_S, _POLL_MAX_S = 0.05, 1.0
 _MARK = 0.8  # of the memory limit; Dask's nanny restarts the worker at 0.95
