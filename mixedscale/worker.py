@@ -524,12 +524,19 @@ def _run_with_timeout(n: int, fn: Callable[[int], Any], budgets: Sequence[float]
 
     threading.Thread(target=loop, args=(0, 0), daemon=True).start()
     timed_out = 0
-    poll = min(0.5, max(min(budgets, default=1.0) / 20, 0.01))
-    while not done.wait(poll):
+    # Sleep until the running call's deadline, but at most 1/20 of the smallest budget (a
+    # later call may have a smaller one): each wake takes the GIL from the fits, and a
+    # 0.5 s poll made genes' fits ~5 % slower under a 120 s timeout.
+    cap = max(min(budgets, default=1.0) / 20, 0.01)
+    wait = cap
+    while not done.wait(wait):
         with lock:
             i = int(state["i"])
-            if time.monotonic() - state["t"] <= budgets[i]:
+            left = state["t"] + budgets[i] - time.monotonic()
+            if left >= 0:
+                wait = min(max(left, 0.01), cap)
                 continue
+            wait = cap
             state["gen"] += 1
             results[i] = on_timeout(i)
             timed_out += 1

@@ -357,3 +357,18 @@ def test_the_memory_monitor_looks_again_before_fast_growth_could_pass_its_mark()
     assert worker.next_poll(mid) == pytest.approx(0.2)
     # The fault suite's hog (16 MiB, then a 2 ms sleep) grows slower than the assumed rate.
     assert rate >= 16 * 2**20 / 0.005
+
+
+def test_a_call_with_a_smaller_budget_after_a_larger_one_still_times_out() -> None:
+    """The watcher sleeps toward the running call's deadline, never past 1/20 of the
+    smallest budget: a later call with a smaller budget is still caught."""
+    import time
+
+    def fn(i: int) -> str:
+        time.sleep((0.3, 3.0, 0.0)[i])  # the second one far past its 0.2 s budget
+        return "done"
+
+    results, n = worker._run_with_timeout(3, fn, [60.0, 0.2, 60.0], lambda i: "timeout")
+    assert results == ["done", "timeout", "done"] and n == 1
+    results, n = worker._run_with_timeout(2, fn, None, lambda i: "timeout")
+    assert results == ["done", "done"] and n == 0
