@@ -321,7 +321,8 @@ def test_each_workers_first_load_is_submitted_before_any_fit(
 
 def test_a_workers_first_task_freezes_its_heap_even_when_it_is_a_load(tmp_path: Path) -> None:
     """A load unpickles the unit's split keys: in a fresh worker, before the first fit
-    task froze the heap, the collector's full passes over it made that 20x slower."""
+    task froze the heap, the collector's full passes over it made that slower (tiny's
+    50,000 keys: 0.11 s against 6 ms frozen, in-process)."""
     from distributed import Client
 
     from mixedscale.executor import local_cluster
