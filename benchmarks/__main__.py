@@ -130,6 +130,15 @@ def _repeats(runner: str, n: int) -> int:
     return max(1, n) if runner.startswith(("mixedscale-", "single-")) else 1
 
 
+def schedule(runners: list[str], n: int) -> list[tuple[str, int]]:
+    """(runner, repeat) in run order: round by round, every runner once per round, so a
+    slow spell of the shared machine falls on all of a suite's runners alike, not on
+    one runner's repeats. (Identical runs alternated in one fixed order differed by up to
+    10 % in their medians here.)"""
+    return [(name, k) for k in range(max((_repeats(r, n) for r in runners), default=0))
+            for name in runners if k < _repeats(name, n)]
+
+
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run of median time (overhead; seconds per fit for single-fit runners) among
     ``runs`` of one runner, carrying every run's summary in ``repeats``."""
@@ -275,8 +284,7 @@ def run(args: argparse.Namespace) -> int:
     tried: dict[tuple[str, str], list[dict[str, Any]]] = {}  # --repeat: every run so far
     try:
         for s in suites:
-            for r, k in [(name, k) for name in _runners(s, wanted)
-                         for k in range(_repeats(name, args.repeat))]:
+            for r, _ in schedule(_runners(s, wanted), args.repeat):
                 load0 = os.getloadavg()[0]
                 probe = measure.cpu_probe_ms()
                 if isolate:
@@ -304,9 +312,8 @@ def run(args: argparse.Namespace) -> int:
                 rec["cpu_probe_ms"] = round(probe, 1)
                 if args.repeat > 1:  # the row: the median of this runner's runs so far
                     tried.setdefault((s.name, r), []).append(rec)
-                    if k:
-                        runs.pop()
                     rec = _median_run(tried[(s.name, r)])
+                    runs = [x for x in runs if (x["suite"], x["runner"]) != (s.name, r)]
                 runs.append(rec)
                 meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
                 _finalize(out, list(runs), meta, calib, readme=False)

@@ -152,6 +152,21 @@ def test_million_runs_at_a_small_size(tmp_path: Path) -> None:
     assert out["with_tables_s"] >= out["with_status_s"] >= out["returned_s"] > 0
 
 
+def test_repeats_run_round_by_round_and_peers_once() -> None:
+    """Each round runs every repeated runner once, so a slow spell of the machine is
+    shared by the runners compared, not taken by one runner's repeats."""
+    from benchmarks.__main__ import schedule
+
+    names = ["mixedscale-auto-sorted", "mixedscale-fast-sorted", "pandas-loop", "single-fast"]
+    assert schedule(names, 3) == [
+        ("mixedscale-auto-sorted", 0), ("mixedscale-fast-sorted", 0), ("pandas-loop", 0),
+        ("single-fast", 0),
+        ("mixedscale-auto-sorted", 1), ("mixedscale-fast-sorted", 1), ("single-fast", 1),
+        ("mixedscale-auto-sorted", 2), ("mixedscale-fast-sorted", 2), ("single-fast", 2)]
+    assert schedule(names, 1) == [(n, 0) for n in names]
+    assert schedule([], 3) == []
+
+
 def test_repeats_keep_the_median_run_and_the_targets_show_the_range() -> None:
     from benchmarks.__main__ import _median_run
     from benchmarks.report import spread, targets
