@@ -130,12 +130,12 @@ def _repeats(runner: str, n: int) -> int:
     return max(1, n) if runner.startswith(("mixedscale-", "single-")) else 1
 
 
-def schedule(runners: list[str], n: int) -> list[tuple[str, int]]:
-    """(runner, repeat) in run order: round by round, every runner once per round, so a
-    slow spell of the shared machine falls on all of a suite's runners alike, not on
-    one runner's repeats. (Identical runs alternated in one fixed order differed by up to
-    10 % in their medians here.)"""
-    return [(name, k) for k in range(max((_repeats(r, n) for r in runners), default=0))
+def schedule(runners: list[str], n: int) -> list[str]:
+    """The runs in order: round by round, every runner once per round, so a slow spell
+    of the shared machine falls on all of a suite's runners alike, not on one runner's
+    repeats. (Identical runs alternated in one fixed order differed by 10 % in their
+    median fit seconds here.)"""
+    return [name for k in range(max((_repeats(r, n) for r in runners), default=0))
             for name in runners if k < _repeats(name, n)]
 
 
@@ -284,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
     tried: dict[tuple[str, str], list[dict[str, Any]]] = {}  # --repeat: every run so far
     try:
         for s in suites:
-            for r, _ in schedule(_runners(s, wanted), args.repeat):
+            for r in schedule(_runners(s, wanted), args.repeat):
                 load0 = os.getloadavg()[0]
                 probe = measure.cpu_probe_ms()
                 if isolate:
