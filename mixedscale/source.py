@@ -175,7 +175,11 @@ class Source:
         try:
             with self.fs.open(f, "rb") as fh:
                 pf = pq.ParquetFile(fh)
-                t = pf.read_row_groups([g.index for g in groups], columns=file_cols)
+                # One thread: Arrow's threads, decoding over a Python (fsspec) file,
+                # can free its buffers of Python bytes after the read returned, which
+                # aborts a process exiting then (see Store._part_file).
+                t = pf.read_row_groups([g.index for g in groups], columns=file_cols,
+                                       use_threads=False)
         except (OSError, pa.ArrowException, ValueError) as exc:
             raise CorruptFile(f, f"cannot read Parquet file {f!r}: {one_line(exc)}") from None
         for k, v in part.items():
@@ -679,7 +683,8 @@ def read_split_keys(src: Source, split_by: Sequence[str], extra: Sequence[str] =
         try:
             with src.fs.open(rg.file, "rb") as fh:
                 pf = pq.ParquetFile(fh)
-                t = pf.read_row_group(rg.index, columns=file_cols)
+                # One thread, as in Source._read_file; no slower for this scan.
+                t = pf.read_row_group(rg.index, columns=file_cols, use_threads=False)
                 md = pf.metadata.row_group(rg.index)
                 names = pf.schema_arrow.names
                 nbytes += sum(md.column(names.index(c)).total_compressed_size

@@ -42,6 +42,7 @@ from .store import (
     constant,
     fault_rules,
     nan_to_null,
+    read_whole,
     table_schema,
 )
 
@@ -425,8 +426,7 @@ def load_shuffled(store: Store, parts: Sequence[dict[int, tuple[str, int]]], uni
         if unit in part:
             path, nb = part[unit]
             try:
-                with store.fs.open(path, "rb") as fh:
-                    tables.append(pa.ipc.open_file(pa.BufferReader(fh.read())).read_all())
+                tables.append(pa.ipc.open_file(read_whole(store.fs, path)).read_all())
             except (OSError, pa.ArrowException) as exc:
                 folder = path.rsplit("/", 2)[0]  # <scratch>/u<unit>/p<n>.arrow
                 if isinstance(exc, FileNotFoundError) and not store.fs.exists(folder):
