@@ -240,6 +240,7 @@ class _Run:
         self.partitions_bad: frozenset[str] = frozenset()
         self.n_shuffles = 0
         self.spread: list[str] = []  # see spread_over
+        self.pinned: dict[Any, str] = {}  # future -> the worker it was dealt to
         self.n_workers = 1  # set by spread_over
         self.manifest_lock = threading.Lock()
         self.manifest_closed = False
@@ -326,11 +327,30 @@ class _Run:
         if self.n_submitted <= len(self.spread):  # one each, then Dask places them
             where = {"workers": [self.spread[self.n_submitted % len(self.spread)]],
                      "allow_other_workers": True}
-        return self.client.submit(run_marked, Packed(self.payload(task)), data, self.store,
-                                  pure=False,
-                                  priority=priority,
-                                  key=f"mixedscale-fit-{task.key}-{uuid.uuid4().hex[:6]}",
-                                  **where)
+        fut = self.client.submit(run_marked, Packed(self.payload(task)), data, self.store,
+                                 pure=False,
+                                 priority=priority,
+                                 key=f"mixedscale-fit-{task.key}-{uuid.uuid4().hex[:6]}",
+                                 **where)
+        if where:
+            self.pinned[fut] = where["workers"][0]
+        return fut
+
+    def orphans(self, alive: set[str], inflight: dict[Any, Task]) -> list[Any]:
+        """The pending futures dealt to a worker that has left (``spread_over``).
+
+        Such a task can wait forever: when no worker is running as Dask reschedules it,
+        it goes to ``no-worker``, and the scheduler (distributed 2026.8) then offers it
+        only to workers its restriction names, ``allow_other_workers`` or not, so not to
+        the restarted workers, which have new addresses. A run on workers that all died
+        at once hung so (continuous-chaos test, 2 in 16 runs). The caller resubmits
+        these, unpinned: a copy that runs anyway commits the same part, and loses."""
+        gone = [f for f, w in self.pinned.items() if w not in alive]
+        if gone:
+            self.spread = []  # workers come and go: deal no more tasks to named ones
+        self.pinned = {f: w for f, w in self.pinned.items() if w in alive and f in inflight
+                       and not f.done()}
+        return [f for f in gone if f in inflight and not f.done()]
 
     def starts(self, task: Task) -> int:
         """How many times ``task`` started running in this run (see ``run_marked``)."""
@@ -642,10 +662,18 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
             if not batch:
                 if client.status not in ("running", "connecting"):
                     raise RunIncomplete(_lost_scheduler(client, f"client {client.status}"))
-                watch.check()
+                alive = watch.check()
+                if alive is not None and run.pinned:
+                    for fut in run.orphans(alive, inflight):
+                        log.info("task %s was dealt to a worker that has left; "
+                                 "resubmitting it", inflight[fut].key)
+                        queue.append(inflight.pop(fut))
+                        fut.cancel()
                 _wait_for_results(ac)
                 continue
             for fut in batch:
+                if fut not in inflight:  # an orphan resubmitted (see _Run.orphans)
+                    continue
                 task = inflight[fut]
                 if not _handle(run, fut, task, queue, bar, FutureCancelledError):
                     # Its result was lost with a worker and Dask is recomputing it.
@@ -653,6 +681,7 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
                     ac.add(fut)
                     continue
                 del inflight[fut]
+                run.pinned.pop(fut, None)  # else its result stays held on the worker
                 run.release(task)
                 del fut
     except RunIncomplete as exc:
@@ -750,18 +779,19 @@ class _WorkerWatch:
         self.none_since: float | None = None
         self.warned = 0.0
 
-    def check(self) -> None:
+    def check(self) -> set[str] | None:
+        """The workers' addresses, when it is time to look again; else None."""
         now = time.monotonic()
         if now < self.next_check:
-            return
+            return None
         self.next_check = now + self.INTERVAL
         try:
-            n = _n_workers(self.client)
+            alive = set(_workers(self.client))
         except (OSError, TimeoutError):
-            return  # the scheduler itself: the main loop reports a lost one
-        if n:
+            return None  # the scheduler itself: the main loop reports a lost one
+        if alive:
             self.none_since = None
-            return
+            return alive
         self.none_since = self.none_since or now
         idle = now - self.none_since
         if self.timeout is not None and idle > self.timeout:
@@ -771,14 +801,11 @@ class _WorkerWatch:
         if idle >= 30.0 and now - self.warned >= 60.0:  # not for a nanny's quick restart
             self.warned = now
             log.warning("no Dask workers connected for %.0f s; waiting for workers", idle)
+        return alive
 
 
 def _workers(client: Any) -> list[str]:
     return sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
-
-
-def _n_workers(client: Any) -> int:
-    return len(_workers(client))
 
 
 def _wait_for_results(ac: Any, timeout: float = 0.1) -> None:

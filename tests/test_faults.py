@@ -209,6 +209,32 @@ def test_continuous_chaos_killworker_run_completes(tmp_path: Path) -> None:
     assert restarts >= 1, "KillWorker never killed a worker"
 
 
+def test_a_task_dealt_to_a_worker_is_run_after_every_worker_died(tmp_path: Path) -> None:
+    """The first task of a run is dealt to a worker (``_Run.spread_over``). If every
+    worker dies while it runs, Dask parks it in no-worker with that worker's address,
+    and offers it to none of the restarted workers (their addresses are new): the run
+    waited forever (2 in 16 chaos runs). It must be resubmitted and finish."""
+    data = write_genes(tmp_path / "data", 20)
+    job = write_job(tmp_path / "job.yaml", data, tmp_path / "store")
+    plan = planned(job)
+    assert len(plan.tasks) == 1, "precondition: one task, dealt to a worker"
+    started = tmp_path / "store" / "_runs"
+    env = faults_env({"at": "task_start", "do": "sleep", "seconds": 3})
+    # allowed-failures 25: two deaths while it runs must not end it as KilledWorker
+    # (which the executor resubmits unpinned anyway, hiding the hang).
+    with dask_cluster(tmp_path / "cluster", 2, worker_env=env, allowed_failures=25,
+                      preload=["mixedscale.executor"]) as cl:
+        pids = cl.worker_pids()
+        p, log = cl.start_cli(["run", str(job), "--quiet"])
+        wait_for(lambda: any(started.glob("*.started/*/*")), 60, "the task to start",
+                 on_fail=lambda: tail(log))
+        for pid in pids.values():
+            os.kill(pid, signal.SIGKILL)
+        assert finish(p, log, timeout=90) == 0, tail(log)
+    rep = check_invariant(tmp_path / "store", plan.fit_ids())
+    no_errors_except(rep)
+
+
 def _stop_chaos(cl: Any) -> None:
     """Unregister the KillWorker plugin. It keeps killing workers meanwhile, and the
     scheduler drops the call when a worker dies during its broadcast: retry."""
