@@ -343,8 +343,9 @@ class _Run:
         it goes to ``no-worker``, and the scheduler (distributed 2026.8) then offers it
         only to workers its restriction names, ``allow_other_workers`` or not, so not to
         the restarted workers, which have new addresses. A run on workers that all died
-        at once hung so (continuous-chaos test, 2 in 16 runs). The caller resubmits
-        these, unpinned: a copy that runs anyway commits the same part, and loses."""
+        at once hung so (the continuous-chaos test: 1 run in 6 here, and in CI). The
+        caller resubmits these, unpinned: a copy that runs anyway commits the same part,
+        and loses."""
         gone = [f for f, w in self.pinned.items() if w not in alive]
         if gone:
             self.spread = []  # workers come and go: deal no more tasks to named ones

@@ -213,7 +213,8 @@ def test_a_task_dealt_to_a_worker_is_run_after_every_worker_died(tmp_path: Path)
     """The first task of a run is dealt to a worker (``_Run.spread_over``). If every
     worker dies while it runs, Dask parks it in no-worker with that worker's address,
     and offers it to none of the restarted workers (their addresses are new): the run
-    waited forever (2 in 16 chaos runs). It must be resubmitted and finish."""
+    waited forever (the continuous-chaos test above: 1 run in 6). It must be resubmitted
+    and finish."""
     data = write_genes(tmp_path / "data", 20)
     job = write_job(tmp_path / "job.yaml", data, tmp_path / "store")
     plan = planned(job)
