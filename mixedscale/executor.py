@@ -336,7 +336,7 @@ class _Run:
             self.pinned[fut] = where["workers"][0]
         return fut
 
-    def orphans(self, alive: set[str], inflight: dict[Any, Task]) -> list[Any]:
+    def orphans(self, alive: set[str]) -> list[Any]:
         """The pending futures dealt to a worker that has left (``spread_over``).
 
         Such a task can wait forever: when no worker is running as Dask reschedules it,
@@ -346,12 +346,14 @@ class _Run:
         at once hung so (the continuous-chaos test: 1 run in 6 here, and in CI). The
         caller resubmits these, unpinned: a copy that runs anyway commits the same part,
         and loses."""
-        gone = [f for f, w in self.pinned.items() if w not in alive]
+        # A finished one stays until handled: if its result dies with a worker, Dask
+        # recomputes it under the same restriction, and the next look resubmits it.
+        gone = [f for f, w in self.pinned.items() if w not in alive and not f.done()]
+        for f in gone:
+            del self.pinned[f]
         if gone:
             self.spread = []  # workers come and go: deal no more tasks to named ones
-        self.pinned = {f: w for f, w in self.pinned.items() if w in alive and f in inflight
-                       and not f.done()}
-        return [f for f in gone if f in inflight and not f.done()]
+        return gone
 
     def starts(self, task: Task) -> int:
         """How many times ``task`` started running in this run (see ``run_marked``)."""
@@ -665,7 +667,7 @@ def execute(plan: Plan, src: Source, store: Store | None, client: Any, opts: Run
                     raise RunIncomplete(_lost_scheduler(client, f"client {client.status}"))
                 alive = watch.check()
                 if alive is not None and run.pinned:
-                    for fut in run.orphans(alive, inflight):
+                    for fut in run.orphans(alive):
                         log.info("task %s was dealt to a worker that has left; "
                                  "resubmitting it", inflight[fut].key)
                         queue.append(inflight.pop(fut))

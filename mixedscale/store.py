@@ -705,12 +705,9 @@ class Store:
         """One part (``columns`` only, those it has, if given)."""
         try:
             pf = self._part_file(f)
-        except (OSError, pa.ArrowException) as exc:
-            raise self._unreadable(f, exc) from None
-        names = pf.schema_arrow.names
-        if "fit_id" not in names:
-            raise _not_ours(f)
-        try:
+            names = pf.schema_arrow.names
+            if "fit_id" not in names:
+                raise _not_ours(f)  # a StoreError: not caught below
             return pf.read(columns=None if columns is None
                            else [c for c in columns if c in names])
         except (OSError, pa.ArrowException) as exc:

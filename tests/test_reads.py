@@ -28,37 +28,29 @@ from .conftest import make_genes
 RI = ms.ModelSpec("y ~ time", groups="subject", name="ri")
 
 
-class _Reads:
-    """Every read of a ParquetFile: (over a Python file object, on Arrow's threads)."""
+def _spy(calls: list[tuple[bool, bool]]) -> type[pq.ParquetFile]:
+    """A ParquetFile that records each read: (over a Python file object, threaded)."""
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[bool, bool]] = []
+    base = pq.ParquetFile  # before the test patches it with the spy
 
-    def spy(self) -> type[pq.ParquetFile]:
-        calls = self.calls
+    def recording(name: str) -> Any:
+        def read(self: Any, *args: Any, use_threads: bool = True, **kwargs: Any) -> Any:
+            calls.append((self.python, use_threads))
+            return getattr(base, name)(self, *args, use_threads=use_threads, **kwargs)
+        return read
 
-        class Spy(pq.ParquetFile):
-            def __init__(self, source: Any, *args: Any, **kwargs: Any) -> None:
-                super().__init__(source, *args, **kwargs)
-                native = isinstance(source, pa.NativeFile) and not isinstance(
-                    source, pa.PythonFile)
-                self.python = not (native or isinstance(source, (str, Path)))
+    class Spy(base):  # type: ignore[misc,valid-type]
+        def __init__(self, source: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(source, *args, **kwargs)
+            native = isinstance(source, pa.NativeFile) and not isinstance(
+                source, pa.PythonFile)
+            self.python = not (native or isinstance(source, (str, Path)))
 
-            def read(self, *args: Any, use_threads: bool = True, **kwargs: Any) -> pa.Table:
-                calls.append((self.python, use_threads))
-                return super().read(*args, use_threads=use_threads, **kwargs)
+        read = recording("read")
+        read_row_group = recording("read_row_group")
+        read_row_groups = recording("read_row_groups")
 
-            def read_row_group(self, *args: Any, use_threads: bool = True, **kwargs: Any
-                               ) -> pa.Table:
-                calls.append((self.python, use_threads))
-                return super().read_row_group(*args, use_threads=use_threads, **kwargs)
-
-            def read_row_groups(self, *args: Any, use_threads: bool = True, **kwargs: Any
-                                ) -> pa.Table:
-                calls.append((self.python, use_threads))
-                return super().read_row_groups(*args, use_threads=use_threads, **kwargs)
-
-        return Spy
+    return Spy
 
 
 def test_no_threaded_read_over_a_python_file(tmp_path: Path,
@@ -73,8 +65,8 @@ def test_no_threaded_read_over_a_python_file(tmp_path: Path,
     for t in plan.tasks:
         assert run_task(run.payload(t), Loaded(src.read(plan.columns)[0], 0), store).committed
 
-    reads = _Reads()
-    monkeypatch.setattr(pq, "ParquetFile", reads.spy())
+    calls: list[tuple[bool, bool]] = []
+    monkeypatch.setattr(pq, "ParquetFile", _spy(calls))
     src = open_source(str(data))
     assert len(src.row_groups) > 1, "precondition: a scan over several row groups"
     read_split_keys(src, ["gene"])
@@ -88,5 +80,5 @@ def test_no_threaded_read_over_a_python_file(tmp_path: Path,
     assert not st.unreadable_parts(names)
     assert not pending(plan, st).todo
 
-    assert reads.calls, "precondition: the spy saw the reads"
-    assert not [c for c in reads.calls if c == (True, True)], reads.calls
+    assert calls, "precondition: the spy saw the reads"
+    assert not [c for c in calls if c == (True, True)], calls
