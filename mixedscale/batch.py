@@ -352,7 +352,12 @@ def start_bank(lower: np.ndarray) -> np.ndarray:
     return np.array(rows)
 
 
-def newton(prob: BatchProblem, maxiter: int = 50, start: float | np.ndarray = 1.0
+_JOIN_RADIUS = 1e-3  # see newton's ``known``
+_SCREEN_SLACK = 1e-12  # relative; see fit_slices' restarts
+
+
+def newton(prob: BatchProblem, maxiter: int = 50, start: float | np.ndarray = 1.0,
+           known: tuple[np.ndarray, np.ndarray] | None = None
            ) -> tuple[np.ndarray, np.ndarray, int]:
     """Vectorized damped Newton on all fits: (theta, converged, evaluations per fit).
 
@@ -361,6 +366,11 @@ def newton(prob: BatchProblem, maxiter: int = 50, start: float | np.ndarray = 1.
     moving are evaluated: the problem shrinks as fits converge. A relative SD heading
     to zero (a boundary optimum, where the even deviance is flat and Newton only
     halves it) is snapped to exactly zero when that lowers the deviance.
+
+    ``known``: (theta, deviance) of an optimum already verified for each fit (canonical;
+    NaN rows for none), for restarts. A restart whose iterate comes within
+    ``_JOIN_RADIUS`` of it, no lower, is stopped and reported not converged: descent
+    from there stays in that optimum's basin, so it could only find it again.
     """
     F, k = prob.F, prob.k
     start = np.asarray(start, dtype=float)
@@ -370,6 +380,7 @@ def newton(prob: BatchProblem, maxiter: int = 50, start: float | np.ndarray = 1.
         scale = np.broadcast_to(start, (F,))[:, None]
         th = np.where(np.isfinite(prob.lower)[None, :], scale, 0.0)
     done = np.zeros(F, dtype=bool)
+    rejoined = np.zeros(F, dtype=bool)
     diag = np.isfinite(prob.lower)
     evals = 0
     per_iter = 1 + 2 * k + k * (k - 1) // 2
@@ -384,6 +395,13 @@ def newton(prob: BatchProblem, maxiter: int = 50, start: float | np.ndarray = 1.
         x = th[cur]
         f0, g, H = _derivs_newton(sub, x)
         evals += per_iter
+        if known is not None:
+            near = ((np.abs(_canonical(sub, x) - known[0][cur]).max(axis=1) < _JOIN_RADIUS)
+                    & (f0 >= known[1][cur] - 1e-9))
+            if near.any():
+                done[cur[near]] = rejoined[cur[near]] = True
+                if near.all():
+                    continue
         bad = ~np.isfinite(f0) | ~np.isfinite(g).all(axis=1) | ~np.isfinite(H).all(axis=(1, 2))
         w, V = np.linalg.eigh(np.where(bad[:, None, None], np.eye(k), H))
         floor = 1e-8 * np.maximum(np.abs(w).max(axis=1, keepdims=True), 1.0)
@@ -418,7 +436,7 @@ def newton(prob: BatchProblem, maxiter: int = 50, start: float | np.ndarray = 1.
             take = tiny & (fs <= f0)
             x[take] = snap[take]
         th[cur] = x
-    return _canonical(prob, th), done, evals
+    return _canonical(prob, th), done & ~rejoined, evals
 
 
 def _on_bound(prob: BatchProblem, th: np.ndarray) -> np.ndarray:
@@ -771,10 +789,25 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
         if rj.size:
             p2 = problem(idx[rj])
             start = [np.broadcast_to(v, (g.size, prob.k)) for g, v in groups]
+            # A restart rejoining its fit's first optimum stops there (see newton):
+            # only where that optimum passed lme4's checks with a positive definite
+            # Hessian (a strict local minimum).
+            was = np.concatenate([dev[g] for g, _ in groups])
+            th1 = th[rj].copy()
+            th1[~(hpd[rj] & (gmax[rj] <= GRAD_TOL) & np.isfinite(was))] = np.nan
             th2, conv2, n2 = newton(p2, maxiter=min(spec.maxiter, 50),
-                                    start=np.concatenate(start))
-            dev2, g2, h2 = verify(p2, th2)
+                                    start=np.concatenate(start), known=(th1, was))
             n_evals += n2
+            # Only a restart that lowered its fit's deviance can replace the optimum kept:
+            # lme4's checks (19 deviances a fit for 3 parameters) run on those alone.
+            # The screen's slack covers the rounding between this evaluation and
+            # verify()'s of the same point.
+            dev2 = p2.deviance(th2)
+            slack = _SCREEN_SLACK * np.maximum(np.abs(was), 1.0)
+            cand = np.flatnonzero(conv2 & (dev2 < was - 1e-9 + slack))
+            g2, h2 = np.full(rj.size, np.inf), np.zeros(rj.size, dtype=bool)
+            if cand.size:
+                dev2[cand], g2[cand], h2[cand] = verify(p2.subset(cand), th2[cand])
             s2: np.ndarray = np.asarray((th2[:, np.isfinite(p2.lower)] < 1e-4).any(axis=1))
             ok2 = conv2 & (g2 <= GRAD_TOL) & (h2 | s2)
             at = 0

@@ -379,6 +379,48 @@ def test_stacked_stencils_equal_one_point_per_call(q: int, diagonal: bool,
     np.testing.assert_allclose(_at(one, th[3:4], off), stacked[3:4], rtol=1e-13)
 
 
+def test_a_restart_that_rejoins_the_optimum_it_has_stops_there() -> None:
+    prob = _random_batch(2, False, False)
+    th1, conv1, _ = batch_mod.newton(prob)
+    dev1 = prob.deviance(th1)
+    assert conv1.all()
+    quarter = np.tile(batch_mod._scaled(prob.lower, 0.25), (prob.F, 1))
+    th2, conv2, n_full = batch_mod.newton(prob, start=quarter)
+    assert conv2.all()
+    np.testing.assert_allclose(th2, th1, atol=1e-5)  # every restart finds th1 again
+    # Told th1, each stops once within reach of it, unconverged: it cannot replace th1.
+    _, conv3, n_short = batch_mod.newton(prob, start=quarter, known=(th1, dev1))
+    assert not conv3.any() and n_short < n_full
+    # Where the iterate's deviance is already below the known one (here: said to be
+    # 1 higher), the restart found better: it goes on.
+    th4, conv4, _ = batch_mod.newton(prob, start=quarter, known=(th1, dev1 + 1.0))
+    assert conv4.all()
+    np.testing.assert_allclose(th4, th2, rtol=1e-12)
+
+
+def test_restarts_are_verified_only_where_they_lower_the_deviance(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes = []
+    real = batch_mod.verify
+
+    def spy(prob: BatchProblem, th: np.ndarray):
+        sizes.append(prob.F)
+        return real(prob, th)
+
+    monkeypatch.setattr(batch_mod, "verify", spy)
+    # _TWO_OPTIMA: 3 restarts a slice (each face, 4 x lme4's start), 2 of them lower.
+    spec = ms.ModelSpec("y ~ x", groups="g", re_formula="~x", reml=False,
+                        cov_structure="diagonal")
+    wins = pd.concat([_TWO_OPTIMA.assign(s=f"s{i}") for i in range(4)], ignore_index=True)
+    _batch(wins, spec, key="s")
+    assert sizes == [4, 8]
+    sizes.clear()
+    df = make_genes(n_genes=12, n_subjects=15, n_times=4, seed=3)
+    spec = ms.ModelSpec("y ~ time", groups="subject", re_formula="~time")
+    assert _compare(df, spec) == 12  # the estimates fit() finds, slice by slice
+    assert sizes == [12]  # no restart re-verified: none was lower
+
+
 def test_a_single_level_factor_is_named_in_warnings_by_both_paths() -> None:
     # patsy drops a one-level factor without a word; lme4 refuses it. The fit goes on
     # without the term, and every row says so.
