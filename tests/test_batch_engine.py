@@ -398,6 +398,30 @@ def test_a_restart_that_rejoins_the_optimum_it_has_stops_there() -> None:
     np.testing.assert_allclose(th4, th2, rtol=1e-12)
 
 
+def test_backtracking_evaluates_only_the_fits_still_searching(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    prob = _random_batch(2, False, False)
+    prob.yty = prob.yty * np.linspace(1.0, 4.0, prob.F)  # fits that need different steps
+    alone = [batch_mod.newton(prob.subset(np.array([i])), start=4.0) for i in range(prob.F)]
+    sizes: list[int] = []
+    real = BatchProblem.deviance
+
+    def spy(self: BatchProblem, th: np.ndarray) -> np.ndarray:
+        if th.ndim == 2:  # a step tried (stencils are stacked: 3-d)
+            sizes.append(self.F)
+        return real(self, th)
+
+    monkeypatch.setattr(BatchProblem, "deviance", spy)
+    th, conv, _ = batch_mod.newton(prob, start=4.0)
+    # Halvings are tried on the fits that have not descended yet, not on all of them
+    # (which took 131 fit evaluations here, against 89).
+    assert max(sizes) == prob.F and sum(sizes) < 0.75 * prob.F * len(sizes)
+    # Each fit's path is its own: the batch reaches what each fit reaches alone.
+    np.testing.assert_allclose(th, np.concatenate([a[0] for a in alone]), rtol=1e-9,
+                               atol=1e-12)
+    assert conv.tolist() == [bool(a[1][0]) for a in alone]
+
+
 def test_restarts_are_verified_only_where_they_lower_the_deviance(
         monkeypatch: pytest.MonkeyPatch) -> None:
     sizes = []
