@@ -306,7 +306,10 @@ class _Run:
 
         Dask sends a task to a worker holding its data, so every task of a unit would
         queue on the one worker that loaded it, the others idle until work stealing
-        (which needs task durations) moves some: all of a short run. A loose
+        (which needs task durations) moves some: all of a short run. (Unless Dask
+        deems the tasks root-ish, as distributed 2026.8 does for a group of over twice
+        as many tasks as threads on fewer than 5 loads: then it queues them for the
+        least busy worker, wherever their data is.) A loose
         restriction on each worker's first task makes the others fetch the unit at
         once; later tasks go where Dask finds the data and the least work. (Dealing
         every task round the workers left the worker that waited for the transfer
