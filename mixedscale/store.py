@@ -621,7 +621,7 @@ class Store:
         for name in names:
             try:
                 t = self._read_part(self.path("fits", f"part-{name}.parquet"),
-                                    ["fit_id", "error_type"])
+                                    ["fit_id", "error_type"], explain=False)
             except StoreError:
                 continue
             if "error_type" not in t.column_names:
@@ -701,8 +701,10 @@ class Store:
         except pa.ArrowException as exc:
             raise self._type_conflict([f for _, f in files], parts, exc) from None
 
-    def _read_part(self, f: str, columns: Sequence[str] | None) -> pa.Table:
-        """One part (``columns`` only, those it has, if given)."""
+    def _read_part(self, f: str, columns: Sequence[str] | None, explain: bool = True
+                   ) -> pa.Table:
+        """One part (``columns`` only, those it has, if given). ``explain``: an unreadable
+        part's StoreError says how to repair it, which reads the task's parts again."""
         try:
             pf = self._part_file(f)
             names = pf.schema_arrow.names
@@ -711,7 +713,9 @@ class Store:
             return pf.read(columns=None if columns is None
                            else [c for c in columns if c in names])
         except (OSError, pa.ArrowException) as exc:
-            raise self._unreadable(f, exc) from None
+            raise (self._unreadable(f, exc) if explain
+                   else StoreError(f"store part {f!r} is unreadable ({one_line(exc)})")
+                   ) from None
 
     def _type_conflict(self, files: list[str], parts: list[pa.Table], exc: Exception
                        ) -> StoreError:

@@ -82,3 +82,34 @@ def test_no_threaded_read_over_a_python_file(tmp_path: Path,
 
     assert calls, "precondition: the spy saw the reads"
     assert not [c for c in calls if c == (True, True)], calls
+
+
+def test_an_unreadable_part_is_skipped_by_part_errors_without_a_second_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data.parquet"
+    make_genes(n_genes=8).to_parquet(data, index=False)
+    store = Store(str(tmp_path / "store"))
+    store.init()
+    for spec in (RI, RI.replace(reml=False, name="ri_ml")):  # two jobs: two parts
+        src, plan = prepare(str(data), [spec], "gene")
+        run = _Run(plan, src, store, None, RunOptions())
+        loaded = Loaded(src.read(plan.columns)[0], 0)
+        for t in plan.tasks:
+            assert run_task(run.payload(t), loaded, store).committed
+    names = sorted(store.committed_parts())
+    assert len(names) > 1, "precondition: a healthy part beside the broken one"
+    bad = Path(store.path("fits", f"part-{names[0]}.parquet"))
+    bad.write_bytes(bad.read_bytes()[:-100])
+
+    reads: list[str] = []
+    real = Store._part_file
+
+    def counting(self: Store, f: str) -> pq.ParquetFile:
+        reads.append(f)
+        return real(self, f)
+
+    monkeypatch.setattr(Store, "_part_file", counting)
+    st = open_store(store.url)
+    got = st.part_errors(names)
+    assert sorted(got) == names[1:]  # the broken part left out, for the resume to set aside
+    assert reads.count(str(bad)) == 1  # no second read to word a message nobody sees
