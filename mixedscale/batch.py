@@ -804,9 +804,14 @@ def fit_slices(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
             n_evals += n2
             # Only a restart that lowered its fit's deviance can replace the optimum kept:
             # lme4's checks (19 deviances a fit for 3 parameters) run on those alone.
-            # The screen's slack covers the rounding between this evaluation and
+            # Its deviance is taken only where it converged (a rejoined one cannot
+            # win); the screen's slack covers the rounding between this evaluation and
             # verify()'s of the same point.
-            dev2 = p2.deviance(th2)
+            dev2 = np.full(rj.size, np.inf)
+            live2 = np.flatnonzero(conv2)
+            if live2.size:
+                dev2[live2] = (p2 if live2.size == rj.size else p2.subset(live2)).deviance(
+                    th2[live2])
             slack = _SCREEN_SLACK * np.maximum(np.abs(was), 1.0)
             cand = np.flatnonzero(conv2 & (dev2 < was - 1e-9 + slack))
             g2, h2 = np.full(rj.size, np.inf), np.zeros(rj.size, dtype=bool)

@@ -630,9 +630,13 @@ class Store:
                          t.column("error_type").combine_chunks())
         return out
 
-    def _unreadable(self, path: str, exc: BaseException) -> StoreError:
-        """A reader's error for an unreadable part, with the repair that works for it."""
-        head = f"store part {path!r} is unreadable ({one_line(exc)}); "
+    def _unreadable(self, path: str, exc: BaseException, explain: bool = True) -> StoreError:
+        """A reader's error for an unreadable part, with the repair that works for it
+        (``explain``: finding it reads the task's parts again)."""
+        head = f"store part {path!r} is unreadable ({one_line(exc)})"
+        if not explain:
+            return StoreError(head)
+        head += "; "
         name = _basename(path)[5:-8]  # part-<name>.parquet
         try:
             found = self._problem(name) is not None
@@ -713,9 +717,7 @@ class Store:
             return pf.read(columns=None if columns is None
                            else [c for c in columns if c in names])
         except (OSError, pa.ArrowException) as exc:
-            raise (self._unreadable(f, exc) if explain
-                   else StoreError(f"store part {f!r} is unreadable ({one_line(exc)})")
-                   ) from None
+            raise self._unreadable(f, exc, explain) from None
 
     def _type_conflict(self, files: list[str], parts: list[pa.Table], exc: Exception
                        ) -> StoreError:
