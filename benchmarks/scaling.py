@@ -48,7 +48,7 @@ def planned_tasks(est_ms_per_fit: float, n_fits: float) -> int:
     try:
         from mixedscale.plan import TASK_MIN_MS, TASK_MIN_TASKS, TASK_TARGET_MS
     except ImportError:
-        TASK_MIN_MS, TASK_MIN_TASKS, TASK_TARGET_MS = 50.0, 8, 2000.0
+        TASK_MIN_MS, TASK_MIN_TASKS, TASK_TARGET_MS = 50.0, 4, 2000.0
     total = est_ms_per_fit * n_fits
     target = min(TASK_TARGET_MS, max(total / TASK_MIN_TASKS, TASK_MIN_MS))
     return max(1, math.ceil(total / target))

@@ -289,8 +289,11 @@ def test_small_sorted_data_loads_in_units_cut_at_row_groups(tmp_path: Path) -> N
     assert len(plan.units) == 1 and not plan.shuffle
 
 
-def test_tasks_shrink_toward_the_end_without_slivers() -> None:
+def test_tasks_shrink_toward_the_end_without_slivers(monkeypatch: pytest.MonkeyPatch) -> None:
     df = make_genes(n_genes=3000, n_subjects=10, n_times=4)
+    # Tasks smaller than the default target, so the job has a head of full-size tasks
+    # before its tail (by default, one task there).
+    monkeypatch.setattr(plan_mod, "TASK_TARGET_MS", 200.0)
     _, plan = prepare(df, [RI, RS], "gene")
     costs = [t.cost_ms for t in plan.tasks]
     n = len(costs)
@@ -299,22 +302,23 @@ def test_tasks_shrink_toward_the_end_without_slivers() -> None:
     assert len(items) == len({it.fit_id for it in items}) == plan.n_fits
     # The tail is made of smaller tasks; no task is a sliver of a few fits.
     assert max(costs[-3:]) < 0.5 * max(costs)
-    assert costs[-4] >= costs[-3] - 1e-9 and costs[-3] >= costs[-2] - 1e-9
+    one_fit = max(spec_cost_ms(s, 40) for s in (RI, RS))  # tasks are cut between fits
+    assert costs[-4] >= costs[-3] - one_fit and costs[-3] >= costs[-2] - one_fit
     min_tasks = plan_mod.TASK_MIN_TASKS
     floor = min(plan_mod.TASK_MIN_MS, sum(costs) / min_tasks) / 2
     assert min(costs[:-1]) >= floor
     # Before the tail, a unit's tasks are of equal size (within one fit's cost).
     head = [c for c in costs if c > 0.9 * max(costs)]
-    assert len(head) >= plan_mod.TASK_MIN_TASKS // 2
-    assert max(head) - min(head) <= max(spec_cost_ms(s, 40) for s in (RI, RS)) + 1e-9
+    assert len(head) >= 4
+    assert max(head) - min(head) <= one_fit + 1e-9
 
 
 def test_the_last_units_each_end_on_small_tasks(tmp_path: Path) -> None:
     """Dask runs a unit's tasks where it was loaded, so the last units run side by side
     on their own workers: each must end on small tasks, not only the plan's last one."""
     f = tmp_path / "d.parquet"
-    make_genes(n_genes=2000, n_subjects=10, n_times=4).to_parquet(
-        f, index=False, row_group_size=100 * 40)
+    df = make_genes(n_genes=2000, n_subjects=10, n_times=4)
+    df.to_parquet(f, index=False, row_group_size=100 * 40)
     _, plan = prepare(str(f), [RI, RS], "gene")
     assert len(plan.units) == 2
     by_unit: dict[int, list[float]] = {}
@@ -326,7 +330,9 @@ def test_the_last_units_each_end_on_small_tasks(tmp_path: Path) -> None:
         assert max(costs[-2:]) < 0.5 * max(costs), costs
     # Cut together, not each to its own tail: no more tasks than one shared tail.
     assert abs(len(by_unit[0]) - len(by_unit[1])) <= 2
-    assert len(plan.tasks) <= 2 * plan_mod.TASK_MIN_TASKS
+    _, whole = prepare(df, [RI, RS], "gene")  # in memory: the same fits in one unit
+    assert len(whole.units) == 1
+    assert len(plan.tasks) <= len(whole.tasks) + 2
     # Listed in the order cut: the two units' tasks alternate, big ones first.
     assert [t.unit for t in plan.tasks[:2]] == [0, 1]
 
