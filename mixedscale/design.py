@@ -275,14 +275,20 @@ def _numeric_text(sub: pd.DataFrame, frame: pd.DataFrame, idents: dict[str, str]
     return out
 
 
-def build_design(data: pd.DataFrame, spec: ModelSpec, source: Any = None) -> Design:
+def build_design(data: pd.DataFrame, spec: ModelSpec, source: Any = None,
+                 complete: bool = False) -> Design:
     """Build every matrix the spec needs. Raises SpecError for missing columns.
 
     ``source``: a frame that ``data`` was derived from (or ``data`` itself) and that
     stays unchanged while specs are fitted on it; matrices are then built once per
-    formula for all of them."""
+    formula for all of them.
+
+    ``complete``: ``data`` holds the spec's columns and no missing value in them (the
+    batch engine's rows): used as it is, not selected and checked again."""
     spec.check_columns(list(map(str, data.columns)))
     cols = list(spec.columns)
+    if complete:
+        return _build(data, spec, source, cols, 0, [])
     sub = data.loc[:, cols]
     n_in = len(sub)
     allnan = [c for c in cols if n_in and sub[c].isna().all()]
