@@ -547,3 +547,40 @@ def test_rows_in_any_order_fit_as_rows_laid_out_by_slice_and_group(re_formula: s
     pa_, pb = _frames(a)[0], _frames(b)[0]
     np.testing.assert_allclose(pa_["estimate"], pb["estimate"], rtol=1e-6, atol=1e-9)
     assert list(fa["n_groups"]) == list(fb["n_groups"]) == [15] * len(fa)
+
+
+def _deviance_through_solve(prob: BatchProblem, th: np.ndarray) -> np.ndarray:
+    """BatchProblem.deviance as it was computed before _terms: from solve()'s matrices."""
+    with np.errstate(all="ignore"):
+        ld, ldx, _, _, r2, ok = prob.solve(th)
+        dof = prob.n - prob.p if prob.reml else prob.n
+        dev = ld + (ldx if prob.reml else 0.0) + dof * (
+            1.0 + batch_mod._LOG2PI + np.log(r2 / dof))
+    return np.where(ok & np.isfinite(dev), dev, np.inf)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4])
+@pytest.mark.parametrize(("q", "diagonal"), [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("reml", [True, False])
+def test_deviance_entry_by_entry_equals_solves_bit_for_bit(p: int, q: int, diagonal: bool,
+                                                          reml: bool) -> None:
+    rng = np.random.default_rng(p * 100 + q * 10 + diagonal)
+    F, G, m = 9, 6, 4
+    Z = rng.normal(size=(F, G, m, q))
+    Z[..., 0] = 1.0
+    X = rng.normal(size=(F, G, m, p))
+    X[..., 0] = 1.0
+    y = 3 * rng.normal(size=(F, G, m)) + 10
+    y[1] = X[1] @ np.arange(1.0, p + 1)  # fit 1: an exact fit (no residual left)
+    prob = BatchProblem(np.einsum("fgnq,fgnr->fgqr", Z, Z), np.einsum("fgnq,fgnp->fgqp", Z, X),
+                        np.einsum("fgnq,fgn->fgq", Z, y), np.einsum("fgnp,fgnr->fpr", X, X),
+                        np.einsum("fgnp,fgn->fp", X, y), np.einsum("fgn,fgn->f", y, y),
+                        np.full(F, G * m), reml, diagonal)
+    prob.XtX[0] = -prob.XtX[0]  # fit 0: RX'RX not positive definite
+    off, _ = _offsets(prob.k, "central")
+    for scale in (0.0, 0.05, 1.0, 30.0):
+        th = np.abs(rng.normal(size=(F, prob.k))) * scale
+        for at in (th, th[None] + off[:, None, :]):  # one point per fit, and a stencil
+            got, want = prob.deviance(at), _deviance_through_solve(prob, at)
+            assert np.array_equal(got, want)
+            assert np.isfinite(got[..., 2:]).all() and np.isinf(got[..., 0]).all()
