@@ -416,9 +416,10 @@ def test_backtracking_evaluates_only_the_fits_still_searching(
     # Halvings are tried on the fits that have not descended yet, not on all of them
     # (which took 131 fit evaluations here, against 89).
     assert max(sizes) == prob.F and sum(sizes) < 0.75 * prob.F * len(sizes)
-    # Each fit's path is its own: the batch reaches what each fit reaches alone.
-    np.testing.assert_allclose(th, np.concatenate([a[0] for a in alone]), rtol=1e-9,
-                               atol=1e-12)
+    # Each fit's path is its own: the batch reaches what each fit reaches alone (to
+    # rounding: a fit alone takes the one-fit product path, whose sums round otherwise).
+    np.testing.assert_allclose(th, np.concatenate([a[0] for a in alone]), rtol=1e-7,
+                               atol=1e-9)
     assert conv.tolist() == [bool(a[1][0]) for a in alone]
 
 
