@@ -1069,10 +1069,15 @@ def _shared_designs(Xs: np.ndarray, Zs: np.ndarray, g_row: np.ndarray, sl_o: np.
     cand = rep[sl_o] != sl_o
     if not cand.any():
         return np.arange(F)
-    partner = s_start[rep[sl_o[cand]]] + pos[cand]
+    at = np.flatnonzero(cand)
+    partner = s_start[rep[sl_o[at]]] + pos[at]
+    # Column by column: .all(axis=1) over a row of p + q values was ~6x slower.
+    eq = g_row[at] == g_row[partner]
+    for M in (Xs, Zs):
+        for j in range(M.shape[1]):
+            eq &= M[at, j] == M[partner, j]
     same = np.ones(len(sl_o), dtype=bool)
-    same[cand] = ((Xs[cand] == Xs[partner]).all(axis=1) & (Zs[cand] == Zs[partner]).all(axis=1)
-                  & (g_row[cand] == g_row[partner]))
+    same[at] = eq
     exact = np.logical_and.reduceat(same, s_start)
     return np.where(exact, rep, np.arange(F))
 
