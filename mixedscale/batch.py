@@ -156,14 +156,16 @@ class BatchProblem:
             return np.matmul(w.transpose(1, 0, 2), self.P).transpose(1, 0, 2)
         return np.matmul(w[..., None, :], self.P)[..., 0, :]
 
-    def _weights(self, th: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(logdet L^2, w) at ``th`` for q <= 2: the weights of P's rows, (..., F, n_w)."""
+    def _weights(self, th: np.ndarray, out: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(logdet L^2, w) at ``th`` for q <= 2: the weights of P's rows, (..., F, n_w),
+        written into ``out`` if given."""
         q = self.q
         if q == 1:
             lam2 = th[..., 0:1] ** 2
             m = lam2 * self.z00 + 1.0  # (F, G)
             ld = np.log(m).sum(axis=-1)
-            w = lam2 / m
+            w = np.divide(lam2, m, out=out)
         elif q == 2:
             # Closed forms for a 2x2 lower-triangular factor [[a, 0], [b, c]], with
             # M = I + L'CL per group (C = Z'Z): det M = 1 + tr(CV) + det C (ac)^2, where
@@ -186,7 +188,7 @@ class BatchProblem:
             r = 1.0 / det
             t, u, v = m11 * r, m01 * r, m00 * r
             G = t.shape[-1]
-            w = np.empty((*t.shape[:-1], 3 * G))
+            w = np.empty((*t.shape[:-1], 3 * G)) if out is None else out
             np.multiply(aa, t, out=w[..., :G])
             if self.diagonal:
                 np.multiply(-ac, u, out=w[..., G:2 * G])
@@ -267,10 +269,10 @@ class BatchProblem:
         """Deviance at th + off[t] for every offset, (T, F), where ``entrywise``: the
         weights one point at a time (arrays of one point stay in cache), then ``up`` for
         all points in one product per fit."""
+        assert self.P is not None
         with np.errstate(all="ignore"):
-            parts = [self._weights(th + o) for o in off]
-            ld = np.stack([p_[0] for p_ in parts])
-            w = np.stack([p_[1] for p_ in parts])
+            w = np.empty((len(off), self.F, self.P.shape[1]))  # filled in place, not stacked
+            ld = np.stack([self._weights(th + o, out=w[t])[0] for t, o in enumerate(off)])
             return self._deviance(ld, *self._terms(self._cross(w)))
 
     def _deviance(self, ld: np.ndarray, ldx: np.ndarray, r2: np.ndarray, ok: np.ndarray
