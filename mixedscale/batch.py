@@ -277,13 +277,13 @@ class BatchProblem:
 
     def _deviance(self, ld: np.ndarray, ldx: np.ndarray, r2: np.ndarray, ok: np.ndarray
                   ) -> np.ndarray:
+        """The deviance from its parts (callers hold np.errstate(all="ignore"))."""
         n = self.n
-        with np.errstate(all="ignore"):
-            if self.reml:
-                dof = n - self.p
-                dev = ld + ldx + dof * (1.0 + _LOG2PI + np.log(r2 / dof))
-            else:
-                dev = ld + n * (1.0 + _LOG2PI + np.log(r2 / n))
+        if self.reml:
+            dof = n - self.p
+            dev = ld + ldx + dof * (1.0 + _LOG2PI + np.log(r2 / dof))
+        else:
+            dev = ld + n * (1.0 + _LOG2PI + np.log(r2 / n))
         return np.where(ok & np.isfinite(dev), dev, np.inf)
 
 
@@ -784,14 +784,15 @@ def _prepare(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
     rep = _shared_designs(Xs, Zs, g_row, sl_o, s_start, n_rows)
     first = rep == np.arange(F)  # a design's first slice is its own representative
     # Every slice its own design (covariates per slice, as tiny): all rows, no takes.
-    own: np.ndarray | None = None if first.all() else first[sl_o]
-    if own is None:
-        XtX = np.add.reduceat(Xs[:, :, None] * Xs[:, None, :], s_start, axis=0)
-    else:
-        distinct = np.flatnonzero(first)
-        XtX = np.zeros((F, p, p))
-        XtX[distinct] = np.add.reduceat((Xs[:, :, None] * Xs[:, None, :])[own],
-                                        _segments(sl_o[own], F)[distinct], axis=0)
+    every = bool(first.all())
+    own_rows = first[sl_o]  # rows of distinct designs
+    own: np.ndarray | slice = slice(None) if every else own_rows
+    distinct = np.flatnonzero(first)
+    XtX = np.zeros((F, p, p))
+    XtX[distinct] = np.add.reduceat((Xs[:, :, None] * Xs[:, None, :])[own],
+                                    s_start if every else _segments(sl_o[own], F)[distinct],
+                                    axis=0)
+    if not every:
         XtX = XtX[rep]
     # y's offset in the fixed effects' span, per slice (as lmm.response_shift, in the
     # scaled coefficients): the mean on an intercept, else least squares.
@@ -820,18 +821,13 @@ def _prepare(df: pd.DataFrame, sl: np.ndarray, spec: ModelSpec, n_slices: int,
     ZtZ = np.zeros((F, Gm, q, q))
     ZtX = np.zeros((F, Gm, q, p))
     Zty = np.zeros((F, Gm, q))
-    if own is None:
-        ZtZ[seg_slice, seg_local] = np.add.reduceat(Zs[:, :, None] * Zs[:, None, :], starts,
-                                                    axis=0)
-        ZtX[seg_slice, seg_local] = np.add.reduceat(Zs[:, :, None] * Xs[:, None, :], starts,
-                                                    axis=0)
-    else:
-        own_seg = first[seg_slice]
-        pos_own = np.searchsorted(np.flatnonzero(own), starts[own_seg])
-        ZtZ[seg_slice[own_seg], seg_local[own_seg]] = np.add.reduceat(
-            (Zs[:, :, None] * Zs[:, None, :])[own], pos_own, axis=0)
-        ZtX[seg_slice[own_seg], seg_local[own_seg]] = np.add.reduceat(
-            (Zs[:, :, None] * Xs[:, None, :])[own], pos_own, axis=0)
+    own_seg = slice(None) if every else first[seg_slice]
+    pos_own = starts if every else np.searchsorted(np.flatnonzero(own_rows), starts[own_seg])
+    ZtZ[seg_slice[own_seg], seg_local[own_seg]] = np.add.reduceat(
+        (Zs[:, :, None] * Zs[:, None, :])[own], pos_own, axis=0)
+    ZtX[seg_slice[own_seg], seg_local[own_seg]] = np.add.reduceat(
+        (Zs[:, :, None] * Xs[:, None, :])[own], pos_own, axis=0)
+    if not every:
         ZtZ, ZtX = ZtZ[rep], ZtX[rep]
     Zty[seg_slice, seg_local] = np.add.reduceat(Zs * ys[:, None], starts, axis=0)
     Xty = np.add.reduceat(Xs * ys[:, None], s_start, axis=0)
