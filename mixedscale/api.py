@@ -206,14 +206,14 @@ def _tables(summary: RunSummary, plan: Plan, store: Store | None,
     if store is not None:
         # Only this job's parts and fits: a shared store may hold many other jobs' results.
         # A finished run committed every planned fit, so fewer means the store moved.
-        ids = plan.fit_ids()
-        out = store.run_tables(summary.parts or set(), ids, names, fit_columns,
-                               expect=len(ids) if summary.state == "complete" else None)
-    else:
-        out = []
-        for t in names:
-            parts = summary.tables.get(t, [])
-            out.append(to_pandas(pa.concat_tables(parts)) if parts else pd.DataFrame())
+        ids, place = rank if rank is not None else (plan.fit_ids(), None)
+        return store.run_tables(summary.parts or set(), ids, names, fit_columns,
+                                expect=len(ids) if summary.state == "complete" else None,
+                                rank=place)
+    out = []
+    for t in names:
+        parts = summary.tables.get(t, [])
+        out.append(to_pandas(pa.concat_tables(parts)) if parts else pd.DataFrame())
     if rank is None:
         return [df.reset_index(drop=True) for df in out]
     return [_in_plan_order(df, rank) for df in out]

@@ -130,10 +130,11 @@ def test_a_stored_runs_tables_are_read_back_once_or_when_first_used(
     real = Store.run_tables
 
     def spy(self: Store, tasks: set[str], ids: Any = None, names: tuple[str, ...] = (),
-            fit_columns: Any = None, expect: int | None = None) -> list[pd.DataFrame]:
+            fit_columns: Any = None, expect: int | None = None, rank: Any = None
+            ) -> list[pd.DataFrame]:
         reads.append((names, fit_columns))
         assert expect == len(ids)  # a finished run: every planned fit must be there
-        return real(self, tasks, ids, names, fit_columns, expect)
+        return real(self, tasks, ids, names, fit_columns, expect, rank)
 
     monkeypatch.setattr(Store, "run_tables", spy)
     kw: dict[str, Any] = {"split_by": "gene", "client": cluster_client, "progress": False}

@@ -217,6 +217,37 @@ def test_a_fit_in_two_parts_is_read_once_in_every_table_and_column_subset(
     assert none.empty
 
 
+def test_a_jobs_tables_come_back_in_its_order_without_other_jobs_fits(tmp_path: Path
+                                                                      ) -> None:
+    # One lookup of each row's fit id among the job's: it drops other jobs' rows, finds
+    # a fit committed twice, and sorts every table by the job's order (a fit's rows in
+    # the order written).
+    def tables(ids: list[str], status: str = "ok") -> dict[str, pa.Table]:
+        return {"fits": pa.table({"fit_id": ids, "status": [status] * len(ids)}),
+                "params": pa.table({"fit_id": [f for f in ids for _ in "ab"],
+                                    "term": [t for _ in ids for t in "ab"]}),
+                "variance": pa.table({"fit_id": ids, "kind": ["residual"] * len(ids)})}
+
+    st = Store(str(tmp_path / "store"))
+    st.init()
+    assert st.publish("a", tables(["f3", "other", "f1"]))
+    assert st.publish("b", tables(["f2", "f1"], status="error"))  # f1 again: "a" wins
+    job = ["f1", "f2", "f3"]
+    rank = np.array([2, 0, 1])  # the job's order: f2, f3, f1
+    fits, params, variance = st.run_tables({"a", "b"}, job, rank=rank, expect=3)
+    assert fits["fit_id"].tolist() == ["f2", "f3", "f1"] == variance["fit_id"].tolist()
+    assert fits["status"].tolist() == ["error", "ok", "ok"]
+    assert list(zip(params["fit_id"], params["term"], strict=True)) == [
+        ("f2", "a"), ("f2", "b"), ("f3", "a"), ("f3", "b"), ("f1", "a"), ("f1", "b")]
+    assert fits.index.tolist() == [0, 1, 2] and params.index.tolist() == list(range(6))
+    # Without an order: as read, the same rows.
+    unordered = st.run_tables({"a", "b"}, pa.array(job), expect=3)
+    for got, want in zip(unordered, (fits, params, variance), strict=True):
+        assert sorted(map(tuple, got.to_numpy())) == sorted(map(tuple, want.to_numpy()))
+    with pytest.raises(StoreError, match="found 3 of 4"):
+        st.run_tables({"a", "b"}, [*job, "f4"], rank=np.arange(4), expect=4)
+
+
 def test_commit_restores_parts_another_writer_took_back(tmp_path: Path) -> None:
     st = Store(str(tmp_path / "store"))
     st.init()
