@@ -55,6 +55,7 @@ from .worker import (
     failure_tables,
     forget_shuffled,
     freeze_worker_heap,
+    key_column,
     key_units,
     load_unit,
     partition,
@@ -266,8 +267,8 @@ class _Run:
         u = self.plan.units[unit]
         if self.read_in_task(unit):
             return Packed(UnitRead(self.src, self.readable(u), self.plan.columns,
-                                   self.plan.split_by, [self.plan.slices[i].key
-                                                        for i in u.slices]))
+                                   self.plan.split_by, key_column([self.plan.slices[i].key
+                                                                   for i in u.slices])))
         # Cached per unit and per set of corrupt files left out of the reads.
         cache = (unit, frozenset(self.bad_files))
         if cache in self.unit_futures:
@@ -290,7 +291,7 @@ class _Run:
         else:
             self.n_loads += 1
             fut = self.client.submit(load_unit, self.src, self.readable(u), self.plan.columns,
-                                     self.plan.split_by, Packed(keys), pure=False,
+                                     self.plan.split_by, Packed(key_column(keys)), pure=False,
                                      priority=priority,
                                      key=f"mixedscale-load-{self.run_id}-{unit}-{self.n_loads}")
         self.unit_futures[cache] = fut

@@ -195,7 +195,7 @@ class Positions:
         at = np.arange(int(sizes.sum())) - np.repeat(offsets - first, sizes)
         return self.order[at], sizes
 
-    def covered_by(self, keys: Sequence[tuple[Any, ...]]) -> bool:
+    def covered_by(self, keys: Sequence[tuple[Any, ...]] | np.ndarray) -> bool:
         """Whether ``keys`` include every key the rows hold."""
         codes = self.codes(keys)
         seen = np.zeros(len(self), dtype=bool)
@@ -271,8 +271,7 @@ def _packed(blob: bytes) -> Packed[Any]:
 
 
 def load_unit(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
-              split_by: Sequence[str], keys: Packed[Sequence[tuple[Any, ...]]]
-              ) -> Loaded | LoadFailed:
+              split_by: Sequence[str], keys: Packed[Keys]) -> Loaded | LoadFailed:
     """Read a unit's row groups (needed columns only) and keep the unit's slices."""
     freeze_worker_heap()  # before unpickling the unit's keys: see freeze_worker_heap
     return _load(src, rgs, columns, split_by, keys.unpack())
@@ -288,11 +287,11 @@ class UnitRead:
     row_groups: Sequence[RowGroup]
     columns: Sequence[str]
     split_by: Sequence[str]
-    keys: Sequence[tuple[Any, ...]]
+    keys: Keys  # see key_column
 
 
 def _load(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
-          split_by: Sequence[str], wanted: Sequence[tuple[Any, ...]]) -> Loaded | LoadFailed:
+          split_by: Sequence[str], wanted: Keys) -> Loaded | LoadFailed:
     try:
         df, nbytes = src.read(columns, rgs, split_by)
     except CorruptFile as exc:
@@ -307,8 +306,7 @@ def _load(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
     return Loaded(_restrict(df, split_by, wanted), nbytes)
 
 
-def _restrict(df: pd.DataFrame, split_by: Sequence[str], keys: Sequence[tuple[Any, ...]]
-              ) -> pd.DataFrame:
+def _restrict(df: pd.DataFrame, split_by: Sequence[str], keys: Keys) -> pd.DataFrame:
     if not split_by or df.empty:
         return df
     if len(split_by) > 1:  # a MultiIndex matches missing values (codes -1) to None
@@ -317,25 +315,30 @@ def _restrict(df: pd.DataFrame, split_by: Sequence[str], keys: Sequence[tuple[An
     # One column: isin does not match a None key to NaN or pd.NA (nor, beside other
     # values, to None), so the missing key (None, see _norm_key) is matched by isna.
     col = df[split_by[0]]
-    present = [k[0] for k in keys if k[0] is not None]
+    present = keys if isinstance(keys, np.ndarray) else [k[0] for k in keys
+                                                         if k[0] is not None]
     mask = np.asarray(pd.Index(col).isin(pd.Index(present)), dtype=bool)
     if len(present) < len(keys):
         mask |= np.asarray(col.isna(), dtype=bool)
     return df if mask.all() else df.loc[mask]  # sorted data: usually every row, no copy
 
 
-KeyUnits = tuple[Sequence[tuple[Any, ...]] | np.ndarray, np.ndarray]
+Keys = Sequence[tuple[Any, ...]] | np.ndarray  # key tuples, or one int column's values
+KeyUnits = tuple[Keys, np.ndarray]
+
+
+def key_column(keys: Sequence[tuple[Any, ...]]) -> Keys:
+    """Keys to send to a worker. Keys of one int column travel as an int64 array: 10^5
+    key tuples took 0.03-0.07 s to unpickle, and 5*10^4 took 17 ms to look up."""
+    if all(len(k) == 1 and type(k[0]) is int for k in keys):  # exactly int: not bool
+        with contextlib.suppress(OverflowError):  # beyond int64: as tuples
+            return np.array([k[0] for k in keys], dtype=np.int64)
+    return list(keys)
 
 
 def key_units(keys: Sequence[tuple[Any, ...]], units: Sequence[int]) -> KeyUnits:
-    """The shuffle's map of split keys to load units, as two columns. Keys of one int
-    column travel as an int64 array: 10^5 key tuples (a dict of them before) took
-    0.03-0.07 s to unpickle in every shuffle step."""
-    unit_of = np.asarray(units, dtype=np.int64)
-    if all(len(k) == 1 and type(k[0]) is int for k in keys):  # exactly int: not bool
-        with contextlib.suppress(OverflowError):  # beyond int64: as tuples
-            return np.array([k[0] for k in keys], dtype=np.int64), unit_of
-    return list(keys), unit_of
+    """The shuffle's map of split keys to load units, as two columns (``key_column``)."""
+    return key_column(keys), np.asarray(units, dtype=np.int64)
 
 
 def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],

@@ -25,6 +25,7 @@ from mixedscale.worker import (
     Loaded,
     Packed,
     _restrict,
+    key_column,
     key_units,
     load_unit,
     partition,
@@ -76,7 +77,7 @@ def _unit_data(src: Source, plan: Plan, unit: int, how: str) -> Any:
         return [partition(src, src.row_groups, plan.columns, plan.split_by,
                           Packed(key_unit)).get(unit)]
     rgs = [src.row_groups[i] for i in plan.units[unit].row_groups]
-    return load_unit(src, rgs, plan.columns, plan.split_by, Packed(keys))
+    return load_unit(src, rgs, plan.columns, plan.split_by, Packed(key_column(keys)))
 
 
 def _run(data: Any, store: Store, how: str) -> tuple[Source, Plan]:

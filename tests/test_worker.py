@@ -109,6 +109,30 @@ def test_a_shuffle_step_buckets_the_same_rows_from_either_key_map() -> None:
         assert set(a[u].frame["site"]) == {keys[i][0] for i in range(len(keys)) if i % 3 == u}
 
 
+def test_a_unit_loads_the_same_rows_from_either_key_list(tmp_path: Path) -> None:
+    """A unit's int keys travel as an array (``key_column``): the same rows as from
+    key tuples, where the rows hold only the unit's keys and where they hold others."""
+    df = make_genes(n_genes=9, shuffle=True)
+    df["site"] = df["gene"].str[1:].astype(int) * 7
+    f = tmp_path / "d.parquet"
+    df.to_parquet(f, index=False, row_group_size=100)
+    src, plan = prepare(str(f), [ms.ModelSpec("y ~ time", groups="subject")], "site")
+    keys = [s.key for s in plan.slices]
+    for wanted in (keys, keys[2:5]):  # all the rows hold; a few of them
+        as_array = worker.key_column(wanted)
+        assert isinstance(as_array, np.ndarray) and as_array.tolist() == [k[0] for k in wanted]
+        a = worker.load_unit(src, src.row_groups, plan.columns, plan.split_by,
+                             Packed(as_array))
+        b = worker.load_unit(src, src.row_groups, plan.columns, plan.split_by, Packed(wanted))
+        assert isinstance(a, Loaded) and isinstance(b, Loaded)
+        (fa, pa_), (fb, pb) = a.grouped(["site"]), b.grouped(["site"])
+        pd.testing.assert_frame_equal(fa, fb)
+        assert set(fa["site"]) == {k[0] for k in wanted}
+        for k in wanted:
+            np.testing.assert_array_equal(pa_.get(k), pb.get(k))
+    assert worker.key_column([("a",), ("b",)]) == [("a",), ("b",)]
+
+
 def test_a_transferred_unit_leaves_its_positions_behind() -> None:
     loaded = Loaded(make_genes(n_genes=30), 10)
     loaded.grouped(["gene"])
