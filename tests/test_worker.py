@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -131,6 +132,31 @@ def test_a_unit_loads_the_same_rows_from_either_key_list(tmp_path: Path) -> None
         for k in wanted:
             np.testing.assert_array_equal(pa_.get(k), pb.get(k))
     assert worker.key_column([("a",), ("b",)]) == [("a",), ("b",)]
+
+
+@pytest.mark.parametrize("keys", [[(7,), (-3,), (2**40,)], [("a",), ("b",), (None,)],
+                                  [(1, "x"), (2, None), (3, "z")], [(True,), (False,), (True,)]])
+def test_slice_keys_map_slices_to_keys_as_a_dict_would(keys: list[tuple[Any, ...]]) -> None:
+    slices = [2, 5, 9]
+    sk = worker.SliceKeys(slices, keys)
+    as_dict = dict(zip(slices, keys, strict=True))
+    assert dict(sk) == as_dict and list(sk) == slices and len(sk) == 3
+    assert isinstance(sk.by_slice, np.ndarray) == (keys[0] == (7,))
+    for s in slices:
+        assert sk[s] == as_dict[s] and type(sk[s][0]) is type(as_dict[s][0])
+    for missing in (0, 3, 10):
+        assert missing not in sk and sk.get(missing) is None
+        with pytest.raises(KeyError):
+            sk[missing]
+    col = sk.column(np.array([9, 2, 2], dtype=np.int32))
+    got = [(int(v),) for v in col] if isinstance(col, np.ndarray) else list(col)
+    assert got == [as_dict[9], as_dict[2], as_dict[2]]
+    with pytest.raises(KeyError):
+        sk.column(np.array([2, 4]))
+    back = pickle.loads(pickle.dumps(sk))
+    assert dict(back) == as_dict
+    with pytest.raises(ValueError, match="ascend"):
+        worker.SliceKeys([5, 2], keys[:2])
 
 
 def test_a_transferred_unit_leaves_its_positions_behind() -> None:
