@@ -264,7 +264,7 @@ _NULLABLE = {pa.bool_(): pd.BooleanDtype(), pa.int64(): pd.Int64Dtype(),
              pa.int32(): pd.Int32Dtype()}
 
 
-def _among(tab: pa.Table, wanted: pa.Array) -> tuple[pa.Table, np.ndarray]:
+def among(tab: pa.Table, wanted: pa.Array) -> tuple[pa.Table, np.ndarray]:
     """The rows whose fit_id is in ``wanted``, and each one's place there. In Arrow:
     pandas' isin on Arrow strings is 100x slower."""
     at = pc.index_in(tab.column("fit_id"), value_set=wanted)
@@ -272,6 +272,14 @@ def _among(tab: pa.Table, wanted: pa.Array) -> tuple[pa.Table, np.ndarray]:
         keep = pc.is_valid(at)
         tab, at = tab.filter(keep), at.filter(keep)
     return tab, np.asarray(at.to_numpy(), dtype=np.int64)
+
+
+def in_rank_order(df: pd.DataFrame, rank: np.ndarray) -> pd.DataFrame:
+    """``df``'s rows sorted by ``rank`` (one per row), stably: a fit's rows keep their
+    order. As is when they already are."""
+    if rank.size > 1 and bool((rank[1:] < rank[:-1]).any()):
+        return df.iloc[np.argsort(rank, kind="stable")].reset_index(drop=True)
+    return df
 
 
 def to_pandas(tab: pa.Table) -> pd.DataFrame:
@@ -785,7 +793,7 @@ class Store:
             ids if isinstance(ids, pa.Array) else pa.array(ids, type=pa.string()))
         at = None  # each row's place in ``wanted``: one hash lookup filters, checks, sorts
         if wanted is not None:
-            fits, at = _among(fits, wanted)
+            fits, at = among(fits, wanted)
         winners: pa.Table | None = None
         fit_ids = fits.column("fit_id")
         repeats = (bool(np.bincount(at).max(initial=0) > 1) if at is not None
@@ -813,16 +821,13 @@ class Store:
                     tab = tab.filter(pc.equal(tab.column("_part"), tab.column("_win")))
                     tab = tab.drop_columns(["_win"]).sort_by("_part")
                 if tab is not None and wanted is not None:
-                    tab, tab_at = _among(tab, wanted)
+                    tab, tab_at = among(tab, wanted)
             if tab is None:
                 out.append(pd.DataFrame())
                 continue
             df = to_pandas(tab.drop_columns(["_part"]))
-            if rank is not None and tab_at is not None:
-                key = rank[tab_at]
-                if key.size > 1 and bool((key[1:] < key[:-1]).any()):
-                    df = df.iloc[np.argsort(key, kind="stable")].reset_index(drop=True)
-            out.append(df)
+            out.append(df if rank is None or tab_at is None else
+                       in_rank_order(df, rank[tab_at]))
         return out
 
     def _check_found(self, found: int, expect: int | None) -> None:
