@@ -59,6 +59,7 @@ from .worker import (
     freeze_worker_heap,
     key_column,
     key_units,
+    keys_at,
     load_unit,
     partition,
     partition_to_store,
@@ -234,7 +235,7 @@ class _Run:
         self.loads_seen: set[str] = set()
         self.unit_futures: dict[tuple[int, frozenset[str]], Any] = {}
         self.key_fields = plan.key_fields
-        self.key_column: Keys | None = None  # every slice's key (see payload)
+        self.key_column: Keys | None = None  # see every_key
         self.store_failures: dict[str, int] = {}
         self.bad_files: dict[str, str] = {}  # input files found corrupt at fit time
         self.resubmits: dict[str, int] = {}  # task key -> resubmissions after KilledWorker
@@ -254,13 +255,18 @@ class _Run:
 
     # -- payloads and submission
     def payload(self, task: Task) -> TaskPayload:
-        if self.key_column is None:  # built once: per task, an index into it
-            self.key_column = key_column([s.key for s in self.plan.slices])
         return TaskPayload(
-            task=task, keys=SliceKeys.of(_distinct(task.columns.slices), self.key_column),
+            task=task, keys=SliceKeys.of(_distinct(task.columns.slices), self.every_key()),
             specs={p: self.plan.specs[p] for p in _distinct(task.columns.specs).tolist()},
             split_by=self.plan.split_by, key_fields=self.key_fields, run_id=self.run_id,
             timeout=self.opts.timeout, engine=self.opts.engine)
+
+    def every_key(self) -> Keys:
+        """Every slice's key as workers get them (``key_column``), built once: tasks and
+        loads take theirs by index."""
+        if self.key_column is None:
+            self.key_column = key_column([s.key for s in self.plan.slices])
+        return self.key_column
 
     def read_in_task(self, unit: int) -> bool:
         """Whether the unit's only task left reads it itself; decided per call, as a task
@@ -271,13 +277,12 @@ class _Run:
         u = self.plan.units[unit]
         if self.read_in_task(unit):
             return Packed(UnitRead(self.src, self.readable(u), self.plan.columns,
-                                   self.plan.split_by, key_column([self.plan.slices[i].key
-                                                                   for i in u.slices])))
+                                   self.plan.split_by, keys_at(self.every_key(), u.slices)))
         # Cached per unit and per set of corrupt files left out of the reads.
         cache = (unit, frozenset(self.bad_files))
         if cache in self.unit_futures:
             return self.unit_futures[cache]
-        keys = [self.plan.slices[i].key for i in u.slices]
+        keys = keys_at(self.every_key(), u.slices)
         if self.src.frame is not None:
             df, _ = self.src.read(self.plan.columns, split_by=self.plan.split_by)
             from .worker import Loaded, _restrict
@@ -295,7 +300,7 @@ class _Run:
         else:
             self.n_loads += 1
             fut = self.client.submit(load_unit, self.src, self.readable(u), self.plan.columns,
-                                     self.plan.split_by, Packed(key_column(keys)), pure=False,
+                                     self.plan.split_by, Packed(keys), pure=False,
                                      priority=priority,
                                      key=f"mixedscale-load-{self.run_id}-{unit}-{self.n_loads}")
         self.unit_futures[cache] = fut

@@ -337,6 +337,13 @@ def key_column(keys: Sequence[tuple[Any, ...]]) -> Keys:
     return list(keys)
 
 
+def keys_at(every: Keys, slices: np.ndarray | Sequence[int]) -> Keys:
+    """The keys of ``slices`` from ``every``: all slices' keys, in slice order, as
+    ``key_column`` gives them (a run's, built once)."""
+    at = np.asarray(slices, dtype=np.int64)
+    return every[at] if isinstance(every, np.ndarray) else [every[i] for i in at.tolist()]
+
+
 class SliceKeys(Mapping[int, tuple[Any, ...]]):
     """A task's split keys by slice index, held column-wise: the slice indices
     (ascending) and their keys as ``key_column`` sends them. A dict of 16,667 key
@@ -354,10 +361,8 @@ class SliceKeys(Mapping[int, tuple[Any, ...]]):
 
     @classmethod
     def of(cls, slices: np.ndarray, every: Keys) -> SliceKeys:
-        """The keys of ``slices`` (ascending) from ``every``: all slices' keys, in
-        slice order, as ``key_column`` gives them (a run's, built once)."""
-        return cls(slices, every[slices] if isinstance(every, np.ndarray)
-                   else [every[i] for i in slices.tolist()])
+        """The keys of ``slices`` (ascending) from ``every`` (see ``keys_at``)."""
+        return cls(slices, keys_at(every, slices))
 
     def __getitem__(self, s: int) -> tuple[Any, ...]:
         i = int(np.searchsorted(self.slices, s))
