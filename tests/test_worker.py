@@ -58,6 +58,53 @@ def test_positions_match_groupby_indices(df: pd.DataFrame, split_by: list[str]) 
     assert len(pos.get(("no such key",), np.zeros(0, dtype=np.intp))) == 0
 
 
+_SORTED_COLUMNS = [
+    np.sort(_rng.integers(-50, 50, _N)),
+    np.sort(np.array([2**63 + 7, 1, 2**64 - 1, 2**63] * 40, dtype=np.uint64)),
+    # prefixes, the empty string, accents and a character beyond the BMP: code point order
+    pd.Series(np.sort(_rng.choice(["", "a", "ab", "b", "B", "é", "e\u0301", "z", "\U0001f600",
+                                   "10", "9"], _N).astype(object)), dtype="str"),
+    pd.Series(["only"] * 7, dtype="str"),
+    np.array([3, 3]),
+]
+
+
+@pytest.mark.parametrize("column", _SORTED_COLUMNS)
+def test_rows_in_key_order_get_the_group_bys_positions_without_it(column: object) -> None:
+    df = pd.DataFrame({"a": column})
+    assert worker._sorted_runs(df["a"]) is not None  # the fast path is taken
+    pos = Positions(df, ["a"])
+    codes = df.groupby(["a"], sort=True, dropna=False, observed=True).ngroup().to_numpy()
+    np.testing.assert_array_equal(pos.order, np.arange(len(df)))
+    np.testing.assert_array_equal(pos.starts, np.r_[0, np.cumsum(np.bincount(codes))])
+    want = _indices(df, ["a"])
+    assert set(pos.index) == set(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(pos.get(k), v)
+    keys = list(want)[::-1]
+    np.testing.assert_array_equal(pos.codes(keys), [codes[want[k][0]] for k in keys])
+
+
+@pytest.mark.parametrize("column", [
+    np.array([1, 2, 2, 1]),  # a key in two runs
+    np.array([3, 2, 1]),  # descending
+    pd.Series(["b", "a"], dtype="str"),
+    pd.Series(["a", None, "b"], dtype="str"),  # missing: the group-by's order for those
+    pd.Series(["a", "b"], dtype=object),  # not Arrow-backed
+    pd.array([1, 2], dtype="Int64"),
+    np.array([0.5, 1.5]),
+    np.array([False, True]),
+    np.array([7]),
+])
+def test_other_columns_take_the_group_by(column: object) -> None:
+    df = pd.DataFrame({"a": column})
+    assert worker._sorted_runs(df["a"]) is None
+    pos = Positions(df, ["a"])
+    want = _indices(df, ["a"])
+    for k, v in want.items():
+        np.testing.assert_array_equal(np.sort(df.index.to_numpy()[pos.get(k)]), v)
+
+
 @pytest.mark.parametrize("column", [
     _rng.integers(-50, 50, _N),
     np.array([2**63 + 7, 1, 2**64 - 1] * 40, dtype=np.uint64),
