@@ -149,14 +149,16 @@ def _target(name: str, measured: str, holds: bool | None, detail: str = "",
 
 def _floor(r: dict[str, Any], calib: dict[str, Any], plan: bool) -> float | None:
     """The overhead no orchestration could go below on this machine for this run's fits:
-    one Dask round trip, encoding its results as Parquet on its workers and, with
-    ``plan``, one scan of the split columns. Reading the data, more tasks, syncing
-    to disk and every Python step are left out, so the true floor is higher."""
+    one Dask round trip, decoding the needed columns of the input once and encoding its
+    results as Parquet, both shared by its workers, and, with ``plan``, one scan of the
+    split columns. Converting the data for fitting, more tasks, syncing to disk and every
+    Python step are left out, so the true floor is higher."""
     workers = max(r.get("n_workers") or 1, 1)
     ideal = (r.get("fit_seconds_sum") or 0) / workers
     if not ideal or r.get("encode_seconds") is None or not calib.get("roundtrip_ms_serial"):
         return None
-    cost = calib["roundtrip_ms_serial"] / 1000 + r["encode_seconds"] / workers
+    cost = (calib["roundtrip_ms_serial"] / 1000
+            + (r["encode_seconds"] + (r.get("decode_seconds") or 0.0)) / workers)
     if plan:
         cost += r.get("key_scan_seconds") or 0.0
     return cost / ideal
@@ -358,12 +360,13 @@ def markdown(doc: dict[str, Any]) -> str:
             h = {True: "**yes**", False: "**no**", None: "n/a"}[t["holds"]]
             out.append(f"| {t['target']} | {t['measured']} | {h} | {t.get('floor') or ''} |")
         out += ["", "*floor*: the least overhead any orchestration could reach for the same "
-                "fits on this machine: one Dask round trip (calibration below) plus encoding "
-                "the run's results as Parquet in memory, shared by its workers, plus, for "
-                "`tiny`, one scan of the split column. Reading the data, more than one "
-                "task, syncing to disk and all Python steps are left out, so it is a lower "
-                "bound: where it is above the target, the target cannot hold for that "
-                "engine here.", ""]
+                "fits on this machine: one Dask round trip (calibration below) plus "
+                "decoding the needed columns of the input once (into Arrow, one thread) and "
+                "encoding the run's results as Parquet in memory, both shared by its "
+                "workers, plus, for `tiny`, one scan of the split column. Converting the "
+                "data for fitting, more than one task, syncing to disk and all Python steps "
+                "are left out, so it is a lower bound: where it is above the target, the "
+                "target cannot hold for that engine here.", ""]
     shares = [(r, b) for r in runs if r["status"] == "ok" and (b := budget(r))]
     if shares:
         out += ["### Where the overhead goes", "",

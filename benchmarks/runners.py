@@ -253,6 +253,19 @@ def _encode_seconds(store_dir: Path) -> float | None:
     return time.process_time() - t0
 
 
+DECODE_MAX_BYTES = 2 * 1024**3  # bigger inputs (big) are not decoded again for the floor
+
+
+def _decode_seconds(path: Path, columns: list[str]) -> float | None:
+    """CPU seconds to decode the columns a run needs from its input once, into Arrow,
+    on one thread: what every orchestration reads, before any conversion or grouping."""
+    if dir_bytes(path) > DECODE_MAX_BYTES:
+        return None
+    t0 = time.process_time()
+    pq.read_table(path, columns=columns, use_threads=False)
+    return time.process_time() - t0
+
+
 def _key_scan_seconds(path: Path, key: str | list[str]) -> float:
     """Seconds to read the split columns and count their distinct keys: the least any
     planner must do."""
@@ -349,6 +362,7 @@ def run_mixedscale(ctx: Context, runner: str, engine: str, layout: str) -> dict[
     rec["store_publish_ms"] = _publish_cost(store, 5 if ctx.quick else 20)
     rec["encode_seconds"] = _encode_seconds(store)
     rec["key_scan_seconds"] = _key_scan_seconds(ctx.paths[layout], suite.key)
+    rec["decode_seconds"] = _decode_seconds(ctx.paths[layout], list(res.plan.columns))
     n_parts = len(list((store / "fits").glob("part-*.parquet")))
     rec["store_parts"] = n_parts
     if not ctx.keep_stores:

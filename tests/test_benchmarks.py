@@ -73,6 +73,9 @@ def test_quick_run_writes_json_and_markdown(quick_run: Path) -> None:
     assert ("tiny", "mixedscale-statsmodels-sorted") not in runs  # optional: not by default
     # Shared-cluster runs carry Dask's own floor for their task layout.
     assert runs[("genes", "mixedscale-auto-sorted")]["dask_floor_overhead"] is not None
+    # ...and what the targets' floor adds up: encoding results, decoding the input once.
+    for key in ("encode_seconds", "decode_seconds", "key_scan_seconds"):
+        assert runs[("genes", "mixedscale-auto-sorted")][key] > 0, key
     names = " ".join(t["target"] for t in doc["targets"])
     for word in ("overhead", "planning", "driver memory", "one pass", "once per worker",
                  "2,000 fits/s", "0.1 s"):
@@ -91,6 +94,20 @@ def test_quick_run_markdown_table(quick_run: Path) -> None:
     assert "| genes | mixedscale-auto-sorted |" in md
     assert "| tiny | pandas-loop |" in md
     assert "- CPU probe (" in md and "- Libraries at the last run: numpy " in md
+
+
+def test_floor_adds_one_round_trip_and_the_shared_decode_and_encode() -> None:
+    from benchmarks.report import _floor
+
+    r = {"n_workers": 2, "fit_seconds_sum": 4.0, "encode_seconds": 0.1,
+         "decode_seconds": 0.06, "key_scan_seconds": 0.05}
+    calib = {"roundtrip_ms_serial": 20.0}
+    # ideal wall 2 s; 0.02 s + (0.1 + 0.06) / 2 s = 0.1 s; the planner's scan only with plan
+    assert _floor(r, calib, plan=False) == pytest.approx(0.05)
+    assert _floor(r, calib, plan=True) == pytest.approx(0.075)
+    # rows from before the decode was measured: encoding and the round trip only
+    assert _floor({**r, "decode_seconds": None}, calib, plan=False) == pytest.approx(0.035)
+    assert _floor({**r, "encode_seconds": None}, calib, plan=False) is None
 
 
 def test_peer_translations() -> None:
