@@ -730,13 +730,20 @@ def build_tables(payload: TaskPayload, items: Sequence[FitItem], results: Sequen
     tables = {}
     for name, parts in out.items():
         schema = schemas[name]
-        tables[name] = (pa.concat_tables([t.select(schema.names).cast(schema) for t in parts])
+        tables[name] = (pa.concat_tables([_as_schema(t, schema) for t in parts])
                         if parts else schema.empty_table())
     fits = tables["fits"]
     i = fits.schema.get_field_index("run_id")
     tables["fits"] = fits.set_column(i, fits.schema.field(i),
                                      constant(payload.run_id, fits.num_rows, pa.string()))
     return tables
+
+
+def _as_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table``'s columns in ``schema``'s order and types. Batched rows usually have
+    them already: a cast of 40 columns to their own types took ~0.2 ms a table."""
+    table = table.select(schema.names)
+    return table if table.schema.equals(schema) else table.cast(schema)
 
 
 def failure_tables(payload: TaskPayload, etype: str, msg: str) -> dict[str, pa.Table]:

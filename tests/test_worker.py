@@ -470,3 +470,16 @@ def test_a_call_with_a_smaller_budget_after_a_larger_one_still_times_out() -> No
     assert results == ["done", "timeout", "done"] and n == 1
     results, n = worker._run_with_timeout(2, fn, None, lambda i: "timeout")
     assert results == ["done", "done"] and n == 0
+
+
+def test_tables_are_cast_to_the_store_schema_only_where_they_differ() -> None:
+    import pyarrow as pa
+
+    schema = pa.schema([("fit_id", pa.string()), ("n", pa.int64()), ("x", pa.float64())])
+    same = pa.table({"x": [1.5], "fit_id": ["a"], "n": pa.array([2], pa.int64()), "_slice": [0]})
+    out = worker._as_schema(same, schema)
+    assert out.schema.equals(schema) and out.to_pylist() == [{"fit_id": "a", "n": 2, "x": 1.5}]
+    other = pa.table({"n": pa.array([2], pa.int32()), "x": pa.array([None], pa.null()),
+                      "fit_id": ["b"]})
+    out = worker._as_schema(other, schema)
+    assert out.schema.equals(schema) and out.to_pylist() == [{"fit_id": "b", "n": 2, "x": None}]
