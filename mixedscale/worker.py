@@ -121,7 +121,7 @@ def _sorted_runs(col: pd.Series) -> np.ndarray | None:
         firsts = v[np.r_[0, starts]]
         ascending = bool((firsts[1:] > firsts[:-1]).all())
     elif isinstance(col.dtype, pd.StringDtype) and col.dtype.storage == "pyarrow":
-        a = pa.array(col.array)  # the column's own Arrow data, no copy
+        a = pa.array(col.array)  # the column's own Arrow data (chunked as read), no copy
         starts = np.flatnonzero(pc.not_equal(a[1:], a[:-1]).to_numpy(zero_copy_only=False)) + 1
         firsts = a.take(pa.array(np.r_[0, starts]))
         ascending = bool(pc.all(pc.less(firsts[:-1], firsts[1:])).as_py() is not False)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 import mixedscale as ms
@@ -66,6 +67,10 @@ _SORTED_COLUMNS = [
                                    "10", "9"], _N).astype(object)), dtype="str"),
     pd.Series(["only"] * 7, dtype="str"),
     np.array([3, 3]),
+    # as a unit of several row groups reads: one Arrow chunk per group, runs across them
+    pa.table({"a": pa.chunked_array([pa.array(c, pa.large_string()) for c in
+                                     (["a", "a", "b"], ["b", "c"], ["d"], ["d", "e"])])}
+             ).to_pandas()["a"],
 ]
 
 
@@ -473,8 +478,6 @@ def test_a_call_with_a_smaller_budget_after_a_larger_one_still_times_out() -> No
 
 
 def test_tables_are_cast_to_the_store_schema_only_where_they_differ() -> None:
-    import pyarrow as pa
-
     schema = pa.schema([("fit_id", pa.string()), ("n", pa.int64()), ("x", pa.float64())])
     same = pa.table({"x": [1.5], "fit_id": ["a"], "n": pa.array([2], pa.int64()), "_slice": [0]})
     out = worker._as_schema(same, schema)
