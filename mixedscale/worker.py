@@ -115,19 +115,32 @@ def _sorted_runs(col: pd.Series) -> np.ndarray | None:
     fifth of the hashing group-by it spares (120,000 text keys: ~2 ms against ~9)."""
     if len(col) < 2 or col.hasnans:
         return None
+    # Unsorted rows are turned away by a sample first: the full check of 240,000
+    # unsorted text keys took 8.5 ms, a third of the group-by that follows it.
+    sample = np.linspace(0, len(col) - 1, 65).astype(np.int64)
     if col.dtype.kind in "iu" and isinstance(col.dtype, np.dtype):
         v = col.to_numpy()
+        few = v[sample]
+        if not (few[1:] >= few[:-1]).all():
+            return None
         starts = np.flatnonzero(v[1:] != v[:-1]) + 1
         firsts = v[np.r_[0, starts]]
         ascending = bool((firsts[1:] > firsts[:-1]).all())
     elif isinstance(col.dtype, pd.StringDtype) and col.dtype.storage == "pyarrow":
         a = pa.array(col.array)  # the column's own Arrow data (chunked as read), no copy
+        if not _ascending(a.take(pa.array(sample)), strict=False):
+            return None
         starts = np.flatnonzero(pc.not_equal(a[1:], a[:-1]).to_numpy(zero_copy_only=False)) + 1
-        firsts = a.take(pa.array(np.r_[0, starts]))
-        ascending = bool(pc.all(pc.less(firsts[:-1], firsts[1:])).as_py() is not False)
+        ascending = _ascending(a.take(pa.array(np.r_[0, starts])), strict=True)
     else:
         return None
     return starts if ascending else None
+
+
+def _ascending(a: pa.Array | pa.ChunkedArray, strict: bool) -> bool:
+    """Whether each value of ``a`` is above (``strict``) or at least its predecessor."""
+    cmp = pc.less if strict else pc.less_equal
+    return len(a) < 2 or bool(pc.all(cmp(a[:-1], a[1:])).as_py())
 
 
 class Positions:

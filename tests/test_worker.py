@@ -93,6 +93,11 @@ def test_rows_in_key_order_get_the_group_bys_positions_without_it(column: object
 @pytest.mark.parametrize("column", [
     np.array([1, 2, 2, 1]),  # a key in two runs
     np.array([3, 2, 1]),  # descending
+    np.array([5, 2**63, 1], dtype=np.uint64),
+    # out of order only between the rows the first look samples: the full check finds it
+    np.r_[np.arange(5), 6, 5, np.arange(7, 1000)],
+    pd.Series([f"k{i:04d}" for i in np.r_[np.arange(5), 6, 5, np.arange(7, 1000)]],
+              dtype="str"),
     pd.Series(["b", "a"], dtype="str"),
     pd.Series(["a", None, "b"], dtype="str"),  # missing: the group-by's order for those
     pd.Series(["a", "b"], dtype=object),  # not Arrow-backed
