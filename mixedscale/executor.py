@@ -56,7 +56,6 @@ from .worker import (
     UnitRead,
     failure_tables,
     forget_shuffled,
-    freeze_worker_heap,
     key_column,
     key_units,
     keys_at,
@@ -65,6 +64,7 @@ from .worker import (
     partition_to_store,
     piece,
     run_task,
+    settle_worker_process,
 )
 
 __all__ = ["RETRYABLE", "RunOptions", "RunSummary", "execute", "local_cluster", "pending",
@@ -1029,7 +1029,7 @@ def run_marked(packed: Packed[TaskPayload], data: Any, store: Store | None) -> T
     The executor counts the markers when Dask reports KilledWorker, to tell a task
     that was running when its workers died from one that was only queued there.
     """
-    freeze_worker_heap()  # before unpickling the payload (its items and keys)
+    settle_worker_process()  # before unpickling the payload (its items and keys)
     payload = packed.unpack()
     if store is not None:
         d = _start_dir(store, payload.run_id, payload.task.key)

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from dask.sizeof import sizeof
 
 from ._blas import one_blas_thread
+from ._malloc import heap_for_temporaries
 from .batch import MIN_BATCH, batchable, fit_slices
 from .errors import DataError, MixedscaleError, StoreError
 from .plan import FitItem, Items, Task, _norm_column
@@ -49,8 +50,8 @@ from .store import (
 T = TypeVar("T")
 
 __all__ = ["LoadFailed", "Packed", "TaskOutcome", "TaskPayload", "forget_shuffled",
-           "freeze_worker_heap", "load_shuffled", "load_unit", "partition",
-           "partition_to_store", "piece", "run_task"]
+           "load_shuffled", "load_unit", "partition", "partition_to_store", "piece",
+           "run_task", "settle_worker_process"]
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ def _packed(blob: bytes) -> Packed[Any]:
 def load_unit(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
               split_by: Sequence[str], keys: Packed[Keys]) -> Loaded | LoadFailed:
     """Read a unit's row groups (needed columns only) and keep the unit's slices."""
-    freeze_worker_heap()  # before unpickling the unit's keys: see freeze_worker_heap
+    settle_worker_process()  # before unpickling the unit's keys: see there
     return _load(src, rgs, columns, split_by, keys.unpack())
 
 
@@ -437,7 +438,7 @@ def partition(src: Source, rgs: Sequence[RowGroup], columns: Sequence[str],
               split_by: Sequence[str], key_unit: Packed[KeyUnits]
               ) -> dict[int, Loaded] | LoadFailed:
     """Shuffle step for data not sorted by the split key: one read, rows bucketed by unit."""
-    freeze_worker_heap()
+    settle_worker_process()
     try:
         df, nbytes = src.read(columns, rgs, split_by)
     except CorruptFile as exc:
@@ -515,7 +516,7 @@ class ScratchGone(StoreError):
 def load_shuffled(store: Store, parts: Sequence[dict[int, tuple[str, int]]], unit: int
                   ) -> Loaded:
     """A unit's rows from the scratch files of every shuffle partition."""
-    freeze_worker_heap()
+    settle_worker_process()
     tables, nbytes = [], {}
     for part in parts:
         if unit in part:
@@ -769,14 +770,17 @@ def failure_tables(payload: TaskPayload, etype: str, msg: str) -> dict[str, pa.T
 _HEAP_FROZEN = threading.Event()
 
 
-def freeze_worker_heap() -> None:
+def settle_worker_process() -> None:
     """Once per Dask worker process, at the start of its first task (of any kind: a
-    load, a shuffle step or a fit task): move the heap as it is then (modules, Dask's
-    own state) out of the cyclic collector's full passes. It lives as long as the
-    process, and re-scanning it cost each worker 0.1-0.2 s per 10^5 fits, and 0.1 s
-    of unpickling the 50,000 split keys of a tiny load unit (6 ms frozen).
+    load, a shuffle step or a fit task):
+    - move the heap as it is then (modules, Dask's own state) out of the cyclic
+      collector's full passes. It lives as long as the process, and re-scanning it cost
+      each worker 0.1-0.2 s per 10^5 fits, and 0.1 s of unpickling the 50,000 split
+      keys of a tiny load unit (6 ms frozen);
+    - let glibc serve large temporaries from the heap again where Dask's default trim
+      threshold stopped it (``_malloc``: fits took up to twice as long).
     Only in a process of its own (started by a nanny): a threaded worker shares the
-    caller's process, whose heap is not ours to freeze."""
+    caller's process, whose heap is not ours to freeze or tune."""
     if _HEAP_FROZEN.is_set():
         return
     try:
@@ -788,6 +792,7 @@ def freeze_worker_heap() -> None:
     if own_process:
         _HEAP_FROZEN.set()
         gc.freeze()
+        heap_for_temporaries()
 
 
 def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcome:
@@ -798,7 +803,7 @@ def run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcom
 
 def _run_task(payload: TaskPayload, data: Any, store: Store | None) -> TaskOutcome:
     t0 = time.perf_counter()
-    freeze_worker_heap()
+    settle_worker_process()
     task = payload.task
     columns = task.columns
     faults = bool(os.environ.get(_FAULTS_ENV))

@@ -5,7 +5,10 @@ and fsspec ``memory://`` URLs."""
 from __future__ import annotations
 
 import gc
+import importlib
+import os
 import signal
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -418,6 +421,14 @@ def test_resume_after_a_killed_driver_matches_an_uninterrupted_run(tmp_path: Pat
         cl.wait_idle()
         r = cl.cli(["run", str(job), "--quiet"])  # complete: fits nothing
         assert r.returncode == 0, r.stderr[-3000:]
+        # `dask worker` nannies start workers with Dask's trim threshold; mixedscale's
+        # first task in each undid its pinned mmap threshold (see mixedscale._malloc).
+        with cl.client() as client:
+            env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+            assert set(env.values()) == {"65536"}, env
+            if sys.platform.startswith("linux"):
+                done = client.run(lambda: importlib.import_module("mixedscale._malloc").applied)
+                assert all(done.values()), done
     assert manifests(store)[-1]["n_run"] == 0
     assert manifests(store)[-1]["n_skipped"] == plan.n_fits
     resumed = manifests(store)[1]
