@@ -578,7 +578,8 @@ def make_cluster(
 
         # Environment set before each worker process starts, so BLAS reads it at import;
         # the scheduler and the nannies (which pass it on to their workers) read the
-        # config as they are built.
+        # config as they are built. It replaces Dask's, whose MALLOC_TRIM_THRESHOLD_
+        # slows fits (see _malloc, which undoes it on other clusters' workers).
         with dask.config.set({"distributed.nanny.pre-spawn-environ": BLAS_ENV,
                               **housekeeping()}):
             return _nanny_cluster()(**kwargs)
