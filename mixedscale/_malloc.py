@@ -6,11 +6,11 @@ Setting it also pins glibc's mmap threshold at 128 KiB, which glibc otherwise ra
 the size of the blocks a process frees (up to 32 MiB). Every array above that is then
 mapped afresh, its pages faulted in as it is first written, and unmapped when freed:
 the fast engine's Newton steps make many such temporaries. In one process with that
-variable, genes' 12 tasks took 4.6-5.7 s of fit time against 2.2-2.4 s without it
-(three runs each), and the 100,000-row random-slope fit 0.095-0.099 s against
-0.058-0.068 s (medians of 5, two pairs of processes). mixedscale's own
-embedded cluster does not set it; a user's cluster (a plain ``LocalCluster``,
-dask-jobqueue's workers) does.
+variable, genes' 12 tasks took 4.6-5.7 s of fit time against 2.2-3.0 s without it
+(three runs each; 2.4 s with it and this module's setting), and the 100,000-row
+random-slope fit 0.095-0.099 s against 0.058-0.068 s (medians of 5, two pairs of
+processes). mixedscale's own embedded cluster does not set it; a user's cluster (a
+plain ``LocalCluster``, dask-jobqueue's workers) does.
 
 So, once per worker process whose trim threshold is Dask's default, this sets what
 glibc's own rule would reach: the mmap threshold at 32 MiB and the trim threshold at

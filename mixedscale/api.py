@@ -220,10 +220,11 @@ def _tables(summary: RunSummary, plan: Plan, store: Store | None,
     out = []
     for t in names:
         parts = summary.tables.get(t, [])
-        tab = pa.concat_tables(parts) if parts else None
-        if tab is None:
+        if not parts:
             out.append(pd.DataFrame())
-        elif rank is None:
+            continue
+        tab = pa.concat_tables(parts)
+        if rank is None:
             out.append(to_pandas(tab))
         else:
             tab, at = among(tab, rank[0])

@@ -116,26 +116,24 @@ def _sorted_runs(col: pd.Series) -> np.ndarray | None:
     fifth of the hashing group-by it spares (120,000 text keys: ~2 ms against ~9)."""
     if len(col) < 2 or col.hasnans:
         return None
-    # Unsorted rows are turned away by a sample first: the full check of 240,000
-    # unsorted text keys took 8.5 ms, a third of the group-by that follows it.
-    sample = np.linspace(0, len(col) - 1, 65).astype(np.int64)
+    v: np.ndarray | None = None
     if col.dtype.kind in "iu" and isinstance(col.dtype, np.dtype):
         v = col.to_numpy()
-        few = v[sample]
-        if not (few[1:] >= few[:-1]).all():
-            return None
-        starts = np.flatnonzero(v[1:] != v[:-1]) + 1
-        firsts = v[np.r_[0, starts]]
-        ascending = bool((firsts[1:] > firsts[:-1]).all())
+        a: pa.Array | pa.ChunkedArray = pa.array(v)  # no copy
     elif isinstance(col.dtype, pd.StringDtype) and col.dtype.storage == "pyarrow":
         a = pa.array(col.array)  # the column's own Arrow data (chunked as read), no copy
-        if not _ascending(a.take(pa.array(sample)), strict=False):
-            return None
-        starts = np.flatnonzero(pc.not_equal(a[1:], a[:-1]).to_numpy(zero_copy_only=False)) + 1
-        ascending = _ascending(a.take(pa.array(np.r_[0, starts])), strict=True)
     else:
         return None
-    return starts if ascending else None
+    # Unsorted rows are turned away by a sample first: the full check of 240,000
+    # unsorted text keys took 8.5 ms, a third of the group-by that follows it.
+    if not _ascending(a.take(pa.array(np.linspace(0, len(a) - 1, 65).astype(np.int64))),
+                      strict=False):
+        return None
+    # Neighbours in numpy where it has them: 1,000,000 ints ~3 ms faster than in Arrow.
+    new = (v[1:] != v[:-1] if v is not None
+           else pc.not_equal(a[1:], a[:-1]).to_numpy(zero_copy_only=False))
+    starts = np.flatnonzero(new) + 1
+    return starts if _ascending(a.take(pa.array(np.r_[0, starts])), strict=True) else None
 
 
 def _ascending(a: pa.Array | pa.ChunkedArray, strict: bool) -> bool:
@@ -425,8 +423,7 @@ class SliceKeys(Mapping[int, tuple[Any, ...]]):
         if at.size and (not len(self) or not np.array_equal(
                 self.slices[np.minimum(at, len(self) - 1)], slices)):
             raise KeyError("a slice of another task")
-        k = self.by_slice
-        return k[at] if isinstance(k, np.ndarray) else [k[i] for i in at.tolist()]
+        return keys_at(self.by_slice, at)
 
 
 def key_units(keys: Sequence[tuple[Any, ...]], units: Sequence[int]) -> KeyUnits:
