@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, overload
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .errors import DataError, SpecError
 from .source import Source, read_split_keys
@@ -378,25 +379,42 @@ def _slices(src: Source, keys: pd.DataFrame, split_by: list[str], columns: list[
     p_slice, p_rg = np.divmod(pairs, int(rg.max(initial=0)) + 1)
     cuts = np.searchsorted(p_slice, np.arange(n + 1)).tolist()
     p_rgs = p_rg.tolist()
-    # _h([fingerprints], flt) spelled out, with each row group's JSON encoded once
-    # and the hash of the common start copied, not recomputed.
-    rg_json = [encode_basestring_ascii(rg.fingerprint).encode() for rg in src.row_groups]
-    start, end = hashlib.sha256(b"[["), f"], {encode_basestring_ascii(flt)}]".encode()
     # Comprehensions, not one loop with appends: 10^6 slices plan ~2x faster.
     rg_sets = [tuple(p_rgs[a:b]) for a, b in itertools.pairwise(cuts)]
     if fps is not None:
         fp_list = [fps.get(k, "") for k in key_rows]
-    else:  # one hash per distinct set of row groups, shared by the slices reading it
-        fp_of = {}
-        for t in set(rg_sets):
-            h = start.copy()
-            h.update(b", ".join(map(rg_json.__getitem__, t)))
-            h.update(end)
-            fp_of[t] = h.hexdigest()[:16]
-        fp_list = [fp_of[t] for t in rg_sets]
+    else:
+        fp_list = _set_fingerprints(src, flt, rg_sets, np.asarray(cuts, dtype=np.int64), p_rg)
     sizes = np.rint(rows).astype(np.int64).tolist()
     return (list(map(SliceInfo._make, zip(key_rows, sizes, rg_sets, fp_list, strict=True))),
             (np.diff(np.asarray(cuts, dtype=np.int64)), p_rg.astype(np.int64)))
+
+
+def _set_fingerprints(src: Source, flt: str, rg_sets: list[tuple[int, ...]],
+                      cuts: np.ndarray, p_rg: np.ndarray) -> list[str]:
+    """Each slice's fingerprint: ``_h([its row groups' fingerprints], flt)[:16]``,
+    spelled out, hashed once per distinct set of row groups (shared by the slices
+    reading it). Slice ``i``'s row groups are ``p_rg[cuts[i]:cuts[i + 1]]``, as
+    ``rg_sets[i]``. The sets' JSON is joined by Arrow: a Python join per set was a
+    third of planning tiny unsorted (86,000 sets of ~13 row groups)."""
+    if not rg_sets:
+        return []
+    first: dict[tuple[int, ...], int] = {}
+    ids = [first.setdefault(t, len(first)) for t in rg_sets]
+    rep = np.empty(len(first), dtype=np.int64)  # the first slice reading each set
+    rep[np.asarray(ids, dtype=np.int64)[::-1]] = np.arange(len(ids) - 1, -1, -1)
+    lo, lens = cuts[rep], cuts[rep + 1] - cuts[rep]
+    offsets = np.r_[0, np.cumsum(lens)]
+    flat = p_rg[np.repeat(lo - offsets[:-1], lens) + np.arange(offsets[-1])]
+    rg_json = pa.array([encode_basestring_ascii(rg.fingerprint).encode()
+                        for rg in src.row_groups], type=pa.binary())
+    joined = pc.binary_join(pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()),
+                                                          rg_json.take(pa.array(flat))),
+                            pa.scalar(b", ", pa.binary()))
+    sha, start = hashlib.sha256, b"[["
+    end = f"], {encode_basestring_ascii(flt)}]".encode()
+    fp_set = [sha(start + m + end).hexdigest()[:16] for m in joined.to_pylist()]
+    return [fp_set[i] for i in ids]
 
 
 def _key_codes(keys: pd.DataFrame, split_by: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
@@ -517,9 +535,11 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
     # boundary (no sliver at the unit's end). Toward the end of the plan they shrink
     # (guided self-scheduling), so the last ones finish close together instead of one
     # worker idling through a full task.
-    unit_cost: dict[int, float] = {}
-    for unit, cost in zip(units_of, item_costs, strict=True):
-        unit_cost[unit] = unit_cost.get(unit, 0.0) + cost
+    item_unit = np.asarray(units_of, dtype=np.int64)
+    item_cost = np.asarray(item_costs, dtype=float)
+    # bincount adds each unit's costs in item order, as a loop would, to the same floats
+    per_unit = np.bincount(item_unit, weights=item_cost).tolist()
+    unit_cost = {u.index: per_unit[u.index] for u in units}
     # 0.01: float noise
     even = {ui: uc / max(1, int(np.ceil(uc / target - 0.01))) for ui, uc in unit_cost.items()}
     left = dict(unit_cost)
@@ -558,8 +578,6 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
                 lanes.remove(ui)
     bounds = {ui: np.cumsum(s)[:-1] for ui, s in sizes.items()}
     # Each item's task within its unit: the chunk holding the item's cost midpoint.
-    item_unit = np.asarray(units_of, dtype=np.int64)
-    item_cost = np.asarray(item_costs, dtype=float)
     n = len(item_costs)
     starts = np.flatnonzero(np.r_[True, item_unit[1:] != item_unit[:-1]])
     done = np.cumsum(item_cost) - item_cost / 2

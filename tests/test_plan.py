@@ -226,6 +226,25 @@ def test_fit_ids_and_fingerprints_keep_their_formula(tmp_path: Path,
         assert fid == _reference_fit_id(plan.specs[pi], s.key, s.fingerprint)
 
 
+def test_fingerprints_of_slices_over_many_row_groups_keep_their_formula(
+        tmp_path: Path) -> None:
+    # Rows shuffled over 7 row groups: slices read different sets of them, several
+    # slices share a set, and the sets are hashed once each (plan._set_fingerprints).
+    df = make_genes(n_genes=40, n_subjects=3).sample(frac=1.0, random_state=3)
+    f = tmp_path / "d.parquet"
+    df.to_parquet(f, index=False, row_group_size=-(-len(df) // 7))
+    src, plan = prepare(str(f), [RI], "gene")
+    flt = json.dumps(src.filter, default=str)
+    sets = [s.row_groups for s in plan.slices]
+    assert len(src.row_groups) == 7
+    assert 1 < len(set(sets)) < len(sets) and max(map(len, sets)) > 2
+    for s in plan.slices:
+        want = hashlib.sha256(json.dumps(
+            [[src.row_groups[i].fingerprint for i in s.row_groups], flt],
+            default=str, sort_keys=True).encode()).hexdigest()[:16]
+        assert s.fingerprint == want
+
+
 def _units_by_loop(slices: list[plan_mod.SliceInfo], rg_bytes: list[int]
                    ) -> list[plan_mod.LoadUnit]:
     """``plan._units``' rule as a plain loop over the slices (by first row group)."""
