@@ -371,9 +371,13 @@ KeyUnits = tuple[Keys, np.ndarray]
 def key_column(keys: Sequence[tuple[Any, ...]]) -> Keys:
     """Keys to send to a worker. Keys of one int column travel as an int64 array: 10^5
     key tuples took 0.03-0.07 s to unpickle, and 5*10^4 took 17 ms to look up."""
-    if all(len(k) == 1 and type(k[0]) is int for k in keys):  # exactly int: not bool
+    try:
+        vals = [k for (k,) in keys]  # unpacked in C: half the time of a check per key
+    except ValueError:  # keys of several columns
+        return list(keys)
+    if set(map(type, vals)) <= {int}:  # exactly int: not bool
         with contextlib.suppress(OverflowError):  # beyond int64: as tuples
-            return np.array([k[0] for k in keys], dtype=np.int64)
+            return np.array(vals, dtype=np.int64)
     return list(keys)
 
 

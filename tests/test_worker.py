@@ -191,6 +191,21 @@ def test_a_unit_loads_the_same_rows_from_either_key_list(tmp_path: Path) -> None
     assert worker.key_column([("a",), ("b",)]) == [("a",), ("b",)]
 
 
+@pytest.mark.parametrize("keys", [
+    [("a",), ("b",)], [(True,), (False,)], [(1,), (None,)], [(1,), (2.0,)], [(1,), (2**64,)],
+    [(1, "x"), (2, "y")], [(1,), (2, 3)], [()],
+])
+def test_keys_other_than_one_int_column_travel_as_tuples(keys: list[tuple[Any, ...]]) -> None:
+    assert worker.key_column(keys) == keys
+
+
+def test_keys_of_one_int_column_travel_as_int64() -> None:
+    for keys in ([(7,), (-3,), (2**63 - 1,)], []):
+        got = worker.key_column(keys)
+        assert isinstance(got, np.ndarray) and got.dtype == np.int64
+        assert got.tolist() == [k[0] for k in keys]
+
+
 @pytest.mark.parametrize("keys", [[(7,), (-3,), (2**40,)], [("a",), ("b",), (None,)],
                                   [(1, "x"), (2, None), (3, "z")], [(True,), (False,), (True,)]])
 def test_slice_keys_map_slices_to_keys_as_a_dict_would(keys: list[tuple[Any, ...]]) -> None:
