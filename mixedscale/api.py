@@ -228,7 +228,7 @@ def _tables(summary: RunSummary, plan: Plan, store: Store | None,
             out.append(to_pandas(tab))
         else:
             tab, at = among(tab, rank[0])
-            out.append(in_rank_order(to_pandas(tab), rank[1][at]))
+            out.append(to_pandas(in_rank_order(tab, rank[1][at])))
     return out
 
 

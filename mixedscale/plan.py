@@ -395,8 +395,8 @@ def _set_fingerprints(src: Source, flt: str, rg_sets: list[tuple[int, ...]],
     """Each slice's fingerprint: ``_h([its row groups' fingerprints], flt)[:16]``,
     spelled out, hashed once per distinct set of row groups (shared by the slices
     reading it). Slice ``i``'s row groups are ``p_rg[cuts[i]:cuts[i + 1]]``, as
-    ``rg_sets[i]``. The sets' JSON is joined by Arrow: a Python join per set was a
-    third of planning tiny unsorted (86,000 sets of ~13 row groups)."""
+    ``rg_sets[i]``. The sets' JSON is joined by Arrow: a Python join per set took
+    ~0.18 s of tiny unsorted's ~1.2 s plan (86,000 sets of ~13 row groups)."""
     if not rg_sets:
         return []
     first: dict[tuple[int, ...], int] = {}
