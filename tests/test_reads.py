@@ -9,9 +9,11 @@ load before the fix). So a threaded read must be over memory Arrow owns.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -113,3 +115,35 @@ def test_an_unreadable_part_is_skipped_by_part_errors_without_a_second_read(
     got = st.part_errors(names)
     assert sorted(got) == names[1:]  # the broken part left out, for the resume to set aside
     assert reads.count(str(bad)) == 1  # no second read to word a message nobody sees
+
+
+# Each case: the ranks of each batch's rows (a store part's rows, as read).
+@pytest.mark.parametrize("parts", [
+    [[0, 1, 1], [2, 3], [4]],  # already in order
+    [[4, 5], [0, 0, 1], [2, 3]],  # parts out of order, each in order: reordered
+    [[3, 3], [0, 1], [1, 2], [5]],  # a fit's rows across two batches
+    [[2, 2], [2, 3], [0, 1]],  # ...and one part out of place
+    [[1, 0], [2, 3]],  # rows out of order in a part: sorted
+    [[0, 2], [1, 3]],  # parts interleave: sorted
+    [[], [1, 0], [], [2]],  # empty batches
+])
+def test_rows_come_back_in_rank_order_as_a_stable_sort_gives_them(
+        parts: list[list[int]]) -> None:
+    from mixedscale.store import in_rank_order
+
+    rank = np.asarray([r for p in parts for r in p], dtype=np.int64)
+    schema = pa.schema([("row", pa.int64()), ("rank", pa.int64())])
+    batches, at = [], 0
+    for p in parts:
+        batches.append(pa.record_batch([pa.array(range(at, at + len(p)), pa.int64()),
+                                        pa.array(p, pa.int64())], schema=schema))
+        at += len(p)
+    tab = pa.Table.from_batches(batches, schema=schema)
+    got = in_rank_order(tab, rank)
+    assert got.equals(tab.take(pa.array(np.argsort(rank, kind="stable"))))
+    copied = {c.buffers()[1].address for c in got.column("row").chunks}
+    original = {b.column(0).buffers()[1].address for b in batches}
+    sorted_parts = all(p == sorted(p) for p in parts)
+    ranges = sorted((p[0], p[-1]) for p in parts if p)
+    apart = all(b[0] >= a[1] for a, b in itertools.pairwise(ranges))
+    assert (copied <= original) == (sorted_parts and apart)  # reordered without a copy
