@@ -288,17 +288,16 @@ def in_rank_order(tab: pa.Table, rank: np.ndarray) -> pa.Table:
     if rank.size < 2 or not bool((rank[1:] < rank[:-1]).any()):
         return tab
     batches = [b for b in tab.to_batches() if b.num_rows]
-    ends = np.cumsum([b.num_rows for b in batches])
-    starts = ends - np.asarray([b.num_rows for b in batches])
-    inner = np.ones(rank.size, dtype=bool)
-    inner[starts] = False  # each batch's first row starts a new run
-    if not bool((rank[1:] >= rank[:-1])[inner[1:]].all()):
-        return tab.take(pa.array(np.argsort(rank, kind="stable")))
+    sizes = np.asarray([b.num_rows for b in batches])
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    steps_up = rank[1:] >= rank[:-1]
+    steps_up[starts[1:] - 1] = True  # into the next batch: any step
     order = np.argsort(rank[starts], kind="stable")
-    firsts, lasts = rank[starts][order], rank[ends - 1][order]
-    if bool((firsts[1:] < lasts[:-1]).any()):  # batches overlap
-        return tab.take(pa.array(np.argsort(rank, kind="stable")))
-    return pa.Table.from_batches([batches[i] for i in order.tolist()], schema=tab.schema)
+    if bool(steps_up.all()) and not bool(  # each batch in order, and none overlap
+            (rank[starts][order][1:] < rank[ends - 1][order][:-1]).any()):
+        return pa.Table.from_batches([batches[i] for i in order.tolist()], schema=tab.schema)
+    return tab.take(pa.array(np.argsort(rank, kind="stable")))
 
 
 def to_pandas(tab: pa.Table) -> pd.DataFrame:
