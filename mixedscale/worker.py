@@ -768,7 +768,7 @@ def failure_tables(payload: TaskPayload, etype: str, msg: str) -> dict[str, pa.T
     return build_tables(payload, items, res)
 
 
-_HEAP_FROZEN = threading.Event()
+_SETTLED = threading.Event()
 
 
 def settle_worker_process() -> None:
@@ -782,7 +782,7 @@ def settle_worker_process() -> None:
       threshold stopped it (``_malloc``: fits took up to twice as long).
     Only in a process of its own (started by a nanny): a threaded worker shares the
     caller's process, whose heap is not ours to freeze or tune."""
-    if _HEAP_FROZEN.is_set():
+    if _SETTLED.is_set():
         return
     try:
         from distributed import get_worker
@@ -791,7 +791,7 @@ def settle_worker_process() -> None:
     except (ImportError, ValueError, AttributeError):
         own_process = False
     if own_process:
-        _HEAP_FROZEN.set()
+        _SETTLED.set()
         gc.freeze()
         heap_for_temporaries()
 

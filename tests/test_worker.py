@@ -188,7 +188,6 @@ def test_a_unit_loads_the_same_rows_from_either_key_list(tmp_path: Path) -> None
         assert set(fa["site"]) == {k[0] for k in wanted}
         for k in wanted:
             np.testing.assert_array_equal(pa_.get(k), pb.get(k))
-    assert worker.key_column([("a",), ("b",)]) == [("a",), ("b",)]
 
 
 @pytest.mark.parametrize("keys", [
