@@ -334,7 +334,7 @@ def make_plan(src: Source, specs: Sequence[ModelSpec], split_by: Sequence[str] =
         units = _units(slices, rg_bytes, rg_lists)
         shuffle = src.frame is None and \
             sum(u.nbytes for u in units) > SHUFFLE_RATIO * max(one_pass, 1)
-        tasks = _tasks(slices, units, specs, engine, side_by_side=not shuffle)
+        tasks = _tasks(slices, units, specs, engine)
     return Plan(specs=specs, split_by=split_by, columns=columns, slices=slices, units=units,
                 tasks=tasks, shuffle=shuffle, bytes_scan=bytes_scan, bytes_one_pass=one_pass,
                 plan_seconds=time.perf_counter() - t0, skipped_files=dict(src.bad_files),
@@ -498,7 +498,7 @@ def _units(slices: list[SliceInfo], rg_bytes: list[int],
 
 
 def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec],
-           engine: str | None = None, side_by_side: bool = True) -> list[Task]:
+           engine: str | None = None) -> list[Task]:
     costed = [sp.replace(engine=engine) if engine and sp.engine != engine else sp
               for sp in specs]
     # fit_id = _h(spec_id, key, fingerprint)[:20], with each slice's JSON built once.
@@ -566,11 +566,10 @@ def _tasks(slices: list[SliceInfo], units: list[LoadUnit], specs: list[ModelSpec
     # first of two units kept full-size tasks to its end: a worker idled up to 3.7 s of
     # sites' 12 s.) The plan lists their tasks in the order cut, which is the run's
     # priority order: a small task stolen by the other unit's worker then waits behind
-    # that worker's big ones. Not for a shuffle: its tasks hold no data, so Dask places
-    # them freely, and a worker keeps one merged unit at a time (worker._merge).
+    # that worker's big ones. A shuffle's tasks hold no data, but the executor gives each
+    # unit a worker all the same (``executor._Run.home_units``).
     order = list(unit_cost)
-    n_lanes = TAIL_UNITS if side_by_side else 1
-    for lanes in [*([ui] for ui in order[:-n_lanes]), order[-n_lanes:]]:
+    for lanes in [*([ui] for ui in order[:-TAIL_UNITS]), order[-TAIL_UNITS:]]:
         while lanes:
             ui = max(lanes, key=left.__getitem__)
             cut(ui)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import pickle
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import numpy as np
@@ -19,7 +20,7 @@ import mixedscale as ms
 from mixedscale import plan as plan_mod
 from mixedscale.api import prepare
 from mixedscale.errors import StoreError
-from mixedscale.executor import pending
+from mixedscale.executor import RunOptions, _Run, by_unit, pending
 from mixedscale.plan import Task, spec_cost_ms
 from mixedscale.store import Store
 
@@ -356,18 +357,97 @@ def test_the_last_units_each_end_on_small_tasks(tmp_path: Path) -> None:
     assert [t.unit for t in plan.tasks[:2]] == [0, 1]
 
 
-def test_a_shuffled_plan_keeps_each_units_tasks_together(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A shuffle's tasks hold no data (Dask places them anywhere) and a worker keeps one
-    merged unit at a time, so alternating units would merge each again and again."""
+def _shuffled_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
     f = tmp_path / "s.parquet"
-    make_genes(n_genes=400, n_subjects=10, n_times=4, shuffle=True).to_parquet(
-        f, index=False, row_group_size=400)
-    monkeypatch.setattr(plan_mod, "UNIT_MAX_ROWS", 4000)  # several units, each in all
-    _, plan = prepare(str(f), [RI, RS], "gene")
-    assert plan.shuffle and len(plan.units) >= 2 and len(plan.tasks) > len(plan.units)
+    make_genes(n_genes=2000, n_subjects=10, n_times=4, shuffle=True).to_parquet(
+        f, index=False, row_group_size=4000)
+    monkeypatch.setattr(plan_mod, "UNIT_MAX_ROWS", 20000)  # several units, each in all
+    src, plan = prepare(str(f), [RI, RS], "gene")
+    assert plan.shuffle and len(plan.units) >= 3 and len(plan.tasks) > len(plan.units)
+    return src, plan
+
+
+def test_a_shuffled_plan_ends_its_last_two_units_side_by_side(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shuffle's units run on their own workers (``_Run.home_units``), as sorted data's
+    do: units one after another, but the last two cut together, each ending small."""
+    _, plan = _shuffled_plan(tmp_path, monkeypatch)
     units = [t.unit for t in plan.tasks]
-    assert units == sorted(units)
+    last = sorted(set(units))[-2:]
+    head = [u for u in units if u not in last]
+    assert head == sorted(head) and units[:len(head)] == head  # earlier units in order
+    tail = units[len(head):]
+    assert tail[:2] == last and tail != sorted(tail)  # then the last two alternate
+    for u in last:
+        costs = [t.cost_ms for t in plan.tasks if t.unit == u]
+        assert max(costs[-2:]) < 0.5 * max(costs), costs
+
+
+class _Future:
+    def done(self) -> bool:
+        return False
+
+
+class _RecordingClient:
+    """Takes submissions without a cluster: records each one's placement."""
+
+    def __init__(self) -> None:
+        self.where: list[dict[str, Any]] = []
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> _Future:
+        self.where.append({k: kwargs[k] for k in ("workers", "allow_other_workers")
+                           if k in kwargs})
+        return _Future()
+
+
+def test_a_shuffled_units_tasks_go_to_one_worker_each(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spilled shuffle tasks hold no data: without a home per unit, each worker would
+    read every unit from scratch (a worker keeps one unit at a time)."""
+    src, plan = _shuffled_plan(tmp_path, monkeypatch)
+    client = _RecordingClient()
+    run = _Run(plan, src, Store(str(tmp_path / "store")), client, RunOptions())
+    a, b, c = "tcp://a:1", "tcp://b:1", "tcp://c:1"
+    run.spread_over([a, b])
+    run.home_units([a, b], list(plan.tasks))
+    futures = [run.submit(t) for t in plan.tasks]
+    placed: dict[int, set[str]] = {}
+    for t, where in zip(plan.tasks, client.where, strict=True):
+        assert where["allow_other_workers"] is True  # an idle worker may still steal
+        placed.setdefault(t.unit, set()).update(where["workers"])
+    assert all(len(ws) == 1 for ws in placed.values()) and len(placed) == len(plan.units)
+    unit_ms = {u.index: sum(t.cost_ms for t in plan.tasks if t.unit == u.index)
+               for u in plan.units}
+    on = {w: sum(ms for u, ms in unit_ms.items() if run.homes[u] == w) for w in (a, b)}
+    assert abs(on[a] - on[b]) <= max(unit_ms.values())  # balanced by planned work
+    last = sorted(unit_ms)[-2:]
+    assert run.homes[last[0]] != run.homes[last[1]]  # the two cut side by side
+    # Worker a leaves, c joins: a's pending tasks come back, and its units move to c.
+    was_a = {u for u, w in run.homes.items() if w == a}
+    gone = run.orphans({b, c})
+    assert set(map(id, gone)) == {id(f) for f, t in zip(futures, plan.tasks, strict=True)
+                                  if t.unit in was_a}
+    assert {u for u, w in run.homes.items() if w == c} == was_a
+    run.submit(next(t for t in plan.tasks if t.unit in was_a))
+    assert client.where[-1]["workers"] == [c]
+
+
+def test_no_home_workers_where_every_worker_reads_the_data_once_anyway(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, plan = _shuffled_plan(tmp_path, monkeypatch)
+    store = Store(str(tmp_path / "store"))
+    one_unit = [t for t in plan.tasks if t.unit == plan.tasks[0].unit]
+    for st, workers, tasks in ((None, ["x", "y"], plan.tasks),  # pieces: placed by data
+                               (store, ["x"], plan.tasks),
+                               (store, ["x", "y"], one_unit)):
+        run = _Run(plan, src, st, _RecordingClient(), RunOptions())
+        run.home_units(workers, list(tasks))
+        assert run.homes == {}
+    # Then a worker takes any task: the units must not alternate (see by_unit).
+    order = [t.unit for t in by_unit(list(plan.tasks))]
+    assert order == sorted(order) and order != [t.unit for t in plan.tasks]
+    sorted_tasks = [t for t in by_unit(list(plan.tasks)) if t.unit == plan.tasks[-1].unit]
+    assert sorted_tasks == [t for t in plan.tasks if t.unit == plan.tasks[-1].unit]
 
 
 def test_tasks_pickle_column_wise_and_round_trip() -> None:
