@@ -236,6 +236,53 @@ def test_a_task_dealt_to_a_worker_is_run_after_every_worker_died(tmp_path: Path)
     no_errors_except(rep)
 
 
+def test_a_shuffled_run_finishes_after_its_units_home_workers_died(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spilled shuffle's tasks go to their unit's home worker (``_Run.home_units``).
+    When every worker dies while tasks run, the tasks dealt to them get new homes on
+    the restarted workers (new addresses), and every fit is committed once."""
+    import threading
+
+    import mixedscale.plan as plan_mod
+
+    data = write_genes(tmp_path / "data", 24, shuffle=True, row_group_size=100)
+    monkeypatch.setattr(plan_mod, "UNIT_MAX_ROWS", 200)  # many units: a shuffled run
+    store = tmp_path / "store"
+    gate = tmp_path / "slow"  # tasks start slowly until the workers are killed
+    gate.touch()
+    env = faults_env({"at": "task_start", "do": "sleep", "seconds": 2, "while": str(gate)})
+    out: dict[str, Any] = {}
+    caplog.set_level("INFO", logger="mixedscale.executor")
+    with dask_cluster(tmp_path / "cluster", 2, worker_env=env, allowed_failures=25,
+                      preload=["mixedscale.executor"]) as cl, cl.client() as client:
+        pids = cl.worker_pids()
+
+        def run() -> None:
+            try:
+                out["res"] = ms.fit_many(str(data), ms.ModelSpec("y ~ time", groups="subject"),
+                                         split_by="gene", store=str(store), client=client,
+                                         progress=False)
+            except BaseException as exc:  # re-raised below, in the test's thread
+                out["exc"] = exc
+
+        th = threading.Thread(target=run, daemon=True)
+        th.start()
+        wait_for(lambda: any((store / "_runs").glob("*.started/*/*")), 60,
+                 "a fit task to start", on_fail=cl.logs)
+        for pid in pids.values():
+            os.kill(pid, signal.SIGKILL)
+        gate.unlink()
+        th.join(120)
+        assert not th.is_alive(), f"the run did not finish:\n{cl.logs()}"
+    if "exc" in out:
+        raise out["exc"]
+    res = out["res"]
+    assert res.plan.shuffle and len(res.plan.units) >= 2 and res.run.state == "complete"
+    assert "dealt to a worker that has left" in caplog.text  # resubmitted to new homes
+    no_errors_except(check_invariant(store, res.plan.fit_ids()))
+
+
 def _stop_chaos(cl: Any) -> None:
     """Unregister the KillWorker plugin. It keeps killing workers meanwhile, and the
     scheduler drops the call when a worker dies during its broadcast: retry."""
