@@ -399,13 +399,13 @@ class _Run:
             del self.pinned[f]
         if gone:
             self.spread = []  # workers come and go: deal no more tasks to named ones
-            left = [u for u, w in self.homes.items() if w not in alive]
-            if left:  # a new home on a live worker, so a unit's tasks stay together
-                self.home_cost = {w: self.home_cost.get(w, 0.0) for w in sorted(alive)}
-                if len(self.home_cost) < 2:
-                    self.homes = {}
-                for u in left if self.homes else []:
-                    self.rehome(u, self.unit_cost.get(u, 0.0))
+        left = [u for u, w in self.homes.items() if w not in alive]
+        if left and alive:  # a new home on a live worker, so a unit's tasks stay together
+            self.home_cost = {w: self.home_cost.get(w, 0.0) for w in sorted(alive)}
+            for u in left:
+                self.rehome(u, self.unit_cost.get(u, 0.0))
+        elif left:  # no worker at all: Dask places them as workers come back
+            self.homes = {}
         return gone
 
     def starts(self, task: Task) -> int:
