@@ -545,7 +545,8 @@ def load_shuffled(store: Store, parts: Sequence[dict[int, tuple[str, int]]], uni
 
 
 # The last shuffled unit this worker process read, by its scratch files: a unit's tasks
-# run one after another (plan order), and each re-reading the unit cost ~0.1 s/1M rows.
+# run one after another on its home worker (plan order, ``executor._Run.home_units``),
+# and each re-reading the unit cost ~0.1 s/1M rows.
 _SHUFFLED: dict[tuple[Any, ...], Loaded] = {}
 _SHUFFLED_LOCK = threading.Lock()
 
