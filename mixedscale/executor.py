@@ -366,20 +366,18 @@ class _Run:
         self.n_submitted += 1
         priority = -self.n_submitted
         data = self.unit_data(task.unit, priority + 1)  # a unit's load runs before its fits
-        where: dict[str, Any] = {}
-        home = self.homes.get(task.unit)
-        if home is not None:
-            where = {"workers": [home], "allow_other_workers": True}
-        elif self.n_submitted <= len(self.spread):  # one each, then Dask places them
-            where = {"workers": [self.spread[self.n_submitted % len(self.spread)]],
-                     "allow_other_workers": True}
+        worker = self.homes.get(task.unit)
+        if worker is None and self.n_submitted <= len(self.spread):  # one each, then Dask
+            worker = self.spread[self.n_submitted % len(self.spread)]  # places them
+        where: dict[str, Any] = ({"workers": [worker], "allow_other_workers": True}
+                                 if worker is not None else {})
         fut = self.client.submit(run_marked, Packed(self.payload(task)), data, self.store,
                                  pure=False,
                                  priority=priority,
                                  key=f"mixedscale-fit-{task.key}-{uuid.uuid4().hex[:6]}",
                                  **where)
-        if where:
-            self.pinned[fut] = where["workers"][0]
+        if worker is not None:
+            self.pinned[fut] = worker
         return fut
 
     def orphans(self, alive: set[str]) -> list[Any]:
